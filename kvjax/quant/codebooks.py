@@ -107,14 +107,14 @@ def sphere_codebook(d: int, bits: int) -> Codebook:
     # The density lives within a few multiples of 1/sqrt(d) of 0: spend the grid there.
     half = min(1.0, 14.0 / math.sqrt(d)) if d > 16 else 1.0
     grid = np.linspace(-half, half, _GRID_CELLS + 1)
-    return _frozen(lloyd_max(grid, sphere_coordinate_pdf(d, grid), 1 << bits))
+    return _frozen(_symmetric(lloyd_max(grid, sphere_coordinate_pdf(d, grid), 1 << bits)))
 
 
 @functools.cache
 def gaussian_codebook(bits: int) -> Codebook:
     """Lloyd-Max codebook for N(0, 1) (Max 1960), the d -> inf limit of sqrt(d) sphere_codebook."""
     grid = np.linspace(-12.0, 12.0, _GRID_CELLS + 1)
-    return _frozen(lloyd_max(grid, np.exp(-0.5 * grid * grid), 1 << bits))
+    return _frozen(_symmetric(lloyd_max(grid, np.exp(-0.5 * grid * grid), 1 << bits)))
 
 
 @functools.cache
@@ -134,6 +134,13 @@ def polar_angle_codebook(level: int, bits: int) -> Codebook:
     grid = np.linspace(0.0, math.pi / 2, _GRID_CELLS + 1)
     pdf = np.power(np.sin(2 * grid), (1 << (level - 1)) - 1)
     return _frozen(lloyd_max(grid, pdf, n))
+
+
+def _symmetric(cb: Codebook) -> Codebook:
+    # The density is even: remove the ~1e-13 asymmetry the iteration leaves, so 0 is exactly a
+    # threshold (odd levels) and c[i] == -c[-1-i] bit for bit.
+    c = 0.5 * (cb.centroids - cb.centroids[::-1])
+    return Codebook(c, 0.5 * (c[1:] + c[:-1]), cb.distortion)
 
 
 def _frozen(cb: Codebook) -> Codebook:

@@ -50,8 +50,9 @@ def init_cache(num_layers: int, num_kv_heads: int, num_pages: int, page_size: in
                dtype: str = "bf16") -> KVCache:
     """An empty pool of `num_pages` pages (page 0 is the reserved null page)."""
     shape = (num_layers, num_kv_heads, num_pages, page_size, head_dim)
-    zeros = jnp.zeros(shape, storage_dtype(dtype))
-    return KVCache(k=zeros, v=zeros)
+    # Two distinct buffers: the forward donates both, and one buffer cannot be donated twice.
+    dt = storage_dtype(dtype)
+    return KVCache(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt))
 
 
 def slot_mapping(page_table: jax.Array, positions: jax.Array, lengths: jax.Array,

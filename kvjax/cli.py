@@ -1,0 +1,77 @@
+"""Shared command-line plumbing: absl flags parsed by hand so that every user error (a bad flag,
+an unknown config, missing weights, a prompt too long) is one line on stderr and exit code 2,
+never a traceback."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from absl import flags
+
+from kvjax.config import ConfigError
+
+FLAGS = flags.FLAGS
+
+
+class UsageError(ValueError):
+    """A bad request from the user: printed as one line, exit 2."""
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    from kvjax.cache import OutOfPages
+    from kvjax.loaders import WeightsError
+
+    return (UsageError, ConfigError, WeightsError, OutOfPages, flags.Error, OSError)
+
+
+def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
+    """Parse absl flags, run main, and turn user errors into `error: ...` + exit 2."""
+    argv = _underscore_flag_names(list(sys.argv if argv is None else argv))
+    try:
+        rest = FLAGS(argv)
+        code = main(rest)
+    except user_errors() as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(code or 0)
+
+
+def _underscore_flag_names(argv: list[str]) -> list[str]:
+    """absl names flags with underscores; accept the dashed spelling users type (--max-new-tokens).
+    Arguments after a bare `--` are passed through untouched."""
+    out = []
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            return out + argv[i:]
+        if i and arg.startswith("--"):
+            name, eq, value = arg[2:].partition("=")
+            arg = "--" + name.replace("-", "_") + eq + value
+        out.append(arg)
+    return out
+
+
+def define_config_flags() -> None:
+    """Flags that pick and override a named config (shared by generate, eval, memory, bench)."""
+    flags.DEFINE_string("config", "smollm2", "Named config from configs/.")
+    flags.DEFINE_string("kv_cache_dtype", None, "KV cache storage dtype (auto, bf16, f32).")
+    flags.DEFINE_integer("page_size", None, "Tokens per KV page (a power of two).", lower_bound=1)
+    flags.DEFINE_integer("num_layers", None, "Run only the first N layers (smoke runs).",
+                         lower_bound=1)
+
+
+def config_from_flags():
+    from kvjax.config import load_config
+
+    cfg = load_config(FLAGS.config)
+    if FLAGS.num_layers is not None:
+        cfg = cfg.replace_model(num_layers=FLAGS.num_layers)
+    cache_kw = {}
+    if FLAGS.kv_cache_dtype is not None:
+        cache_kw["dtype"] = FLAGS.kv_cache_dtype
+    if FLAGS.page_size is not None:
+        cache_kw["page_size"] = FLAGS.page_size
+    return cfg.replace_cache(**cache_kw) if cache_kw else cfg

@@ -1,0 +1,1 @@
+"""Quality evaluation over the paged cache (`python -m kvjax.eval ppl ...`)."""

@@ -1,0 +1,51 @@
+"""`python -m kvjax.eval ppl --config NAME --text-file F [--max-tokens N] [--prefix N]`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from absl import flags
+
+from kvjax import cli
+from kvjax.eval.ppl import perplexity
+from kvjax.generate import load_model
+from kvjax.runner import Runner
+
+FLAGS = flags.FLAGS
+COMMANDS = ("ppl",)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[1] not in COMMANDS:
+        raise cli.UsageError(f"usage: python -m kvjax.eval {{{','.join(COMMANDS)}}} [flags]")
+    cfg = cli.config_from_flags()
+    if FLAGS.text_file is None:
+        raise cli.UsageError("pass --text-file FILE")
+    text = Path(FLAGS.text_file).read_text()
+    params, tokenizer = load_model(cfg, FLAGS.weights, FLAGS.random_weights)
+    ids = tokenizer.encode(text)[: FLAGS.max_tokens]
+    if len(ids) > cfg.model.max_position:
+        raise cli.UsageError(f"{len(ids)} tokens exceed the context of {cfg.model.max_position}")
+    if len(ids) < FLAGS.prefix + 2:
+        raise cli.UsageError(f"the text has {len(ids)} tokens; --prefix {FLAGS.prefix} leaves "
+                             "nothing to score")
+    runner = Runner(cfg, params, max_seq_len=len(ids))
+    result = perplexity(runner, ids, prefix=FLAGS.prefix, chunk=FLAGS.chunk)
+    print(f"ppl {result.ppl:.4f} | nll {result.nll:.5f} | scored {result.tokens_scored} tokens "
+          f"| prefix {FLAGS.prefix} | kv {cfg.cache.dtype} | config {cfg.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.define_config_flags()
+    flags.DEFINE_string("text_file", None, "Text to score.")
+    flags.DEFINE_integer("max_tokens", 1024, "Score at most this many tokens (prefix included).",
+                         lower_bound=2)
+    flags.DEFINE_integer("prefix", 0, "Tokens written into the cache before scoring starts.",
+                         lower_bound=0)
+    flags.DEFINE_integer("chunk", 256, "Tokens per forward while scoring (1 = decode steps).",
+                         lower_bound=1)
+    flags.DEFINE_string("weights", None, "GGUF file, HF checkpoint dir or kvjax orbax dir.")
+    flags.DEFINE_bool("random_weights", False, "Random weights with the config's real shapes.")
+    cli.run(main, sys.argv)

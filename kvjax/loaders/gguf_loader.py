@@ -1,0 +1,122 @@
+"""GGUF checkpoints (llama.cpp's format): weights dequantized with the `gguf` package, tokenizer
+built from the embedded BPE vocab and merges.
+
+llama.cpp's converter reorders the rows of Llama's Q and K projections so that each head's RoPE
+pairs are interleaved (x0, x1), (x2, x3), ... ; our model uses the Hugging Face rotate-half layout
+(x_i pairs with x_{i + head_dim/2}). `_unpermute_rope_rows` undoes the reorder; skipping it gives
+a model that still runs but whose perplexity is in the hundreds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvjax.config import ModelConfig, RopeScaling
+from kvjax.loaders.tokenizer import Tokenizer, from_gguf_fields
+from models import checkpoint_names
+
+
+class WeightsError(ValueError):
+    """Missing, malformed or mismatched weights; the CLIs print it as one line and exit 2."""
+
+
+def _reader(path: str):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the gguf package raises bare ValueErrors/struct errors on bad files
+        raise WeightsError(f"{path}: not a readable GGUF file ({e})") from None
+
+
+def _field(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def model_config(path: str) -> ModelConfig:
+    """The architecture recorded in a GGUF's metadata."""
+    r = _reader(path)
+    arch = _field(r, "general.architecture")
+    if arch not in ("llama", "qwen2", "qwen3"):
+        raise WeightsError(f"{path}: unsupported GGUF architecture {arch!r}")
+    p = arch + "."
+    heads = int(_field(r, p + "attention.head_count"))
+    hidden = int(_field(r, p + "embedding_length"))
+    head_dim = int(_field(r, p + "attention.key_length", hidden // heads))
+    names = {t.name for t in r.tensors}
+    scaling = None
+    if _field(r, p + "rope.scaling.type") == "llama3" or "rope_freqs.weight" in names:
+        scaling = RopeScaling(
+            factor=float(_field(r, p + "rope.scaling.factor", 8.0)),
+            original_max_position=int(_field(r, p + "rope.scaling.original_context_length", 8192)))
+    vocab = _field(r, p + "vocab_size") or len(r.fields["tokenizer.ggml.tokens"].data)
+    return ModelConfig(
+        arch=arch, vocab_size=int(vocab), hidden_size=hidden,
+        intermediate_size=int(_field(r, p + "feed_forward_length")),
+        num_layers=int(_field(r, p + "block_count")), num_heads=heads,
+        num_kv_heads=int(_field(r, p + "attention.head_count_kv", heads)), head_dim=head_dim,
+        rope_theta=float(_field(r, p + "rope.freq_base", 10000.0)), rope_scaling=scaling,
+        max_position=int(_field(r, p + "context_length")),
+        # GGUF stores eps as f32 (9.9999997e-06); round back to the decimal it was written from.
+        rms_norm_eps=float(f"{_field(r, p + 'attention.layer_norm_rms_epsilon', 1e-5):.6g}"),
+        tie_embeddings="output.weight" not in names, qkv_bias="blk.0.attn_q.bias" in names,
+        qk_norm="blk.0.attn_q_norm.weight" in names)
+
+
+def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of llama.cpp's `permute`: rows [n_heads * head_dim, ...] back to rotate-half."""
+    shape = w.shape
+    return w.reshape(n_heads, shape[0] // n_heads // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def load_params(path: str, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Dequantized f32 params in our layout ([in, out] projections, layers stacked)."""
+    from gguf import GGMLQuantizationType, quants
+
+    r = _reader(path)
+    tensors = {t.name: t for t in r.tensors}
+
+    def get(name: str) -> np.ndarray:
+        if name not in tensors:
+            raise WeightsError(f"{path}: missing tensor {name}")
+        t = tensors[name]
+        if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+            w = np.asarray(t.data, np.float32)
+        else:
+            w = quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        # GGUF lists dims fastest-first; numpy shape is the reverse: [out, in] like HF/PyTorch.
+        return w.reshape([int(d) for d in reversed(t.shape)])
+
+    params: dict[str, np.ndarray] = {}
+    for ours, theirs in checkpoint_names(cfg, "gguf").items():
+        if not ours.startswith("layers."):
+            w = get(theirs)
+            params[ours] = w.T if ours == "lm_head" else w
+            continue
+        per_layer = []
+        for i in range(cfg.num_layers):
+            w = get(theirs.format(i=i))
+            if cfg.arch == "llama" and ours in ("layers.wq", "layers.bq"):
+                w = _unpermute_rope_rows(w, cfg.num_heads)
+            elif cfg.arch == "llama" and ours in ("layers.wk", "layers.bk"):
+                w = _unpermute_rope_rows(w, cfg.num_kv_heads)
+            per_layer.append(w.T if w.ndim == 2 else w)
+        params[ours] = np.stack(per_layer)
+    return params
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    r = _reader(path)
+    if _field(r, "tokenizer.ggml.model") != "gpt2":
+        raise WeightsError(f"{path}: only byte-level BPE ('gpt2') GGUF tokenizers are supported")
+    bos = _field(r, "tokenizer.ggml.bos_token_id")
+    eos = _field(r, "tokenizer.ggml.eos_token_id")
+    return from_gguf_fields(
+        tokens=list(_field(r, "tokenizer.ggml.tokens")),
+        merges=list(_field(r, "tokenizer.ggml.merges")),
+        token_types=list(_field(r, "tokenizer.ggml.token_type")),
+        bos_id=None if bos is None else int(bos), eos_id=None if eos is None else int(eos),
+        add_bos=bool(_field(r, "tokenizer.ggml.add_bos_token", False)),
+        chat_template=_field(r, "tokenizer.chat_template"),
+        pre=_field(r, "tokenizer.ggml.pre", ""))

@@ -1,0 +1,91 @@
+"""KV-cache capacity planning: `python -m kvjax.memory --config NAME`.
+
+Bytes per token = 2 (K and V) x layers x kv_heads x head_dim x bytes per element. The pool that
+fits is what is left of the devices' memory (times a utilization fraction, like vLLM's
+--gpu-memory-utilization) after the weights and an activation reserve; it is reported in the
+words vLLM users know: "KV cache size: N tokens", "Maximum concurrency for M tokens per request".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from absl import flags
+
+from kvjax import cli
+from kvjax.cache import bytes_per_token
+from kvjax.config import Config
+
+GIB = 2**30
+_PARAM_BYTES = {"bf16": 2, "f32": 4}
+
+
+@dataclass(frozen=True)
+class Plan:
+    kv_bytes_per_token: int
+    bytes_per_request: int
+    weight_bytes: int
+    usable_bytes: int  # device memory x utilization, all devices
+    kv_pool_bytes: int
+    kv_tokens: int
+    max_concurrency: float
+
+
+def plan(cfg: Config, context: int, batch: int, device_memory_gib: float, devices: int,
+         utilization: float = 0.9, activation_reserve_gib: float = 1.0) -> Plan:
+    mc = cfg.model
+    per_token = bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.cache.dtype)
+    weights = mc.num_params() * _PARAM_BYTES[cfg.param_dtype]
+    usable = int(device_memory_gib * GIB * devices * utilization)
+    pool = max(usable - weights - int(activation_reserve_gib * GIB * devices), 0)
+    # The pool holds whole pages: round the token count down to a page boundary.
+    tokens = pool // per_token // cfg.cache.page_size * cfg.cache.page_size
+    per_request = per_token * math.ceil(context / cfg.cache.page_size) * cfg.cache.page_size
+    return Plan(per_token, per_request, weights, usable, pool, tokens, tokens / context)
+
+
+def format_plan(cfg: Config, p: Plan, context: int, batch: int, device_memory_gib: float,
+                devices: int) -> str:
+    mc = cfg.model
+    lines = [
+        f"config {cfg.name}: {mc.num_layers} layers, {mc.num_kv_heads} KV heads x head_dim "
+        f"{mc.head_dim}, kv cache dtype {cfg.cache.dtype}, page size {cfg.cache.page_size}",
+        f"KV bytes per token: {p.kv_bytes_per_token:,}",
+        f"KV bytes per request at {context:,} tokens: {p.bytes_per_request:,} "
+        f"({p.bytes_per_request / 1e9:.2f} GB)",
+        f"KV bytes for batch {batch} at {context:,} tokens: {batch * p.bytes_per_request:,} "
+        f"({batch * p.bytes_per_request / 1e9:.2f} GB)",
+        f"weights: {mc.num_params():,} params, {p.weight_bytes / 1e9:.2f} GB in {cfg.param_dtype}",
+        f"devices: {devices} x {device_memory_gib:g} GiB, {p.usable_bytes / 1e9:.2f} GB usable "
+        "at 0.90 utilization",
+        f"KV cache size: {p.kv_tokens:,} tokens",
+        f"Maximum concurrency for {context:,} tokens per request: {p.max_concurrency:.2f}x",
+    ]
+    if batch * p.bytes_per_request > p.kv_pool_bytes:
+        lines.append(f"warning: batch {batch} at {context:,} tokens does not fit; "
+                     f"at most {int(p.max_concurrency)} such requests at once")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cfg = cli.config_from_flags()
+    context = FLAGS.context or cfg.model.max_position
+    p = plan(cfg, context, FLAGS.batch, FLAGS.device_memory, FLAGS.devices)
+    print(format_plan(cfg, p, context, FLAGS.batch, FLAGS.device_memory, FLAGS.devices))
+    return 0
+
+
+FLAGS = flags.FLAGS
+
+if __name__ == "__main__":
+    cli.define_config_flags()
+    flags.DEFINE_integer("context", None, "Tokens per request (default: the model's context).",
+                         lower_bound=1)
+    flags.DEFINE_integer("batch", 1, "Concurrent requests.", lower_bound=1)
+    flags.DEFINE_float("device_memory", 80.0, "Memory per device in GiB (H100: 80).",
+                       lower_bound=0.0)
+    flags.DEFINE_integer("devices", 1, "Number of devices.", lower_bound=1)
+    cli.run(main)

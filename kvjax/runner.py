@@ -1,0 +1,103 @@
+"""Runs a model over the paged cache: builds it from a config, owns the page pool and allocator,
+and feeds chunks of tokens for a batch of sequences. generate, eval and the benchmarks share it.
+
+Chunks are padded to a few bucket lengths so the jitted forward compiles a handful of times, not
+once per prompt length.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import models
+from kvjax.cache import PageAllocator, bytes_per_token, init_cache
+from kvjax.config import Config
+
+CHUNK_BUCKETS = (1, 16, 64, 256)
+
+
+def param_dtype(cfg: Config) -> jnp.dtype:
+    """f32 on CPU (XLA's CPU backend is slow at bf16 matmuls, DESIGN.md) unless the f32 weights
+    would not fit comfortably (the 70B-shaped smoke run); the config's dtype elsewhere."""
+    if cfg.param_dtype == "f32":
+        return jnp.float32
+    if jax.default_backend() == "cpu" and cfg.model.num_params() * 4 < 8 * 2**30:
+        return jnp.float32
+    return jnp.bfloat16
+
+
+class Runner:
+    def __init__(self, cfg: Config, params: dict, max_seq_len: int, max_batch: int = 1):
+        self.cfg = cfg
+        mc = cfg.model
+        dtype = param_dtype(cfg)
+        params = {k: jnp.asarray(v, dtype) for k, v in params.items()}
+        self.graphdef, self.params = nnx.split(models.Transformer(mc, params))
+        page_size = cfg.cache.page_size
+        self.max_seq_len = max_seq_len
+        self.max_pages = math.ceil(max_seq_len / page_size)
+        num_pages = cfg.cache.num_pages or max_batch * self.max_pages + 1
+        self.cache = init_cache(mc.num_layers, mc.num_kv_heads, num_pages, page_size, mc.head_dim,
+                                cfg.cache.dtype)
+        self.allocator = PageAllocator(num_pages, page_size)
+        self.lengths: dict[int, int] = {}  # sequence id -> tokens in the cache
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        mc = self.cfg.model
+        return bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.cfg.cache.dtype)
+
+    def kv_bytes_in_use(self) -> int:
+        """Bytes of the pages sequences hold now (whole pages: that is what they occupy)."""
+        return self.allocator.num_used * self.cfg.cache.page_size * self.kv_bytes_per_token
+
+    def step(self, seq_ids: list[int], chunks: list[list[int]]) -> jax.Array:
+        """Append `chunks[i]` to sequence `seq_ids[i]`; returns logits [batch, chunk_len, vocab]
+        (rows past a sequence's own chunk are padding)."""
+        longest = max(len(c) for c in chunks)
+        t = next((b for b in CHUNK_BUCKETS if b >= longest), longest)
+        batch = len(seq_ids)
+        tokens = np.zeros((batch, t), np.int32)
+        positions = np.zeros((batch, t), np.int32)
+        lengths = np.zeros((batch,), np.int32)
+        for row, (sid, chunk) in enumerate(zip(seq_ids, chunks, strict=True)):
+            start = self.lengths.get(sid, 0)
+            if start + len(chunk) > self.max_seq_len:
+                raise ValueError(f"sequence {sid} would exceed {self.max_seq_len} tokens")
+            self.allocator.ensure(sid, start + len(chunk))
+            tokens[row, : len(chunk)] = chunk
+            positions[row] = start + np.arange(t)
+            lengths[row] = start + len(chunk)
+            self.lengths[sid] = start + len(chunk)
+        page_table = self.allocator.page_table(seq_ids, self.max_pages)
+        logits, self.cache = models.forward(
+            self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(positions), self.cache,
+            jnp.asarray(page_table), jnp.asarray(lengths))
+        return logits
+
+    def warmup(self, chunk_lens: tuple[int, ...] = CHUNK_BUCKETS, batch: int = 1) -> None:
+        """Compile the forward for these chunk lengths now, so timings exclude compilation.
+        Runs on zero-length sequences: every write lands in the null page."""
+        for t in chunk_lens:
+            zeros = jnp.zeros((batch, t), jnp.int32)
+            logits, self.cache = models.forward(
+                self.graphdef, self.params, zeros, zeros, self.cache,
+                jnp.zeros((batch, self.max_pages), jnp.int32), jnp.zeros((batch,), jnp.int32))
+        logits.block_until_ready()
+
+    def prefill(self, seq_id: int, ids: list[int], chunk: int = CHUNK_BUCKETS[-1]) -> jax.Array:
+        """Writes a prompt in chunks; returns the logits [vocab] after its last token."""
+        logits = None
+        for i in range(0, len(ids), chunk):
+            piece = ids[i: i + chunk]
+            logits = self.step([seq_id], [piece])[0, len(piece) - 1]
+        return logits
+
+    def free(self, seq_id: int) -> None:
+        self.allocator.free(seq_id)
+        self.lengths.pop(seq_id, None)

@@ -66,6 +66,21 @@ def check_compatible(expected: ModelConfig, found: ModelConfig, source: str) -> 
         raise WeightsError(f"{source} does not match the config: {'; '.join(diffs)}")
 
 
+def _check_shapes(params: dict, cfg: ModelConfig, source: str) -> None:
+    """Tensors whose shapes disagree with the checkpoint's own config are a broken checkpoint,
+    reported here rather than as a shape error deep in the model."""
+    from models import param_shapes
+
+    expected = param_shapes(cfg)
+    bad = [f"{k} {tuple(params[k].shape)} (expected {shape})" for k, shape in expected.items()
+           if k in params and tuple(params[k].shape) != shape]
+    missing = sorted(set(expected) - set(params))
+    if missing:
+        bad.append(f"missing {', '.join(missing)}")
+    if bad:
+        raise WeightsError(f"{source}: wrong tensor shapes: {'; '.join(bad)}")
+
+
 def load(source: str, cfg: ModelConfig) -> tuple[dict[str, np.ndarray], Tokenizer | None]:
     """Params for `cfg` (its first cfg.num_layers layers) and the checkpoint's tokenizer."""
     fmt, path = _format(source)
@@ -75,13 +90,20 @@ def load(source: str, cfg: ModelConfig) -> tuple[dict[str, np.ndarray], Tokenize
     params = module.load_params(path, dataclasses.replace(cfg, num_layers=found.num_layers))
     params = {k: (v[: cfg.num_layers] if k.startswith("layers.") else v)
               for k, v in params.items()}
-    if fmt == "gguf":
-        tokenizer = gguf_loader.load_tokenizer(path)
-    elif fmt == "hf":
-        has_tokenizer = (Path(path) / "tokenizer.json").exists()
-        tokenizer = tokenizer_from_hf_dir(path) if has_tokenizer else None
-    else:
-        tokenizer = orbax_ckpt.load_tokenizer(path)
+    _check_shapes(params, cfg, source)
+    try:
+        if fmt == "gguf":
+            tokenizer = gguf_loader.load_tokenizer(path)
+        elif fmt == "hf":
+            has_tokenizer = (Path(path) / "tokenizer.json").exists()
+            tokenizer = tokenizer_from_hf_dir(path) if has_tokenizer else None
+        else:
+            tokenizer = orbax_ckpt.load_tokenizer(path)
+    except WeightsError:
+        raise
+    except Exception as e:  # tokenizers raises bare Exceptions; bad JSON, bad merges, ...
+        raise WeightsError(
+            f"{source}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
     return params, tokenizer
 
 

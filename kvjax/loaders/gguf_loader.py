@@ -9,9 +9,12 @@ a model that still runs but whose perplexity is in the hundreds.
 
 from __future__ import annotations
 
+import functools
+import os
+
 import numpy as np
 
-from kvjax.config import ModelConfig, RopeScaling
+from kvjax.config import ConfigError, ModelConfig, RopeScaling
 from kvjax.loaders.tokenizer import Tokenizer, from_gguf_fields
 from models import checkpoint_names
 
@@ -21,6 +24,17 @@ class WeightsError(ValueError):
 
 
 def _reader(path: str):
+    """The parsed file, cached per (path, mtime, size): parsing a 49K-token vocab takes seconds and
+    `loaders.load` reads the config, the params and the tokenizer from the same file."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot read ({e})") from None
+    return _parse(str(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _parse(path: str, mtime_ns: int, size: int):
     import gguf
 
     try:
@@ -34,6 +48,13 @@ def _field(reader, key: str, default=None):
     return default if field is None else field.contents()
 
 
+def _required(reader, key: str):
+    value = _field(reader, key)
+    if value is None:
+        raise WeightsError(f"{reader.data.filename}: missing GGUF metadata {key}")
+    return value
+
+
 def model_config(path: str) -> ModelConfig:
     """The architecture recorded in a GGUF's metadata."""
     r = _reader(path)
@@ -41,27 +62,35 @@ def model_config(path: str) -> ModelConfig:
     if arch not in ("llama", "qwen2", "qwen3"):
         raise WeightsError(f"{path}: unsupported GGUF architecture {arch!r}")
     p = arch + "."
-    heads = int(_field(r, p + "attention.head_count"))
-    hidden = int(_field(r, p + "embedding_length"))
-    head_dim = int(_field(r, p + "attention.key_length", hidden // heads))
-    names = {t.name for t in r.tensors}
-    scaling = None
-    if _field(r, p + "rope.scaling.type") == "llama3" or "rope_freqs.weight" in names:
-        scaling = RopeScaling(
-            factor=float(_field(r, p + "rope.scaling.factor", 8.0)),
-            original_max_position=int(_field(r, p + "rope.scaling.original_context_length", 8192)))
-    vocab = _field(r, p + "vocab_size") or len(r.fields["tokenizer.ggml.tokens"].data)
-    return ModelConfig(
-        arch=arch, vocab_size=int(vocab), hidden_size=hidden,
-        intermediate_size=int(_field(r, p + "feed_forward_length")),
-        num_layers=int(_field(r, p + "block_count")), num_heads=heads,
-        num_kv_heads=int(_field(r, p + "attention.head_count_kv", heads)), head_dim=head_dim,
-        rope_theta=float(_field(r, p + "rope.freq_base", 10000.0)), rope_scaling=scaling,
-        max_position=int(_field(r, p + "context_length")),
-        # GGUF stores eps as f32 (9.9999997e-06); round back to the decimal it was written from.
-        rms_norm_eps=float(f"{_field(r, p + 'attention.layer_norm_rms_epsilon', 1e-5):.6g}"),
-        tie_embeddings="output.weight" not in names, qkv_bias="blk.0.attn_q.bias" in names,
-        qk_norm="blk.0.attn_q_norm.weight" in names)
+    try:
+        heads = int(_required(r, p + "attention.head_count"))
+        hidden = int(_required(r, p + "embedding_length"))
+        head_dim = int(_field(r, p + "attention.key_length", hidden // heads))
+        names = {t.name for t in r.tensors}
+        scaling = None
+        if _field(r, p + "rope.scaling.type") == "llama3" or "rope_freqs.weight" in names:
+            scaling = RopeScaling(
+                factor=float(_field(r, p + "rope.scaling.factor", 8.0)),
+                original_max_position=int(
+                    _field(r, p + "rope.scaling.original_context_length", 8192)))
+        vocab = _field(r, p + "vocab_size") or len(_required(r, "tokenizer.ggml.tokens"))
+        return ModelConfig(
+            arch=arch, vocab_size=int(vocab), hidden_size=hidden,
+            intermediate_size=int(_required(r, p + "feed_forward_length")),
+            num_layers=int(_required(r, p + "block_count")), num_heads=heads,
+            num_kv_heads=int(_field(r, p + "attention.head_count_kv", heads)),
+            head_dim=head_dim, rope_theta=float(_field(r, p + "rope.freq_base", 10000.0)),
+            rope_scaling=scaling, max_position=int(_required(r, p + "context_length")),
+            # GGUF stores eps as f32 (9.9999997e-06); round back to the decimal it was written
+            # from.
+            rms_norm_eps=float(
+                f"{_field(r, p + 'attention.layer_norm_rms_epsilon', 1e-5):.6g}"),
+            tie_embeddings="output.weight" not in names, qkv_bias="blk.0.attn_q.bias" in names,
+            qk_norm="blk.0.attn_q_norm.weight" in names)
+    except WeightsError:
+        raise
+    except (ConfigError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise WeightsError(f"{path}: bad GGUF metadata ({e})") from None
 
 
 def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -81,12 +110,15 @@ def load_params(path: str, cfg: ModelConfig) -> dict[str, np.ndarray]:
         if name not in tensors:
             raise WeightsError(f"{path}: missing tensor {name}")
         t = tensors[name]
-        if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
-            w = np.asarray(t.data, np.float32)
-        else:
-            w = quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        # GGUF lists dims fastest-first; numpy shape is the reverse: [out, in] like HF/PyTorch.
-        return w.reshape([int(d) for d in reversed(t.shape)])
+        try:
+            if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+                w = np.asarray(t.data, np.float32)
+            else:
+                w = quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+            # GGUF lists dims fastest-first; numpy shape is the reverse: [out, in] like HF.
+            return w.reshape([int(d) for d in reversed(t.shape)])
+        except (ValueError, NotImplementedError) as e:  # truncated data, unknown quant type
+            raise WeightsError(f"{path}: cannot read tensor {name} ({e})") from None
 
     params: dict[str, np.ndarray] = {}
     for ours, theirs in checkpoint_names(cfg, "gguf").items():
@@ -113,9 +145,9 @@ def load_tokenizer(path: str) -> Tokenizer:
     bos = _field(r, "tokenizer.ggml.bos_token_id")
     eos = _field(r, "tokenizer.ggml.eos_token_id")
     return from_gguf_fields(
-        tokens=list(_field(r, "tokenizer.ggml.tokens")),
-        merges=list(_field(r, "tokenizer.ggml.merges")),
-        token_types=list(_field(r, "tokenizer.ggml.token_type")),
+        tokens=list(_required(r, "tokenizer.ggml.tokens")),
+        merges=list(_required(r, "tokenizer.ggml.merges")),
+        token_types=list(_required(r, "tokenizer.ggml.token_type")),
         bos_id=None if bos is None else int(bos), eos_id=None if eos is None else int(eos),
         add_bos=bool(_field(r, "tokenizer.ggml.add_bos_token", False)),
         chat_template=_field(r, "tokenizer.chat_template"),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvjax.config import ConfigError, ModelConfig, RopeScaling
+from kvjax.config import ModelConfig, RopeScaling
 from kvjax.loaders.gguf_loader import WeightsError
 from models import checkpoint_names
 
@@ -24,19 +24,21 @@ def _read_json(path: Path) -> dict:
 
 def model_config(path: str | Path) -> ModelConfig:
     c = _read_json(Path(path) / "config.json")
+    if not isinstance(c, dict):
+        raise WeightsError(f"{path}/config.json: expected a JSON object")
     archs = c.get("architectures") or []
     arch = next((_ARCHS[a] for a in archs if a in _ARCHS), None)
     if arch is None:
         raise WeightsError(f"{path}: unsupported architectures {archs}; expected one of "
                            f"{', '.join(_ARCHS)}")
-    scaling = None
-    rs = c.get("rope_scaling") or {}
-    if rs.get("rope_type", rs.get("type")) == "llama3":
-        scaling = RopeScaling(factor=rs["factor"], low_freq_factor=rs["low_freq_factor"],
-                              high_freq_factor=rs["high_freq_factor"],
-                              original_max_position=rs["original_max_position_embeddings"])
-    heads = c["num_attention_heads"]
     try:
+        scaling = None
+        rs = c.get("rope_scaling") or {}
+        if rs.get("rope_type", rs.get("type")) == "llama3":
+            scaling = RopeScaling(factor=rs["factor"], low_freq_factor=rs["low_freq_factor"],
+                                  high_freq_factor=rs["high_freq_factor"],
+                                  original_max_position=rs["original_max_position_embeddings"])
+        heads = c["num_attention_heads"]
         return ModelConfig(
             arch=arch, vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
             intermediate_size=c["intermediate_size"], num_layers=c["num_hidden_layers"],
@@ -46,24 +48,33 @@ def model_config(path: str | Path) -> ModelConfig:
             max_position=c["max_position_embeddings"], rms_norm_eps=c.get("rms_norm_eps", 1e-6),
             tie_embeddings=bool(c.get("tie_word_embeddings", False)),
             qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3")
-    except (KeyError, ConfigError) as e:
-        raise WeightsError(f"{path}/config.json: bad or missing field {e}") from None
+    except KeyError as e:
+        raise WeightsError(f"{path}/config.json: missing field {e}") from None
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError) as e:  # ConfigError too
+        raise WeightsError(f"{path}/config.json: bad field ({e})") from None
 
 
 def _tensor_files(path: Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file holding it."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        return {name: path / f for name, f in _read_json(index)["weight_map"].items()}
+        meta = _read_json(index)
+        weight_map = meta.get("weight_map") if isinstance(meta, dict) else None
+        if not isinstance(weight_map, dict):
+            raise WeightsError(f"{index}: no weight_map")
+        return {name: path / f for name, f in weight_map.items()}
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise WeightsError(f"{path}: no *.safetensors files")
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     found = {}
     for f in files:
-        with safe_open(str(f), framework="numpy") as st:
-            found.update({name: f for name in st.keys()})  # noqa: SIM118 (safe_open has no iter)
+        try:
+            with safe_open(str(f), framework="numpy") as st:
+                found.update({name: f for name in st.keys()})  # noqa: SIM118 (no iter)
+        except (OSError, SafetensorError) as e:
+            raise WeightsError(f"{f}: not a readable safetensors file ({e})") from None
     return found
 
 

@@ -46,10 +46,13 @@ def _meta(path: Path) -> dict:
 
 
 def model_config(path: str | Path) -> ModelConfig:
-    m = dict(_meta(Path(path))["model"])
-    if m.get("rope_scaling"):
-        m["rope_scaling"] = RopeScaling(**m["rope_scaling"])
-    return ModelConfig(**m)
+    try:
+        m = dict(_meta(Path(path))["model"])
+        if m.get("rope_scaling"):
+            m["rope_scaling"] = RopeScaling(**m["rope_scaling"])
+        return ModelConfig(**m)
+    except (KeyError, TypeError, ValueError) as e:  # ConfigError is a ValueError
+        raise WeightsError(f"{path}: bad model config in {META} ({e})") from None
 
 
 def load_params(path: str | Path, cfg: ModelConfig) -> dict[str, np.ndarray]:

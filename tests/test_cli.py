@@ -1,0 +1,131 @@
+"""The command-line tools, run as a user runs them: `python -m kvjax.<tool>` in a subprocess.
+
+Every bad input must end as exit code 2 and exactly one `error: ...` line on stderr, never a
+traceback. The good runs use the tiny configs with --random-weights, except the acceptance check
+(SmolLM2 says "Paris"), which loads the embedded GGUF once.
+
+The subprocesses are started together from one module fixture (a few at a time) so the file's wall
+time is about that of its slowest run, not the sum of ~16 interpreter start-ups.
+"""
+
+import os
+import random
+import string
+import subprocess
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GEN = ["-m", "kvjax.generate"]
+TINY = [*GEN, "--config", "tiny_llama", "--random-weights"]
+TINY_CONTEXT = 512  # configs/tiny.py max_position
+
+
+def run_cli(args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Future]:
+    tmp = tmp_path_factory.mktemp("cli")
+    garbage = tmp / "garbage.gguf"
+    garbage.write_bytes(random.randbytes(4096))
+    prompt_file = tmp / "prompt.txt"
+    prompt_file.write_text("hello")
+    long_prompt = "".join(random.choices(string.ascii_letters + " ", k=TINY_CONTEXT + 40))
+    cases = {
+        # The slow ones first, so the quick ones fill the other slots meanwhile.
+        "paris": [*GEN, "--prompt", "The capital of France is", "--max-new-tokens", "8",
+                  "--temperature", "0"],
+        "tiny_generate": [*TINY, "--prompt", "hi", "--max-new-tokens", "4", "--temperature", "0"],
+        "memory_70b": ["-m", "kvjax.memory", "--config", "llama70b_bf16", "--context", "131072"],
+        "unknown_config": [*GEN, "--config", "nope", "--prompt", "hi"],
+        "missing_weights": [*GEN, "--config", "tiny_llama", "--weights",
+                            str(tmp / "no-such-file.gguf"), "--prompt", "hi"],
+        "garbage_weights": [*GEN, "--config", "tiny_llama", "--weights", str(garbage),
+                            "--prompt", "hi"],
+        "negative_temperature": [*TINY, "--prompt", "hi", "--temperature", "-1"],
+        "top_p_2": [*TINY, "--prompt", "hi", "--top-p", "2"],
+        "page_size_3": [*TINY, "--prompt", "hi", "--page-size", "3"],
+        "prompt_too_long": [*TINY, "--prompt", long_prompt, "--max-new-tokens", "1"],
+        "max_new_tokens_abc": [*TINY, "--prompt", "hi", "--max-new-tokens", "abc"],
+        "unknown_flag": [*TINY, "--prompt", "hi", "--no-such-flag", "1"],
+        "eval_unknown_command": ["-m", "kvjax.eval", "nope"],
+        "memory_unknown_config": ["-m", "kvjax.memory", "--config", "nope"],
+        "prompt_and_prompt_file": [*TINY, "--prompt", "hi", "--prompt-file", str(prompt_file)],
+        "no_weights_70b": [*GEN, "--config", "llama70b_turbo", "--prompt", "hi"],
+    }
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        yield {name: pool.submit(run_cli, args) for name, args in cases.items()}
+
+
+def assert_user_error(r: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit 2, stderr exactly one line `error: ...` (naming each needle), no traceback."""
+    everything = r.stdout + r.stderr
+    assert "Traceback" not in everything, everything
+    assert r.returncode == 2, (r.returncode, everything)
+    assert r.stderr.startswith("error:") and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.endswith("\n"), r.stderr
+    for needle in needles:
+        assert needle in r.stderr, (needle, r.stderr)
+    return r.stderr
+
+
+@pytest.mark.parametrize("case, needles", [
+    ("unknown_config", ["'nope'", "tiny_llama"]),  # names the bad one and lists the good ones
+    ("missing_weights", ["no-such-file.gguf"]),
+    ("garbage_weights", ["garbage.gguf"]),
+    ("negative_temperature", ["temperature"]),
+    ("top_p_2", ["top_p"]),
+    ("page_size_3", ["page_size"]),
+    ("prompt_too_long", [str(TINY_CONTEXT)]),
+    ("max_new_tokens_abc", ["max_new_tokens", "abc"]),
+    ("unknown_flag", ["no_such_flag"]),
+    ("eval_unknown_command", ["ppl"]),
+    ("memory_unknown_config", ["'nope'"]),
+    ("prompt_and_prompt_file", ["--prompt", "--prompt-file"]),
+])
+def test_bad_input_is_one_line_and_exit_2(runs, case, needles):
+    assert_user_error(runs[case].result(), *needles)
+
+
+def test_config_without_weights_prints_plan_then_names_flags(runs):
+    r = runs["no_weights_70b"].result()
+    assert_user_error(r, "--weights", "--random-weights")
+    assert "KV cache size" in r.stdout and "KV bytes per token: 327,680" in r.stdout
+
+
+def test_memory_plan_llama70b_bf16(runs):
+    r = runs["memory_70b"].result()
+    assert r.returncode == 0, r.stderr
+    per_token = 2 * 80 * 8 * 128 * 2  # K and V x layers x KV heads x head_dim x bf16 bytes
+    assert per_token == 327_680
+    assert f"KV bytes per token: {per_token:,}" in r.stdout
+    per_request = per_token * 131_072
+    line = next(s for s in r.stdout.splitlines() if s.startswith("KV bytes per request"))
+    assert f"{per_request:,}" in line and "(42.95 GB)" in line, line
+
+
+def test_generate_tiny_random_weights(runs):
+    r = runs["tiny_generate"].result()
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    stats = [s for s in r.stderr.splitlines() if s.startswith("[stats]")]
+    assert len(stats) == 1, r.stderr
+    s = stats[0]
+    # "hi" is 2 tokens under the byte tokenizer; 2 layers x 2 KV heads x 16 x 2 (K, V) x 4 bytes.
+    assert "prompt tokens 2" in s and "tok/s" in s and "(4 tokens)" in s, s
+    assert f"{2 * 2 * 2 * 16 * 4:,} bytes/token" in s, s
+
+
+def test_generate_smollm2_says_paris(runs):
+    """The acceptance check: the embedded SmolLM2, greedy, knows the capital of France."""
+    r = runs["paris"].result()
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout, r.stdout
+    assert "[stats] prompt tokens 5" in r.stderr, r.stderr

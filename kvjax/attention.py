@@ -12,24 +12,35 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kvjax.cache.paged import from_storage
+
 
 def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
-                    lengths: jax.Array, q_positions: jax.Array) -> jax.Array:
+                    lengths: jax.Array, q_positions: jax.Array, layer: jax.Array | None = None
+                    ) -> jax.Array:
     """Grouped-query attention over paged keys and values.
 
-    q: [batch, tokens, num_heads, head_dim]; k_pages, v_pages: [kv_heads, num_pages, page_size,
-    head_dim] (one layer); page_table: [batch, max_pages] int32; lengths: [batch] valid tokens per
-    sequence (this step's tokens included); q_positions: [batch, tokens].
+    q: [batch, tokens, num_heads, head_dim]
+    k_pages, v_pages: [kv_heads, num_pages, page_size, head_dim] (one layer), or the whole pool
+        [layers, kv_heads, num_pages, page_size, head_dim] with `layer` picking one: gathering a
+        layer's pages straight from the pool avoids copying the layer out of it first.
+    page_table: [batch, max_pages] int32; lengths: [batch] valid tokens per sequence (this
+    step's tokens included); q_positions: [batch, tokens].
     Returns [batch, tokens, num_heads, head_dim] in q's dtype.
     """
     b, t, nh, d = q.shape
-    kvh, _, page_size, _ = k_pages.shape
+    if layer is not None:  # gather only the pages in use, from the whole pool
+        k_pages = _layer_pages(k_pages, layer, page_table)
+        v_pages = _layer_pages(v_pages, layer, page_table)
+    else:
+        k_pages, v_pages = k_pages[:, page_table], v_pages[:, page_table]
+    kvh, _, _, page_size, _ = k_pages.shape
     groups = nh // kvh
     max_len = page_table.shape[1] * page_size
 
     # [kv_heads, batch, max_pages, page_size, head_dim] -> [kv_heads, batch, max_len, head_dim]
-    k = k_pages[:, page_table].reshape(kvh, b, max_len, d).astype(jnp.float32)
-    v = v_pages[:, page_table].reshape(kvh, b, max_len, d).astype(jnp.float32)
+    k = from_storage(k_pages).reshape(kvh, b, max_len, d).astype(jnp.float32)
+    v = from_storage(v_pages).reshape(kvh, b, max_len, d).astype(jnp.float32)
 
     kv_pos = jnp.arange(max_len)
     kv_valid = kv_pos[None, :] < lengths[:, None]  # [batch, max_len]
@@ -46,3 +57,9 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_t
     v = jnp.where(kv_valid[None, :, :, None], v, 0.0)  # 0 * NaN would still be NaN
     out = jnp.einsum("bkgts,kbsd->btkgd", weights / denom, v)
     return out.reshape(b, t, nh, d).astype(q.dtype)
+
+
+def _layer_pages(pool: jax.Array, layer: jax.Array, page_table: jax.Array) -> jax.Array:
+    """pool: [layers, kv_heads, num_pages, page_size, d]
+    -> [kv_heads, batch, max_pages, page_size, d]."""
+    return jnp.moveaxis(pool[layer, :, page_table], 2, 0)

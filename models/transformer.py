@@ -102,7 +102,7 @@ class Transformer(nnx.Module):
             k = apply_rope(k, positions, inv_freq)
             cache = KVCache(k=write_layer(cache.k, index, k, pages, slots),
                             v=write_layer(cache.v, index, v, pages, slots))
-            o = paged_attention(q, cache.k[index], cache.v[index], page_table, lengths, positions)
+            o = paged_attention(q, cache.k, cache.v, page_table, lengths, positions, layer=index)
             x = x + jnp.einsum("btq,qh->bth", o.reshape(b, t, -1), p["wo"])
             h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
             x = x + swiglu(h, p["w_gate"], p["w_up"], p["w_down"])

@@ -13,6 +13,7 @@ from flax import nnx
 
 import models
 from kvjax.cache import init_cache
+from kvjax.cache.paged import to_storage
 from kvjax.config import load_config
 from models.layers import apply_rope, rms_norm, rope_inv_freq, swiglu
 
@@ -49,8 +50,9 @@ def dense_forward(cfg, params, tokens):
     return x @ (params["embed"].T if cfg.tie_embeddings else params["lm_head"])
 
 
-@pytest.mark.parametrize("name", ["tiny_llama", "tiny_qwen2", "tiny_qwen3"])
-def test_paged_prefill_and_decode_match_dense(name):
+@pytest.mark.parametrize("name,cache_dtype", [("tiny_llama", "f32"), ("tiny_qwen2", "f32"),
+                                              ("tiny_qwen3", "f32"), ("tiny_llama", "bf16")])
+def test_paged_prefill_and_decode_match_dense(name, cache_dtype):
     cfg = load_config(name)
     mc, page_size = cfg.model, cfg.cache.page_size
     rng = np.random.default_rng()
@@ -69,8 +71,12 @@ def test_paged_prefill_and_decode_match_dense(name):
     for row in range(batch):
         owned = -(-seq_lens[row] // page_size)
         page_table[row, :owned] = perm[row * max_pages: row * max_pages + owned]
-    cache = init_cache(mc.num_layers, mc.num_kv_heads, num_pages, page_size, mc.head_dim, "f32")
-    cache = jax.tree.map(lambda a: jnp.full_like(a, jnp.nan), cache)
+    cache = init_cache(mc.num_layers, mc.num_kv_heads, num_pages, page_size, mc.head_dim,
+                       cache_dtype)
+    cache = jax.tree.map(lambda a: jnp.full_like(a, to_storage(jnp.float32(jnp.nan), a.dtype)),
+                         cache)
+    # bf16 pages round K and V to 8 significant bits: allow that, and nothing more.
+    rtol = 1e-5 if cache_dtype == "f32" else 3e-2
 
     def run(cache, start, chunk, n_valid):
         """Feed tokens [start, start + chunk) per row; rows write only their n_valid tokens."""
@@ -88,7 +94,7 @@ def test_paged_prefill_and_decode_match_dense(name):
         for row in range(batch):
             for j in range(n_valid[row]):
                 np.testing.assert_allclose(logits[row, j], dense[row, done[row] + j],
-                                           rtol=1e-5, atol=1e-5 * np.abs(dense).max())
+                                           rtol=rtol, atol=rtol * np.abs(dense).max())
         done = [d + n for d, n in zip(done, n_valid, strict=True)]
     # Decode steps, one token per row, until both sequences are complete.
     while any(d < s for d, s in zip(done, seq_lens, strict=True)):
@@ -97,6 +103,6 @@ def test_paged_prefill_and_decode_match_dense(name):
         for row in range(batch):
             if n_valid[row]:
                 np.testing.assert_allclose(logits[row, 0], dense[row, done[row]],
-                                           rtol=1e-5, atol=1e-5 * np.abs(dense).max())
+                                           rtol=rtol, atol=rtol * np.abs(dense).max())
         done = [d + n for d, n in zip(done, n_valid, strict=True)]
     assert np.isfinite(np.asarray(logits)).all()

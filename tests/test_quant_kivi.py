@@ -36,12 +36,17 @@ def _stream(bits=2, max_len=768):
     return KiviStream(key=kq, value=vq, max_len=max_len, residual=R)
 
 
+@jax.jit
+def _round_trip(qz, x):
+    return qz.dequantize(qz.quantize(x))
+
+
 def test_bookkeeping_table(rng):
     s = _stream()
-    append = jax.jit(s.append)
+    append, prefill = jax.jit(s.append), jax.jit(s.prefill)
     for t, expected in TABLE.items():
         kv = rng.standard_normal((2, 3, t + 157, D)).astype(np.float32)  # 3 kv heads
-        st = s.prefill(kv[0, :, :t], kv[1, :, :t])
+        st = prefill(kv[0, :, :t], kv[1, :, :t])
         got = [st.counts()]
         for i in range(157):
             st = append(st, kv[0, :, t + i], kv[1, :, t + i])
@@ -56,11 +61,9 @@ def test_bookkeeping_table(rng):
         np.testing.assert_array_equal(k_hat[:, n_kq:length], kv[0, :, n_kq:length])
         np.testing.assert_array_equal(v_hat[:, n_vq:length], kv[1, :, n_vq:length])
         assert not k_hat[:, length:].any() and not v_hat[:, length:].any()
-        kq = s.key
-        direct = kq.dequantize(kq.quantize(kv[0, :, :n_kq].reshape(3, n_kq // G, G, D)))
+        direct = _round_trip(s.key, kv[0, :, :n_kq].reshape(3, n_kq // G, G, D))
         np.testing.assert_array_equal(k_hat[:, :n_kq], np.asarray(direct).reshape(3, n_kq, D))
-        vq = s.value
-        np.testing.assert_array_equal(v_hat[:, :n_vq], vq.dequantize(vq.quantize(kv[1, :, :n_vq])))
+        np.testing.assert_array_equal(v_hat[:, :n_vq], _round_trip(s.value, kv[1, :, :n_vq]))
 
 
 def test_sequences_never_share_groups(rng):
@@ -68,7 +71,8 @@ def test_sequences_never_share_groups(rng):
     s = _stream()
     kv = rng.standard_normal((2, 2, 400, D)).astype(np.float32)
     lens = (100, 300)
-    alone = [s.prefill(kv[0, b, :t], kv[1, b, :t]) for b, t in enumerate(lens)]
+    prefill = jax.jit(s.prefill)
+    alone = [prefill(kv[0, b, :t], kv[1, b, :t]) for b, t in enumerate(lens)]
     batch = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *alone)
     append = jax.jit(s.append)
     vappend = jax.jit(jax.vmap(s.append))
@@ -108,10 +112,14 @@ def test_quantizer_error_bound_and_scores(rng, bits):
 def test_constant_group_does_not_divide_by_zero(rng):
     kq = make_quantizer("kivi2", D, role="key")
     vq = make_quantizer("kivi2", D, role="value")
+    # A constant exactly representable in the f16 zero point: scale 0, exact reconstruction.
+    c = float(np.float16(rng.uniform(-3, 3)))
+    codes = kq.quantize(np.full((G, D), c, np.float32))
+    assert not np.asarray(codes.scale, np.float32).any()
+    np.testing.assert_array_equal(kq.dequantize(codes), c)
+    # Any other constant: finite, and within half an f16 ulp of the value.
     c = np.float32(rng.uniform(-3, 3))
-    k = np.full((G, D), c, np.float32)
-    k_hat = np.asarray(kq.dequantize(kq.quantize(k)))
-    assert np.all(np.isfinite(k_hat))
-    np.testing.assert_allclose(k_hat, np.float16(c), rtol=0)  # exact up to the f16 zero point
+    k_hat = np.asarray(kq.dequantize(kq.quantize(np.full((G, D), c, np.float32))))
+    assert np.all(np.isfinite(k_hat)) and np.all(np.abs(k_hat - c) <= abs(c) * 2.0**-11)
     v_hat = np.asarray(vq.dequantize(vq.quantize(np.zeros((3, D), np.float32))))
     assert np.all(v_hat == 0)

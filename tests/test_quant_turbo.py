@@ -51,16 +51,19 @@ def test_turbo_mse_distortion(rng, b, target):
 
 def test_turbo_mse_worst_case_inputs(rng):
     # Haar rotation: one-hot and outlier-heavy inputs get the same distortion as random ones. Such
-    # inputs all lie in a few directions, so average over 8 independent rotations, not over x.
+    # inputs span a few directions, so the average runs over rotations, not over x: the per-rotation
+    # spread is ~1-2% for one-hot (128 directions) but ~8% for 4-outlier inputs at b=4, hence 48
+    # independent rotations (standard error ~1.2%) for a 5% tolerance.
     onehot = np.eye(D, dtype=np.float32)
     for b, target in [(2, 0.1160), (4, 0.0093)]:
         hot, outl = [], []
-        for seed in rng.integers(1 << 30, size=8):
+        for i, seed in enumerate(rng.integers(1 << 30, size=48)):
             qz = TurboMse.build(D, b, seed=int(seed))
-            x = rng.standard_normal((256, D)).astype(np.float32) * 0.1
-            x[:, rng.choice(D, 4, replace=False)] += rng.standard_normal((256, 4)) * 10
-            hot.append(float(_mse(qz, onehot)))
+            x = rng.standard_normal((64, D)).astype(np.float32) * 0.1
+            x[:, rng.choice(D, 4, replace=False)] += rng.standard_normal((64, 4)) * 10
             outl.append(float(_mse(qz, x / np.linalg.norm(x, axis=-1, keepdims=True))))
+            if i < 8:
+                hot.append(float(_mse(qz, onehot)))
         assert abs(np.mean(hot) / target - 1) < 0.05, (b, hot)
         assert abs(np.mean(outl) / target - 1) < 0.05, (b, outl)
 

@@ -1,0 +1,524 @@
+"""The serving engine: a request queue, continuous batching with chunked prefill, reference-counted
+pages with prefix caching, preemption by recompute, eviction, and precision routing over pools.
+
+One engine step, per page pool:
+
+1. Running requests first, oldest first: each gets its next chunk (1 token when decoding, up to
+   `chunk_size` of a prompt still being prefilled) within the step's token budget
+   (`max_num_batched_tokens`). When the pool has no page for a chunk, the *newest* running request
+   is preempted: its pages are released, it goes back to the head of the queue, and it is
+   recomputed from its tokens later (prompt + what it generated so far), so greedy output is
+   unchanged and nothing is dropped.
+2. If nothing was preempted, waiting requests are admitted (up to `max_num_seqs` running): the
+   prefix cache gives them the pages of their longest cached full-page prefix, and their first
+   prompt chunk is scheduled.
+3. The rows run through the model in at most two calls, decode rows ([B, 1]) and prefill rows
+   ([B, T]), each padded to bucketed shapes so the jitted forward compiles a handful of times.
+   Rows whose chunk reaches the end of their tokens sample a token; full pages just written are
+   registered in the prefix cache.
+
+The model is driven only through `Runner.forward_batch(tokens, positions, page_table, lengths)`;
+the cache is an opaque pytree inside the runner, and page ids are all the engine manages. Each pool
+is a Runner (its own cache layout and dtype, the same parameter arrays) plus a BlockManager, so a
+"full precision" pool and a compressed pool share one engine and one set of weights; requests over a
+token threshold, or flagged by the client, are routed to the full-precision pool.
+
+Threading: `add_request` / `abort` may be called from any thread; `step` runs on one thread (the
+background loop started by `start`, or the caller's in `generate`).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax.cache import bytes_per_token, window_bytes_per_sequence
+from kvjax.config import Config
+from kvjax.engine.block_manager import BlockManager
+from kvjax.engine.eviction import EvictionConfig, H2OScores, pages_to_drop
+from kvjax.engine.metrics import Metrics
+from kvjax.engine.request import Request, SamplingParams
+from kvjax.runner import CHUNK_BUCKETS, Runner, param_dtype
+from kvjax.sampling import sample
+
+log = logging.getLogger("kvjax.engine")
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+GIB = 2**30
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve (too long, bad parameters): a 400 for the server."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_num_seqs: int = 32  # requests in the running batch
+    max_model_len: int = 0  # prompt + output tokens per request (0 = the model's max_position)
+    max_num_batched_tokens: int = 512  # tokens per step and pool (decode rows + prefill chunks)
+    chunk_size: int = 256  # most prompt tokens one request prefills in one step
+    num_pages: int = 0  # pages in the main pool (0 = size from gpu_memory_utilization)
+    gpu_memory_utilization: float = 0.9  # fraction of device memory for weights + activations + KV
+    enable_prefix_caching: bool = False
+    eviction: EvictionConfig = field(default_factory=EvictionConfig)  # default for requests
+    full_precision_pages: int = 0  # pages of the full-precision pool (0 = no such pool)
+    full_precision_dtype: str = ""  # its cache dtype ("" = f32 on CPU, bf16 elsewhere)
+    full_precision_threshold: int = 0  # prompts longer than this go to it (0 = only if flagged)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
+
+
+def _bucket(n: int, buckets: tuple[int, ...]) -> int:
+    return next((b for b in buckets if b >= n), n)
+
+
+def size_pool(cfg: Config, ecfg: EngineConfig, max_model_len: int, weight_bytes: int
+              ) -> tuple[int, str]:
+    """Pages for the main pool and a log line about the memory it came from.
+
+    On an accelerator: device memory x utilization - weights - an activation reserve (vLLM's
+    recipe without the profiling run). On CPU, where "device memory" is the host's, the default is
+    what max_num_seqs requests of max_model_len tokens need, capped by available RAM.
+    """
+    mc = cfg.model
+    page_bytes = int(bytes_per_token(mc, cfg.cache) * cfg.cache.page_size)
+    # Layouts with a full-precision window hold one ring per running sequence beside the pages.
+    window_bytes = window_bytes_per_sequence(mc, cfg.cache) * ecfg.max_num_seqs
+    if ecfg.num_pages:
+        return ecfg.num_pages, f"KV cache pages: {ecfg.num_pages} (set by --num-kv-pages)"
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() if dev.platform != "cpu" else None
+    # Activations: logits of one full step in f32 (x2 for the gather) plus 1 GiB of headroom.
+    reserve = ecfg.max_num_batched_tokens * mc.vocab_size * 4 * 2 + GIB
+    if stats and "bytes_limit" in stats:
+        avail = (int(stats["bytes_limit"] * ecfg.gpu_memory_utilization) - weight_bytes - reserve
+                 - window_bytes)
+        if avail < 2 * page_bytes:
+            raise ValueError("No available memory for the cache blocks. Try increasing "
+                             "--gpu-memory-utilization or --num-kv-pages")
+        return avail // page_bytes, f"Available KV cache memory: {avail / GIB:.2f} GiB"
+    want = ecfg.max_num_seqs * -(-max_model_len // cfg.cache.page_size) + 1
+    try:
+        import psutil
+
+        ram = int(psutil.virtual_memory().available * ecfg.gpu_memory_utilization) - reserve
+        want = max(min(want, ram // page_bytes), 2)
+    except ImportError:
+        pass
+    return want, f"Available KV cache memory: {want * page_bytes / GIB:.2f} GiB (host)"
+
+
+class Pool:
+    """One page pool: a Runner (cache + compiled forward) and the BlockManager of its pages."""
+
+    def __init__(self, name: str, cfg: Config, params: dict, num_pages: int, max_model_len: int,
+                 ecfg: EngineConfig):
+        self.name = name
+        self.cfg = cfg.replace_cache(num_pages=num_pages)
+        self.runner = Runner(self.cfg, params, max_seq_len=max_model_len,
+                             max_batch=ecfg.max_num_seqs)
+        self.page_size = self.cfg.cache.page_size
+        # Layouts with a full-precision window (KIVI) read a sequence's last W tokens from its own
+        # ring buffer, which a prefix hit or an evicted (shifted) sequence would not have filled:
+        # prefix reuse and eviction stay off for them until the ring can be refilled from pages.
+        self.windowed = self.cfg.cache.window_for(self.cfg.cache.dtype) > 0
+        self.bm = BlockManager(num_pages, self.page_size, self.cfg.cache.dtype,
+                               ecfg.enable_prefix_caching and not self.windowed)
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+
+    @property
+    def kv_tokens(self) -> int:
+        return (self.bm.num_pages - 1) * self.page_size
+
+    def snapshot(self) -> dict:
+        return {"pool": self.name, "usage": self.bm.usage(), "queries": self.bm.prefix_queries,
+                "hits": self.bm.prefix_hits, "running": len(self.running),
+                "waiting": len(self.waiting), "num_pages": self.bm.num_pages,
+                "page_size": self.page_size, "dtype": self.cfg.cache.dtype}
+
+
+class Engine:
+    def __init__(self, cfg: Config, params: dict, ecfg: EngineConfig | None = None,
+                 eos_ids: tuple[int, ...] = (), model_name: str | None = None):
+        self.cfg = cfg
+        self.ecfg = ecfg = ecfg or EngineConfig()
+        self.eos_ids = tuple(eos_ids)
+        self.model_name = model_name or cfg.name
+        self.max_model_len = ecfg.max_model_len or cfg.model.max_position
+        if self.max_model_len > cfg.model.max_position:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's context "
+                             f"{cfg.model.max_position}")
+        self.metrics = Metrics()
+        weight_bytes = sum(int(np.prod(np.shape(v))) * jnp.dtype(param_dtype(cfg)).itemsize
+                           for v in params.values())
+        num_pages, memory_line = size_pool(cfg, ecfg, self.max_model_len, int(weight_bytes))
+        # Convert once, so every pool's Runner holds the same parameter buffers.
+        dtype = param_dtype(cfg)
+        params = {k: jnp.asarray(v, dtype) for k, v in params.items()}
+        self.pools: dict[str, Pool] = {}
+        self.pools["default"] = Pool("default", cfg, params, num_pages, self.max_model_len, ecfg)
+        if ecfg.full_precision_pages:
+            fp = ecfg.full_precision_dtype or ("f32" if jax.default_backend() == "cpu" else "bf16")
+            self.pools["full"] = Pool("full", cfg.replace_cache(dtype=fp), params,
+                                      ecfg.full_precision_pages, self.max_model_len, ecfg)
+        del params
+        self.startup_lines = [memory_line]
+        for pool in self.pools.values():
+            pages_per_req = -(-self.max_model_len // pool.page_size)
+            if pool.bm.num_pages - 1 < pages_per_req:
+                raise ValueError(
+                    f"max_model_len {self.max_model_len} is larger than the maximum number of "
+                    f"tokens that can be stored in the {pool.name} KV cache ({pool.kv_tokens}); "
+                    "raise --num-kv-pages or lower --max-model-len")
+            self.startup_lines += [
+                f"KV cache size: {pool.kv_tokens:,} tokens"
+                + (f" ({pool.name} pool, {pool.cfg.cache.dtype})" if len(self.pools) > 1 else ""),
+                f"Maximum concurrency for {self.max_model_len:,} tokens per request: "
+                f"{pool.kv_tokens / self.max_model_len:.2f}x",
+            ]
+        self._incoming: collections.deque[Request] = collections.deque()
+        self._aborts: set[str] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._base_key = jax.random.key(ecfg.seed)
+        self.steps = 0
+
+    # ---- requests ------------------------------------------------------------------------------
+    def make_request(self, request_id: str, prompt_ids: list[int],
+                     params: SamplingParams | None = None, cache_salt: str | None = None,
+                     eviction: EvictionConfig | None = None, precision: str = "auto") -> Request:
+        """Validate and build a request (RequestError on anything the engine cannot serve)."""
+        params = params or SamplingParams()
+        eviction = eviction or self.ecfg.eviction
+        if not prompt_ids:
+            raise RequestError("the prompt is empty")
+        if any(not 0 <= t < self.cfg.model.vocab_size for t in prompt_ids):
+            raise RequestError("prompt token ids must be in [0, vocab_size)")
+        if params.max_tokens < 1:
+            raise RequestError("max_tokens must be at least 1")
+        if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0:
+            raise RequestError("temperature must be >= 0, top_p in (0, 1], top_k >= 0")
+        if precision not in ("auto", "full", "default"):
+            raise RequestError("kv_precision must be auto, full or default")
+        if len(prompt_ids) >= self.max_model_len and not eviction.enabled:
+            raise RequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"your prompt has {len(prompt_ids)} tokens (at least one more is generated).")
+        if eviction.enabled:
+            ps = self.cfg.cache.page_size
+            if eviction.max_cache_tokens(ps, self.ecfg.chunk_size) > self.max_model_len:
+                raise RequestError("eviction sinks + window + chunk exceed max_model_len")
+        req = Request(request_id, list(prompt_ids), params, cache_salt, eviction, precision)
+        pool = self._route(req)
+        if eviction.enabled and pool.windowed:
+            raise RequestError(f"eviction is not supported with the {pool.cfg.cache.dtype} cache "
+                               "(its full-precision window is indexed by position)")
+        req.pool = pool.name
+        return req
+
+    def add_request(self, req: Request) -> Request:
+        with self._lock:
+            self._incoming.append(req)
+        self._wake.set()
+        return req
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborts.add(request_id)
+        self._wake.set()
+
+    def has_work(self) -> bool:
+        return bool(self._incoming or self._aborts
+                    or any(p.waiting or p.running for p in self.pools.values()))
+
+    def _route(self, req: Request) -> Pool:
+        if "full" not in self.pools or req.precision == "default":
+            return self.pools["default"]
+        if req.precision == "full":
+            return self.pools["full"]
+        t = self.ecfg.full_precision_threshold
+        return self.pools["full"] if t and len(req.prompt_ids) > t else self.pools["default"]
+
+    # ---- the step ------------------------------------------------------------------------------
+    def step(self) -> list[Request]:
+        """One scheduling round over every pool; returns the requests that finished."""
+        with self._lock:
+            incoming, self._incoming = list(self._incoming), collections.deque()
+            aborts, self._aborts = self._aborts, set()
+        for req in incoming:
+            pool = self.pools[req.pool or self._route(req).name]
+            req.pool = pool.name
+            pool.waiting.append(req)
+        finished: list[Request] = []
+        for pool in self.pools.values():
+            if aborts:
+                for req in [r for r in (*pool.running, *pool.waiting) if r.request_id in aborts]:
+                    self._finish(pool, req, "abort")
+                    finished.append(req)
+            rows = self._schedule(pool)
+            if rows:
+                finished += self._execute(pool, rows)
+        self.steps += 1
+        return finished
+
+    def _preempt(self, pool: Pool, req: Request) -> None:
+        pool.bm.free(req.seq_id)
+        pool.runner.free(req.seq_id)
+        req.num_computed = 0
+        req.num_preemptions += 1
+        if req.h2o is not None:
+            req.h2o = H2OScores(pool.page_size)
+        pool.running.remove(req)
+        pool.waiting.appendleft(req)
+        self.metrics.inc("num_preemptions")
+        log.info("preempted request %s (%d tokens) to free pages", req.request_id,
+                 len(req.cache_tokens))
+
+    def _evict(self, pool: Pool, req: Request) -> None:
+        ecfg = req.eviction
+        if not ecfg.enabled or pool.windowed:
+            return
+        scores = None
+        if ecfg.policy == "h2o" and req.h2o is not None:
+            scores = req.h2o.page_scores(len(pool.bm.pages(req.seq_id)))
+        drop = pages_to_drop(ecfg, req.num_computed, pool.page_size, scores)
+        if not drop:
+            return
+        pool.bm.drop_pages(req.seq_id, drop)
+        ps = pool.page_size
+        for i in sorted(drop, reverse=True):
+            del req.cache_tokens[i * ps:(i + 1) * ps]
+        req.num_computed -= len(drop) * ps
+        req.num_evicted += len(drop) * ps
+        if req.h2o is not None:
+            req.h2o.drop(drop)
+
+    def _schedule(self, pool: Pool) -> list[tuple[Request, int, int]]:
+        """(request, start, n): append cache_tokens[start:start+n] of each request this step."""
+        ecfg, bm = self.ecfg, pool.bm
+        budget = ecfg.max_num_batched_tokens
+        rows: list[tuple[Request, int, int]] = []
+        preempted = False
+        limit = pool.runner.max_seq_len
+        i = 0
+        while i < len(pool.running) and budget > 0:
+            req = pool.running[i]
+            self._evict(pool, req)
+            start = req.num_computed
+            n = min(len(req.cache_tokens) - start, budget, ecfg.chunk_size, limit - start)
+            if n <= 0:
+                i += 1
+                continue
+            while not bm.can_grow(req.seq_id, start + n):
+                victim = pool.running[-1]
+                self._preempt(pool, victim)
+                preempted = True
+                if victim is req:
+                    break
+            if req not in pool.running:
+                break
+            bm.ensure(req.seq_id, start + n)
+            rows.append((req, start, n))
+            budget -= n
+            i += 1
+        while (not preempted and pool.waiting and budget > 0
+               and len(pool.running) < ecfg.max_num_seqs):
+            req = pool.waiting[0]
+            hit = bm.match_prefix(req.seq_id, req.cache_tokens, req.cache_salt)
+            n = min(len(req.cache_tokens) - hit, budget, ecfg.chunk_size, limit - hit)
+            if not bm.can_grow(req.seq_id, hit + n):
+                bm.free(req.seq_id)
+                break
+            bm.ensure(req.seq_id, hit + n)
+            bm.record_query(len(req.cache_tokens), hit)
+            if req.num_cached_prompt < 0:
+                req.num_cached_prompt = hit
+            req.num_computed = hit
+            if req.eviction.policy == "h2o" and req.h2o is None:
+                req.h2o = H2OScores(pool.page_size)
+            pool.waiting.popleft()
+            pool.running.append(req)
+            rows.append((req, hit, n))
+            budget -= n
+        return rows
+
+    def _execute(self, pool: Pool, rows: list[tuple[Request, int, int]]) -> list[Request]:
+        finished = []
+        groups = [[r for r in rows if r[2] == 1], [r for r in rows if r[2] > 1]]
+        now = None
+        for group in groups:
+            if not group:
+                continue
+            picked = self._forward(pool, group)
+            now = time.perf_counter()
+            for (req, start, n), logits in zip(group, picked, strict=True):
+                if start < len(req.prompt_ids):
+                    self.metrics.inc("prefill_kv_computed_tokens",
+                                     min(start + n, len(req.prompt_ids)) - start)
+                req.num_computed = start + n
+                if not req.eviction.enabled:
+                    pool.bm.commit(req.seq_id, req.cache_tokens[: req.num_computed],
+                                   req.cache_salt)
+                if logits is None:
+                    continue
+                token = self._sample(req, logits)
+                if self._append(pool, req, token, now):
+                    finished.append(req)
+        return finished
+
+    def _forward(self, pool: Pool, group: list[tuple[Request, int, int]]) -> list:
+        """Run one padded batch; returns per row the logits [vocab] (np) of its last token when it
+        samples, else None."""
+        t = _bucket(max(n for _, _, n in group), CHUNK_BUCKETS)
+        b = _bucket(len(group), BATCH_BUCKETS)
+        tokens = np.zeros((b, t), np.int32)
+        positions = np.tile(np.arange(t, dtype=np.int32), (b, 1))
+        lengths = np.zeros((b,), np.int32)
+        sample_rows, sample_cols = np.zeros(b, np.int32), np.zeros(b, np.int32)
+        wants = []
+        for row, (req, start, n) in enumerate(group):
+            tokens[row, :n] = req.cache_tokens[start:start + n]
+            positions[row] += start
+            lengths[row] = start + n
+            wants.append(start + n == len(req.cache_tokens))
+            sample_rows[row], sample_cols[row] = row, n - 1
+        table = pool.bm.page_table([r.seq_id for r, _, _ in group], pool.runner.max_pages)
+        page_table = np.zeros((b, pool.runner.max_pages), np.int32)
+        page_table[: len(group)] = table
+        seq_ids = [r.seq_id for r, _, _ in group] + [None] * (b - len(group))
+        logits = pool.runner.forward_batch(seq_ids, tokens, positions, page_table, lengths)
+        if not any(wants):
+            return [None] * len(group)
+        last = np.asarray(_gather_last(logits, jnp.asarray(sample_rows), jnp.asarray(sample_cols)))
+        return [last[row] if w else None for row, w in enumerate(wants)]
+
+    def _sample(self, req: Request, logits: np.ndarray) -> int:
+        p = req.params
+        if p.temperature == 0:
+            return int(np.argmax(logits))
+        seed_key = (jax.random.key(p.seed) if p.seed is not None
+                    else jax.random.fold_in(self._base_key, req.seq_id))
+        key = jax.random.fold_in(seed_key, len(req.output_ids))
+        return int(sample(jnp.asarray(logits)[None], key, np.float32(p.temperature),
+                          np.float32(p.top_p), top_k=p.top_k)[0])
+
+    def _append(self, pool: Pool, req: Request, token: int, now: float) -> bool:
+        req.output_ids.append(token)
+        req.cache_tokens.append(token)
+        if req.first_token_time is None:
+            req.first_token_time = now
+            with self.metrics.lock:
+                self.metrics.ttft.observe(now - req.arrival)
+                self.metrics.counters["prompt_tokens"] += len(req.prompt_ids)
+        elif req.last_token_time is not None and len(req.output_ids) > 1:
+            with self.metrics.lock:
+                self.metrics.itl.observe(now - req.last_token_time)
+        req.last_token_time = now
+        self.metrics.inc("generation_tokens")
+        p = req.params
+        reason = None
+        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            reason = "stop"
+        elif len(req.output_ids) >= p.max_tokens:
+            reason = "length"
+        elif not req.eviction.enabled and req.num_tokens >= self.max_model_len:
+            reason = "length"
+        if req.out is not None:
+            req.out.put((token, reason))
+        if reason:
+            self._finish(pool, req, reason, notify=False)
+            return True
+        return False
+
+    def _finish(self, pool: Pool, req: Request, reason: str, notify: bool = True) -> None:
+        req.finish_reason = reason
+        pool.bm.free(req.seq_id)
+        pool.runner.free(req.seq_id)
+        if req in pool.running:
+            pool.running.remove(req)
+        elif req in pool.waiting:
+            pool.waiting.remove(req)
+        if reason != "abort":
+            self.metrics.inc("request_success")
+            with self.metrics.lock:
+                self.metrics.e2e.observe(time.perf_counter() - req.arrival)
+        if notify and req.out is not None:
+            req.out.put((None, reason))
+
+    # ---- drivers -------------------------------------------------------------------------------
+    def generate(self, requests: list[Request]) -> list[Request]:
+        """Run these requests to completion on the calling thread (no background loop)."""
+        if self._thread is not None:
+            raise RuntimeError("the engine loop is running; use add_request")
+        for req in requests:
+            self.add_request(req)
+        while any(not r.finished for r in requests):
+            self.step()
+        return requests
+
+    def start(self) -> None:
+        """Run `step` on a background thread whenever there is work."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="kvjax-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stop:
+            if not self.has_work():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                self.step()
+            except Exception:  # never let one bad step kill the server: fail what was running
+                log.exception("engine step failed; aborting the running requests")
+                for pool in self.pools.values():
+                    for req in list(pool.running):
+                        self._finish(pool, req, "error")
+
+    def warmup(self, max_batch: int | None = None) -> None:
+        """Compile the decode shapes ([B, 1] for every batch bucket up to max_num_seqs) and the
+        prefill chunk shapes at batch 1, so first requests do not pay for compilation."""
+        max_batch = max_batch or self.ecfg.max_num_seqs
+        for pool in self.pools.values():
+            r = pool.runner
+            shapes = [(b, 1) for b in BATCH_BUCKETS if b <= _bucket(max_batch, BATCH_BUCKETS)]
+            shapes += [(1, t) for t in CHUNK_BUCKETS if 1 < t <= _bucket(self.ecfg.chunk_size,
+                                                                         CHUNK_BUCKETS)]
+            for b, t in shapes:
+                z = np.zeros((b, t), np.int32)
+                logits = r.forward_batch([None] * b, z, z, np.zeros((b, r.max_pages), np.int32),
+                                         np.zeros((b,), np.int32))
+                _gather_last(logits, jnp.zeros(b, jnp.int32), jnp.zeros(b, jnp.int32))
+            jax.block_until_ready(r.cache)
+
+    def stats(self) -> list[dict]:
+        return [p.snapshot() for p in self.pools.values()]
+
+
+@jax.jit
+def _gather_last(logits: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array:
+    return logits[rows, cols]

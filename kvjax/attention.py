@@ -1,10 +1,10 @@
-"""Paged attention: one entry point over the page pools, for prefill chunks and decode steps.
+"""Paged attention over any page layout: one entry point for prefill chunks and decode steps.
 
-The XLA path here gathers a sequence's pages and runs masked softmax attention. It is the oracle
-for the Pallas kernels and the fallback on every backend. Queries attend to keys at positions
-`<= their own position` and `< length`; everything else (the null page, pages a sequence does not
-own, slots past its length) is masked *before* it can touch the result, so garbage or NaN in an
-unowned page never leaks in.
+The XLA path here dequantizes a sequence's pages, overlays the full-precision window, and runs
+masked softmax attention. It is the oracle for the Pallas kernels and the fallback on every
+backend. Queries attend to keys at positions `<= their own position` and `< length`; everything
+else (the null page, pages a sequence does not own, slots past its length) is masked *before* it
+can touch the result, so garbage or NaN in an unowned page never leaks in.
 """
 
 from __future__ import annotations
@@ -12,41 +12,54 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kvjax.cache.paged import from_storage
+from kvjax.cache.layout import from_storage
+from kvjax.cache.paged import Segment
 
 
-def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
-                    lengths: jax.Array, q_positions: jax.Array, layer: jax.Array | None = None
-                    ) -> jax.Array:
-    """Grouped-query attention over paged keys and values.
+def _window_values(ring: jax.Array, layer: jax.Array, window_slots: jax.Array,
+                   max_len: int) -> jax.Array:
+    """Ring [layers, kv_heads, slots + 1, W, d] -> values at every position [kv_heads, batch,
+    max_len, d]: position p reads ring entry p % W (meaningful only inside the window)."""
+    w = ring.shape[3]
+    per_seq = jnp.moveaxis(ring[layer, :, window_slots], 1, 0)  # [kv_heads, batch, W, d]
+    vals = jnp.take(per_seq, jnp.arange(max_len) % w, axis=2)
+    return from_storage(vals, jnp.bfloat16).astype(jnp.float32)
 
-    q: [batch, tokens, num_heads, head_dim]
-    k_pages, v_pages: [kv_heads, num_pages, page_size, head_dim] (one layer), or the whole pool
-        [layers, kv_heads, num_pages, page_size, head_dim] with `layer` picking one: gathering a
-        layer's pages straight from the pool avoids copying the layer out of it first.
-    page_table: [batch, max_pages] int32; lengths: [batch] valid tokens per sequence (this
-    step's tokens included); q_positions: [batch, tokens].
+
+def gather_kv(seg: Segment, layer: jax.Array, page_table: jax.Array, lengths: jax.Array,
+              window_slots: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """Keys and values of every position the page table covers, dequantized, with positions in
+    the last `window` tokens of each sequence taken from its full-precision ring.
+
+    layer: index within the segment; page_table: [batch, max_pages]; lengths, window_slots:
+    [batch]. Returns k, v: [kv_heads, batch, max_pages * page_size, head_dim] f32.
+    """
+    k = seg.k_spec.read(seg.k, layer, page_table)
+    v = seg.v_spec.read(seg.v, layer, page_table)
+    if seg.window:
+        max_len = k.shape[2]
+        in_window = jnp.arange(max_len)[None, :] >= (lengths - seg.window)[:, None]  # [b, len]
+        in_window = in_window[None, :, :, None]
+        k = jnp.where(in_window, _window_values(seg.wk, layer, window_slots, max_len), k)
+        v = jnp.where(in_window, _window_values(seg.wv, layer, window_slots, max_len), v)
+    return k, v
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
+           q_positions: jax.Array) -> jax.Array:
+    """Grouped-query attention with causal and length masks.
+
+    q: [batch, tokens, num_heads, head_dim]; k, v: [kv_heads, batch, max_len, head_dim];
+    lengths: [batch] valid tokens (this step's included); q_positions: [batch, tokens].
     Returns [batch, tokens, num_heads, head_dim] in q's dtype.
     """
     b, t, nh, d = q.shape
-    if layer is not None:  # gather only the pages in use, from the whole pool
-        k_pages = _layer_pages(k_pages, layer, page_table)
-        v_pages = _layer_pages(v_pages, layer, page_table)
-    else:
-        k_pages, v_pages = k_pages[:, page_table], v_pages[:, page_table]
-    kvh, _, _, page_size, _ = k_pages.shape
-    groups = nh // kvh
-    max_len = page_table.shape[1] * page_size
-
-    # [kv_heads, batch, max_pages, page_size, head_dim] -> [kv_heads, batch, max_len, head_dim]
-    k = from_storage(k_pages).reshape(kvh, b, max_len, d).astype(jnp.float32)
-    v = from_storage(v_pages).reshape(kvh, b, max_len, d).astype(jnp.float32)
-
+    kvh, _, max_len, _ = k.shape
     kv_pos = jnp.arange(max_len)
     kv_valid = kv_pos[None, :] < lengths[:, None]  # [batch, max_len]
     mask = kv_valid[:, None, :] & (kv_pos[None, None, :] <= q_positions[:, :, None])  # [b, t, s]
 
-    qg = q.reshape(b, t, kvh, groups, d).astype(jnp.float32) * (d ** -0.5)
+    qg = q.reshape(b, t, kvh, nh // kvh, d).astype(jnp.float32) * (d ** -0.5)
     scores = jnp.einsum("btkgd,kbsd->bkgts", qg, k)
     scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
     # Safe softmax: a row with no valid key (an idle batch slot) yields zeros, not NaN.
@@ -59,7 +72,9 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_t
     return out.reshape(b, t, nh, d).astype(q.dtype)
 
 
-def _layer_pages(pool: jax.Array, layer: jax.Array, page_table: jax.Array) -> jax.Array:
-    """pool: [layers, kv_heads, num_pages, page_size, d]
-    -> [kv_heads, batch, max_pages, page_size, d]."""
-    return jnp.moveaxis(pool[layer, :, page_table], 2, 0)
+def paged_attention(q: jax.Array, seg: Segment, layer: jax.Array, page_table: jax.Array,
+                    lengths: jax.Array, q_positions: jax.Array,
+                    window_slots: jax.Array | None = None) -> jax.Array:
+    """Attention of q [batch, tokens, num_heads, head_dim] over one layer of a cache segment."""
+    k, v = gather_kv(seg, layer, page_table, lengths, window_slots)
+    return attend(q, k, v, lengths, q_positions)

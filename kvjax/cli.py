@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from absl import flags
 
-from kvjax.config import ConfigError
+from kvjax.config import KV_CACHE_DTYPES, ConfigError
 
 FLAGS = flags.FLAGS
 
@@ -57,7 +57,8 @@ def _underscore_flag_names(argv: list[str]) -> list[str]:
 def define_config_flags() -> None:
     """Flags that pick and override a named config (shared by generate, eval, memory, bench)."""
     flags.DEFINE_string("config", "smollm2", "Named config from configs/.")
-    flags.DEFINE_string("kv_cache_dtype", None, "KV cache storage dtype (auto, bf16, f32).")
+    flags.DEFINE_string("kv_cache_dtype", None, "KV cache dtype: auto, "
+                        + ", ".join(KV_CACHE_DTYPES) + ".")
     flags.DEFINE_integer("page_size", None, "Tokens per KV page (a power of two).", lower_bound=1)
     flags.DEFINE_integer("num_layers", None, "Run only the first N layers (smoke runs).",
                          lower_bound=1)
@@ -72,6 +73,8 @@ def config_from_flags():
     cache_kw = {}
     if FLAGS.kv_cache_dtype is not None:
         cache_kw["dtype"] = FLAGS.kv_cache_dtype
+        if FLAGS.page_size is None and FLAGS.kv_cache_dtype.startswith("kivi"):
+            cache_kw["page_size"] = 0  # the dtype's default page size (KIVI's group size)
     if FLAGS.page_size is not None:
         cache_kw["page_size"] = FLAGS.page_size
     return cfg.replace_cache(**cache_kw) if cache_kw else cfg

@@ -73,27 +73,83 @@ class ModelConfig:
         return self.num_layers * layer + embed + h
 
 
-KV_CACHE_DTYPES = ("bf16", "f32")  # quantized page layouts join in the compressed-cache issue
+# Cache dtype name -> (key method, value method), methods as named in kvjax.quant (or bf16/f32).
+KV_CACHE_DTYPES: dict[str, tuple[str, str]] = {
+    "bf16": ("bf16", "bf16"),
+    "f32": ("f32", "f32"),
+    "fp8": ("fp8_e4m3", "fp8_e4m3"),
+    "fp8_e5m2": ("fp8_e5m2", "fp8_e5m2"),
+    "int8": ("int8", "int8"),
+    "int4": ("int4", "int4"),
+    "kivi2": ("kivi2", "kivi2"),
+    "kivi4": ("kivi4", "kivi4"),
+    "turbo2.5": ("turbo2.5", "turbo2.5"),
+    "turbo3": ("turbo3", "turbo3"),
+    "turbo3.5": ("turbo3.5", "turbo3.5"),
+    "turbo4": ("turbo4", "turbo4"),
+    "polar": ("polar", "polar"),
+    # Split forms: keys carry the softmax's sensitivity, values are only averaged.
+    "k8v4": ("fp8_e4m3", "int4"),
+    "k8v4turbo": ("fp8_e4m3", "turbo_mse4"),
+}
+FULL_PRECISION = ("bf16", "f32")
+KIVI_GROUP = 32  # KIVI's G: keys are quantized per channel over G tokens
+# Default full-precision window of recent tokens per dtype (KIVI's residual length R = 128).
+DEFAULT_WINDOW = {"kivi2": 128, "kivi4": 128}
 
 
 @dataclass(frozen=True)
 class CacheConfig:
     """The paged KV cache."""
 
-    dtype: str = "bf16"  # storage dtype of K/V pages ("auto" is an alias of bf16)
-    page_size: int = 16  # tokens per page; KIVI wants a multiple of its key group size
+    dtype: str = "bf16"  # a KV_CACHE_DTYPES name ("auto" is an alias of bf16)
+    page_size: int = 0  # tokens per page; 0 = 16, or KIVI's group size 32 for kivi dtypes
     num_pages: int = 0  # 0 = size the pool from the batch and context of the run
+    window: int = -1  # full-precision recent tokens per sequence; -1 = the dtype's default
+    bf16_edge_layers: int = 0  # keep the first and last N layers in bf16 (vLLM's skip-layers)
+    bf16_layers: tuple[int, ...] = ()  # and these layers too
+    seed: int = 0  # seeds TurboQuant/PolarQuant rotations and sketches (constants of the config)
 
     def __post_init__(self) -> None:
         if self.dtype == "auto":
             object.__setattr__(self, "dtype", "bf16")
         if self.dtype not in KV_CACHE_DTYPES:
-            raise ConfigError(
-                f"unknown kv cache dtype {self.dtype!r}; choose from {', '.join(KV_CACHE_DTYPES)}")
-        if self.page_size <= 0 or self.page_size & (self.page_size - 1):
+            raise ConfigError(f"unknown kv cache dtype {self.dtype!r}; choose from "
+                              f"auto, {', '.join(KV_CACHE_DTYPES)}")
+        kivi = self.dtype.startswith("kivi")
+        if self.page_size == 0:
+            object.__setattr__(self, "page_size", KIVI_GROUP if kivi else 16)
+        if self.page_size < 0 or self.page_size & (self.page_size - 1):
             raise ConfigError(f"page_size must be a positive power of two, got {self.page_size}")
         if self.num_pages < 0:
             raise ConfigError(f"num_pages must be >= 0, got {self.num_pages}")
+        if kivi and self.page_size % KIVI_GROUP:
+            raise ConfigError(f"{self.dtype} needs page_size to be a multiple of its group size "
+                              f"{KIVI_GROUP}, got {self.page_size}")
+        if kivi and self.window_for(self.dtype) < self.page_size:
+            raise ConfigError(f"{self.dtype} seals a page of keys when it is full, so its window "
+                              f"({self.window_for(self.dtype)}) must be >= page_size "
+                              f"({self.page_size})")
+        if self.window < -1 or self.bf16_edge_layers < 0:
+            raise ConfigError("window must be >= 0 (or -1 for the default) and "
+                              "bf16_edge_layers >= 0")
+
+    def window_for(self, fmt: str) -> int:
+        if fmt in FULL_PRECISION:
+            return 0
+        return DEFAULT_WINDOW.get(fmt, 0) if self.window < 0 else self.window
+
+
+def layer_formats(num_layers: int, cc: CacheConfig) -> list[str]:
+    """The cache format of each layer: bf16 for the edge and listed layers, cc.dtype elsewhere."""
+    bad = [i for i in cc.bf16_layers if not 0 <= i < num_layers]
+    if bad:
+        raise ConfigError(f"bf16_layers {bad} out of range for {num_layers} layers")
+    if cc.dtype in FULL_PRECISION:
+        return [cc.dtype] * num_layers
+    edge = cc.bf16_edge_layers
+    return ["bf16" if (i < edge or i >= num_layers - edge or i in cc.bf16_layers) else cc.dtype
+            for i in range(num_layers)]
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,14 @@ words vLLM users know: "KV cache size: N tokens", "Maximum concurrency for M tok
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 from absl import flags
 
 from kvjax import cli
-from kvjax.cache import bytes_per_token
+from kvjax.cache import bytes_per_token, window_bytes_per_sequence
 from kvjax.config import Config
 
 GIB = 2**30
@@ -23,7 +24,7 @@ _PARAM_BYTES = {"bf16": 2, "f32": 4}
 
 @dataclass(frozen=True)
 class Plan:
-    kv_bytes_per_token: int
+    kv_bytes_per_token: float
     bytes_per_request: int
     weight_bytes: int
     usable_bytes: int  # device memory x utilization, all devices
@@ -35,23 +36,31 @@ class Plan:
 def plan(cfg: Config, context: int, batch: int, device_memory_gib: float, devices: int,
          utilization: float = 0.9, activation_reserve_gib: float = 1.0) -> Plan:
     mc = cfg.model
-    per_token = bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.cache.dtype)
+    per_token = bytes_per_token(mc, cfg.cache)
     weights = mc.num_params() * _PARAM_BYTES[cfg.param_dtype]
     usable = int(device_memory_gib * GIB * devices * utilization)
     pool = max(usable - weights - int(activation_reserve_gib * GIB * devices), 0)
     # The pool holds whole pages: round the token count down to a page boundary.
-    tokens = pool // per_token // cfg.cache.page_size * cfg.cache.page_size
-    per_request = per_token * math.ceil(context / cfg.cache.page_size) * cfg.cache.page_size
-    return Plan(per_token, per_request, weights, usable, pool, tokens, tokens / context)
+    tokens = int(pool // per_token) // cfg.cache.page_size * cfg.cache.page_size
+    # A request holds whole pages, plus its full-precision window where the dtype keeps one.
+    per_request = int(per_token * math.ceil(context / cfg.cache.page_size) * cfg.cache.page_size
+                      + window_bytes_per_sequence(mc, cfg.cache))
+    return Plan(per_token, per_request, weights, usable, pool, tokens, pool / per_request)
+
+
+def _num(x: float) -> str:
+    return f"{x:,.0f}" if float(x).is_integer() else f"{x:,.1f}"
 
 
 def format_plan(cfg: Config, p: Plan, context: int, batch: int, device_memory_gib: float,
                 devices: int) -> str:
     mc = cfg.model
+    bf16 = bytes_per_token(mc, dataclasses.replace(cfg.cache, dtype="bf16"))
     lines = [
         f"config {cfg.name}: {mc.num_layers} layers, {mc.num_kv_heads} KV heads x head_dim "
         f"{mc.head_dim}, kv cache dtype {cfg.cache.dtype}, page size {cfg.cache.page_size}",
-        f"KV bytes per token: {p.kv_bytes_per_token:,}",
+        f"KV bytes per token: {_num(p.kv_bytes_per_token)} "
+        f"({p.kv_bytes_per_token / bf16:.2f}x of bf16's {_num(bf16)})",
         f"KV bytes per request at {context:,} tokens: {p.bytes_per_request:,} "
         f"({p.bytes_per_request / 1e9:.2f} GB)",
         f"KV bytes for batch {batch} at {context:,} tokens: {batch * p.bytes_per_request:,} "

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 import models
-from kvjax.cache import PageAllocator, bytes_per_token, init_cache
+from kvjax.cache import PageAllocator, bytes_per_token, init_cache, window_bytes_per_sequence
 from kvjax.config import Config
 
 CHUNK_BUCKETS = (1, 16, 64, 256)
@@ -42,19 +42,31 @@ class Runner:
         self.max_seq_len = max_seq_len
         self.max_pages = math.ceil(max_seq_len / page_size)
         num_pages = cfg.cache.num_pages or max_batch * self.max_pages + 1
-        self.cache = init_cache(mc.num_layers, mc.num_kv_heads, num_pages, page_size, mc.head_dim,
-                                cfg.cache.dtype)
+        self.cache = init_cache(mc, cfg.cache, num_pages, num_slots=max_batch)
         self.allocator = PageAllocator(num_pages, page_size)
         self.lengths: dict[int, int] = {}  # sequence id -> tokens in the cache
+        # Ring-buffer slots of the full-precision window, one per running sequence.
+        self._free_slots = list(range(max_batch - 1, -1, -1))
+        self.window_slot: dict[int, int] = {}
 
     @property
-    def kv_bytes_per_token(self) -> int:
-        mc = self.cfg.model
-        return bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.cfg.cache.dtype)
+    def kv_bytes_per_token(self) -> float:
+        """Page bytes per token over all layers, K and V, metadata included."""
+        return bytes_per_token(self.cfg.model, self.cfg.cache)
 
     def kv_bytes_in_use(self) -> int:
-        """Bytes of the pages sequences hold now (whole pages: that is what they occupy)."""
-        return self.allocator.num_used * self.cfg.cache.page_size * self.kv_bytes_per_token
+        """Bytes the running sequences hold now: whole pages (that is what they occupy) plus
+        their full-precision windows."""
+        pages = self.allocator.num_used * self.cfg.cache.page_size * self.kv_bytes_per_token
+        return int(pages + len(self.window_slot) * window_bytes_per_sequence(self.cfg.model,
+                                                                            self.cfg.cache))
+
+    def _slot(self, seq_id: int) -> int:
+        if seq_id not in self.window_slot:
+            if not self._free_slots:
+                raise ValueError(f"more than {len(self.window_slot)} sequences at once")
+            self.window_slot[seq_id] = self._free_slots.pop()
+        return self.window_slot[seq_id]
 
     def step(self, seq_ids: list[int], chunks: list[list[int]]) -> jax.Array:
         """Append `chunks[i]` to sequence `seq_ids[i]`; returns logits [batch, chunk_len, vocab]
@@ -65,6 +77,7 @@ class Runner:
         tokens = np.zeros((batch, t), np.int32)
         positions = np.zeros((batch, t), np.int32)
         lengths = np.zeros((batch,), np.int32)
+        slots = np.array([self._slot(sid) for sid in seq_ids], np.int32)
         for row, (sid, chunk) in enumerate(zip(seq_ids, chunks, strict=True)):
             start = self.lengths.get(sid, 0)
             if start + len(chunk) > self.max_seq_len:
@@ -77,7 +90,7 @@ class Runner:
         page_table = self.allocator.page_table(seq_ids, self.max_pages)
         logits, self.cache = models.forward(
             self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(positions), self.cache,
-            jnp.asarray(page_table), jnp.asarray(lengths))
+            jnp.asarray(page_table), jnp.asarray(lengths), jnp.asarray(slots))
         return logits
 
     def warmup(self, chunk_lens: tuple[int, ...] = CHUNK_BUCKETS, batch: int = 1) -> None:
@@ -87,7 +100,8 @@ class Runner:
             zeros = jnp.zeros((batch, t), jnp.int32)
             logits, self.cache = models.forward(
                 self.graphdef, self.params, zeros, zeros, self.cache,
-                jnp.zeros((batch, self.max_pages), jnp.int32), jnp.zeros((batch,), jnp.int32))
+                jnp.zeros((batch, self.max_pages), jnp.int32), jnp.zeros((batch,), jnp.int32),
+                jnp.zeros((batch,), jnp.int32))
         logits.block_until_ready()
 
     def prefill(self, seq_id: int, ids: list[int], chunk: int = CHUNK_BUCKETS[-1]) -> jax.Array:
@@ -101,3 +115,5 @@ class Runner:
     def free(self, seq_id: int) -> None:
         self.allocator.free(seq_id)
         self.lengths.pop(seq_id, None)
+        if seq_id in self.window_slot:
+            self._free_slots.append(self.window_slot.pop(seq_id))

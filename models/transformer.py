@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kvjax.attention import paged_attention
-from kvjax.cache.paged import KVCache, slot_mapping, write_layer
+from kvjax.cache.paged import KVCache, write_layer
 from kvjax.config import ModelConfig
 from models.layers import apply_rope, rms_norm, rope_inv_freq, swiglu
 
@@ -69,8 +69,10 @@ class Transformer(nnx.Module):
                                 for k in expected if k.startswith("layers.")})
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache,
-                 page_table: jax.Array, lengths: jax.Array) -> tuple[jax.Array, KVCache]:
-        """tokens, positions: [batch, tokens]; page_table: [batch, max_pages]; lengths: [batch].
+                 page_table: jax.Array, lengths: jax.Array,
+                 window_slots: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+        """tokens, positions: [batch, tokens]; page_table: [batch, max_pages]; lengths: [batch];
+        window_slots: [batch] ring slot per row (caches with a full-precision window).
 
         Returns logits [batch, tokens, vocab] (f32) and the cache with this chunk written.
         """
@@ -78,13 +80,16 @@ class Transformer(nnx.Module):
         compute = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
         x = self.embed[...][tokens].astype(compute)
         inv_freq = jnp.asarray(rope_inv_freq(cfg))
-        pages, slots = slot_mapping(page_table, positions, lengths, cache.page_size)
         layer_params = {k: v[...] for k, v in self.layers.items()}
+        if window_slots is None:
+            window_slots = jnp.zeros(tokens.shape[:1], jnp.int32)
 
-        def layer(carry, xs):
-            x, cache = carry
-            p, index = xs
-            p = {k: w.astype(compute) for k, w in p.items()}
+        def layer(carry, index):
+            x, seg = carry
+            # Read this layer's weights in the body (not as scan inputs) so one set of stacked
+            # params serves every segment without slicing copies.
+            p = {k: jax.lax.dynamic_index_in_dim(w, seg.start + index, keepdims=False)
+                 .astype(compute) for k, w in layer_params.items()}
             b, t, _ = x.shape
             h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
             q = jnp.einsum("bth,hq->btq", h, p["wq"])
@@ -100,16 +105,18 @@ class Transformer(nnx.Module):
                 k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
             q = apply_rope(q, positions, inv_freq)
             k = apply_rope(k, positions, inv_freq)
-            cache = KVCache(k=write_layer(cache.k, index, k, pages, slots),
-                            v=write_layer(cache.v, index, v, pages, slots))
-            o = paged_attention(q, cache.k, cache.v, page_table, lengths, positions, layer=index)
+            seg = write_layer(seg, index, k, v, positions, lengths, page_table, window_slots)
+            o = paged_attention(q, seg, index, page_table, lengths, positions, window_slots)
             x = x + jnp.einsum("btq,qh->bth", o.reshape(b, t, -1), p["wo"])
             h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
             x = x + swiglu(h, p["w_gate"], p["w_up"], p["w_down"])
-            return (x, cache), None
+            return (x, seg), None
 
-        (x, cache), _ = jax.lax.scan(
-            layer, (x, cache), (layer_params, jnp.arange(cfg.num_layers)))
+        segments = []
+        for seg in cache.segments:  # one scan per run of layers with the same cache format
+            (x, seg), _ = jax.lax.scan(layer, (x, seg), jnp.arange(seg.num_layers))
+            segments.append(seg)
+        cache = cache.replace(segments=tuple(segments))
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
         if self.lm_head is None:
             logits = jnp.einsum("bth,vh->btv", x, self.embed[...].astype(compute))
@@ -120,13 +127,13 @@ class Transformer(nnx.Module):
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
 def forward(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, positions: jax.Array,
-            cache: KVCache, page_table: jax.Array, lengths: jax.Array
-            ) -> tuple[jax.Array, KVCache]:
+            cache: KVCache, page_table: jax.Array, lengths: jax.Array,
+            window_slots: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
     """The pure, jitted forward: (params, tokens, positions, cache, page table, lengths) ->
     (logits [batch, tokens, vocab], cache). The input cache buffer is donated and updated in place.
     """
     model = nnx.merge(graphdef, params)
-    return model(tokens, positions, cache, page_table, lengths)
+    return model(tokens, positions, cache, page_table, lengths, window_slots)
 
 
 def random_params(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32) -> dict[str, jax.Array]:

@@ -5,6 +5,8 @@ tables and NaN-filled unused pages: any read of a page a sequence does not own, 
 beyond its length, turns the logits into NaN or changes them.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +15,7 @@ from flax import nnx
 
 import models
 from kvjax.cache import init_cache
-from kvjax.cache.paged import to_storage
+from kvjax.cache.layout import to_storage
 from kvjax.config import load_config
 from models.layers import apply_rope, rms_norm, rope_inv_freq, swiglu
 
@@ -71,10 +73,10 @@ def test_paged_prefill_and_decode_match_dense(name, cache_dtype):
     for row in range(batch):
         owned = -(-seq_lens[row] // page_size)
         page_table[row, :owned] = perm[row * max_pages: row * max_pages + owned]
-    cache = init_cache(mc.num_layers, mc.num_kv_heads, num_pages, page_size, mc.head_dim,
-                       cache_dtype)
-    cache = jax.tree.map(lambda a: jnp.full_like(a, to_storage(jnp.float32(jnp.nan), a.dtype)),
-                         cache)
+    cache = init_cache(mc, dataclasses.replace(cfg.cache, dtype=cache_dtype), num_pages)
+    nan = {jnp.float32: jnp.float32(jnp.nan), jnp.uint16: to_storage(jnp.bfloat16(jnp.nan),
+                                                                     jnp.uint16)}
+    cache = jax.tree.map(lambda a: jnp.full_like(a, nan[a.dtype.type]), cache)
     # bf16 pages round K and V to 8 significant bits: allow that, and nothing more.
     rtol = 1e-5 if cache_dtype == "f32" else 3e-2
 

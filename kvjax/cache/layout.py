@@ -1,0 +1,172 @@
+"""Page layouts: how K or V of one group of layers is stored, for every KV cache dtype.
+
+A pool holds the codes a quantizer produces (kvjax/quant), one array per codes leaf:
+
+    per-token leaf  [layers, kv_heads, num_pages, page_size, n]       codes, per-token scales
+    per-group leaf  [layers, kv_heads, num_pages, page_size // G, n]  KIVI keys' per-channel
+                                                                      scale and zero (G tokens)
+
+so a page id indexes a page's codes *and* its metadata: freeing, sharing or moving a page moves
+both. Floats narrower than 32 bits are stored as their raw bits (uint8/uint16): XLA's CPU backend
+widens bf16/f16/fp8 arrays around a scatter, which turned every cache write into a copy of the
+whole pool (2.6 s per decode step at 2000 pages, against 0.03 ms as uint16).
+
+Per-token methods (bf16, fp8, int, TurboQuant, PolarQuant, KIVI values) are quantized as tokens
+are written. KIVI keys are quantized per channel over a group of G tokens, so a page of keys is
+written ("sealed") only once its last token arrives; until then its tokens are read from the
+sequence's full-precision window (kvjax/cache/paged.py): KIVI needs window >= page size.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from kvjax.quant import ChannelSplit, Quantizer, make_quantizer
+from kvjax.quant.plain import PlainQuantizer
+
+_RAW = {"bf16": jnp.bfloat16, "f32": jnp.float32}
+
+
+def storage_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    """What a leaf of logical dtype `dtype` is stored as (narrow floats as raw unsigned bits)."""
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
+        return jnp.dtype({1: jnp.uint8, 2: jnp.uint16}[dtype.itemsize])
+    return dtype
+
+
+def to_storage(x: jax.Array, stored: jnp.dtype) -> jax.Array:
+    """Values in their logical dtype -> the words a pool of dtype `stored` holds."""
+    if jnp.issubdtype(x.dtype, jnp.floating) and jnp.dtype(stored) != x.dtype:
+        return jax.lax.bitcast_convert_type(x, stored)
+    return x.astype(stored)
+
+
+def from_storage(words: jax.Array, logical: jnp.dtype) -> jax.Array:
+    if words.dtype == jnp.dtype(logical):
+        return words
+    return jax.lax.bitcast_convert_type(words, logical)
+
+
+def low_frequency_channels(head_dim: int, n: int) -> tuple[int, ...]:
+    """The channels that get the extra bit in fractional TurboQuant widths (2.5, 3.5 bits).
+
+    A cache's split must be a constant of the config, chosen before any data is seen. Post-RoPE
+    keys of Llama-family models carry their large, persistent outliers in the lowest-frequency
+    rotary pairs (channel i pairs with i + head_dim/2 in the rotate-half layout; frequency falls
+    with i), so those pairs get the wider codes, both members of a pair together.
+    """
+    half = head_dim // 2
+    pairs = [i for i in range(half - 1, -1, -1)][: (n + 1) // 2]
+    chans = sorted({c for i in pairs for c in (i, i + half)})
+    return tuple(chans[:n]) if len(chans) > n else tuple(chans)
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """How K (role "key") or V (role "value") is stored. Static: hashed into the jit cache key."""
+
+    method: str  # "bf16", "f32" or a kvjax.quant name ("fp8_e4m3", "int4", "kivi4", "turbo3.5"...)
+    role: str
+    head_dim: int
+    page_size: int
+    seed: int = 0
+
+    @functools.cached_property
+    def quantizer(self) -> Quantizer:
+        if self.method in _RAW:
+            return PlainQuantizer(head_dim=self.head_dim, dtype=_RAW[self.method])
+        qz = make_quantizer(self.method, head_dim=self.head_dim, seed=self.seed, role=self.role)
+        if isinstance(qz, ChannelSplit):
+            qz = qz.replace(hi_channels=low_frequency_channels(self.head_dim,
+                                                                len(qz.hi_channels)),
+                            calibrated=True)
+        return qz
+
+    @property
+    def group(self) -> int:
+        """Tokens that share metadata (KIVI keys: G); 1 for per-token methods."""
+        return self.quantizer.tokens_per_group
+
+    @functools.cached_property
+    def _leaves(self) -> tuple[jax.tree_util.PyTreeDef, tuple[tuple[bool, int, jnp.dtype], ...]]:
+        """(codes treedef, per leaf (per_token, size, logical dtype)), from an abstract quantize."""
+        g = self.group
+        if self.page_size % g:
+            raise ValueError(f"page_size {self.page_size} must be a multiple of {self.method}'s "
+                             f"group of {g} tokens")
+        shape = (g, self.head_dim) if g > 1 else (1, self.head_dim)
+        codes = jax.eval_shape(self.quantizer.quantize, jax.ShapeDtypeStruct(shape, jnp.float32))
+        leaves, treedef = jax.tree.flatten(codes)
+        info = []
+        for leaf in leaves:
+            per_token = g == 1 or leaf.ndim == 2  # KIVI key q: [G, packed]; scale/zero: [d]
+            info.append((per_token, leaf.shape[-1], leaf.dtype))
+        return treedef, tuple(info)
+
+    def bytes_per_token(self) -> float:
+        """Stored bytes per token per KV head, metadata included."""
+        _, info = self._leaves
+        return sum(n * jnp.dtype(dt).itemsize / (1 if per_token else self.group)
+                   for per_token, n, dt in info)
+
+    def init(self, num_layers: int, kv_heads: int, num_pages: int) -> tuple[jax.Array, ...]:
+        _, info = self._leaves
+        return tuple(
+            jnp.zeros((num_layers, kv_heads, num_pages,
+                       self.page_size if per_token else self.page_size // self.group, n),
+                      storage_dtype(dt))
+            for per_token, n, dt in info)
+
+    def _encode(self, x: jax.Array) -> list[jax.Array]:
+        codes = self.quantizer.quantize(x)
+        return [to_storage(leaf, storage_dtype(leaf.dtype)) for leaf in jax.tree.leaves(codes)]
+
+    def write_tokens(self, pool: tuple[jax.Array, ...], layer: jax.Array, x: jax.Array,
+                     pages: jax.Array, slots: jax.Array) -> tuple[jax.Array, ...]:
+        """Per-token methods: quantize and scatter each token's codes.
+
+        x: [batch, tokens, kv_heads, head_dim]; pages, slots: [batch, tokens] (padding tokens are
+        sent to the null page by the caller)."""
+        b, t, h, d = x.shape
+        codes = self._encode(x.reshape(b * t, h, d))  # each [b*t, h, n]
+        p, s = pages.reshape(-1), slots.reshape(-1)
+        # Page ids come from the page table and slots are `% page_size`: always in bounds, and
+        # saying so spares XLA a bounds-check select over the whole pool.
+        return tuple(leaf.at[layer, :, p, s].set(c, mode="promise_in_bounds")
+                     for leaf, c in zip(pool, codes, strict=True))
+
+    def write_pages(self, pool: tuple[jax.Array, ...], layer: jax.Array, x: jax.Array,
+                    pages: jax.Array) -> tuple[jax.Array, ...]:
+        """Quantize whole pages (KIVI keys, sealed when their last token arrives).
+
+        x: [n, kv_heads, page_size, head_dim]; pages: [n] (the null page for nothing-to-seal)."""
+        n, h, s, d = x.shape
+        g = self.group
+        codes = self._encode(x.reshape(n, h, s // g, g, d))  # [n,h,s/g,g,packed] or [n,h,s/g,d]
+        out = []
+        for leaf, c, (per_token, _, _) in zip(pool, codes, self._leaves[1], strict=True):
+            c = c.reshape(n, h, s, -1) if per_token else c
+            out.append(leaf.at[layer, :, pages].set(c, mode="promise_in_bounds"))
+        return tuple(out)
+
+    def read(self, pool: tuple[jax.Array, ...], layer: jax.Array, page_table: jax.Array
+             ) -> jax.Array:
+        """Dequantized values of the pages in `page_table` [batch, max_pages] for one layer:
+        [kv_heads, batch, max_pages * page_size, head_dim] f32."""
+        treedef, info = self._leaves
+        g = self.group
+        leaves = []
+        for leaf, (per_token, _, dt) in zip(pool, info, strict=True):
+            words = jnp.moveaxis(leaf[layer, :, page_table], 2, 0)  # [h, b, max_pages, rows, n]
+            h, b, mp, rows, n = words.shape
+            if g > 1 and per_token:
+                words = words.reshape(h, b, mp, rows // g, g, n)
+            leaves.append(from_storage(words, dt))
+        x = self.quantizer.dequantize(jax.tree.unflatten(treedef, leaves))
+        h, b, mp = x.shape[:3]
+        return x.reshape(h, b, -1, self.head_dim).astype(jnp.float32)

@@ -4,6 +4,7 @@ never a traceback."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
 
@@ -62,6 +63,10 @@ def define_config_flags() -> None:
     flags.DEFINE_integer("page_size", None, "Tokens per KV page (a power of two).", lower_bound=1)
     flags.DEFINE_integer("num_layers", None, "Run only the first N layers (smoke runs).",
                          lower_bound=1)
+    flags.DEFINE_integer("data_parallel", None, "Mesh data axis: batch rows split over this "
+                         "many device groups (default: the config's mesh).", lower_bound=1)
+    flags.DEFINE_integer("tensor_parallel", None, "Mesh tensor axis: heads and MLP split over "
+                         "this many devices (default: the config's mesh).", lower_bound=1)
 
 
 def config_from_flags():
@@ -70,6 +75,10 @@ def config_from_flags():
     cfg = load_config(FLAGS.config)
     if FLAGS.num_layers is not None:
         cfg = cfg.replace_model(num_layers=FLAGS.num_layers)
+    mesh_kw = {k: v for k, v in (("data", FLAGS.data_parallel),
+                                 ("tensor", FLAGS.tensor_parallel)) if v is not None}
+    if mesh_kw:
+        cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, **mesh_kw))
     cache_kw = {}
     if FLAGS.kv_cache_dtype is not None:
         cache_kw["dtype"] = FLAGS.kv_cache_dtype

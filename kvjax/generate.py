@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from kvjax import cli, memory
+from kvjax import cli, launch, memory, sharding
 from kvjax.config import Config
 from kvjax.loaders import StreamDecoder, Tokenizer, load
 from kvjax.loaders.tokenizer import byte_tokenizer
@@ -37,12 +37,14 @@ def define_flags() -> None:
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
     flags.DEFINE_string("weights", None, "GGUF file, HF checkpoint dir or kvjax orbax dir.")
     flags.DEFINE_bool("random_weights", False, "Random weights with the config's real shapes.")
+    launch.define_distributed_flags()
 
 
-def load_model(cfg: Config, weights: str | None, random_weights: bool, seed: int = 0
-               ) -> tuple[dict, Tokenizer]:
+def load_model(cfg: Config, weights: str | None, random_weights: bool, seed: int = 0,
+               mesh=None) -> tuple[dict, Tokenizer]:
     """Params and tokenizer from --weights, --random-weights or the config's default weights.
-    Without any of them, prints the memory plan and raises a UsageError naming the flags."""
+    Without any of them, prints the memory plan and raises a UsageError naming the flags.
+    With a mesh, an orbax checkpoint is restored straight into its shardings."""
     import models
 
     source = weights or ("" if random_weights else cfg.weights)
@@ -57,6 +59,12 @@ def load_model(cfg: Config, weights: str | None, random_weights: bool, seed: int
 
         params = models.random_params(cfg.model, seed=seed, dtype=param_dtype(cfg))
         return params, byte_tokenizer()
+    if mesh is not None:
+        from kvjax.runner import param_dtype
+
+        loaded = sharding.load_sharded(source, cfg, mesh, param_dtype(cfg))
+        if loaded is not None:
+            return loaded[0], loaded[1] or byte_tokenizer()
     params, tokenizer = load(source, cfg.model)
     return params, tokenizer or byte_tokenizer()
 
@@ -76,7 +84,11 @@ def main(argv: list[str]) -> int:
         raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     cfg = cli.config_from_flags()
     prompt = read_prompt()
-    params, tokenizer = load_model(cfg, FLAGS.weights, FLAGS.random_weights, FLAGS.seed)
+    launch.initialize_from_flags()  # a no-op unless this is one of several processes
+    launch.quiet_unless_leader()
+    mesh = sharding.mesh_for_run(
+        cfg, strict=FLAGS.tensor_parallel is not None or FLAGS.data_parallel is not None)
+    params, tokenizer = load_model(cfg, FLAGS.weights, FLAGS.random_weights, FLAGS.seed, mesh)
     if FLAGS.chat:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
     ids = tokenizer.encode(prompt)
@@ -89,7 +101,7 @@ def main(argv: list[str]) -> int:
         raise cli.UsageError("the tokenizer produced ids outside the model's vocabulary")
     max_len = min(context, len(ids) + FLAGS.max_new_tokens)
 
-    runner = Runner(cfg, params, max_seq_len=max_len)
+    runner = Runner(cfg, params, max_seq_len=max_len, mesh=mesh)
     del params
     key = jax.random.key(FLAGS.seed)
     temperature, top_p = np.float32(FLAGS.temperature), np.float32(FLAGS.top_p)
@@ -119,7 +131,8 @@ def main(argv: list[str]) -> int:
     print(f"[stats] prompt tokens {len(ids)} | prefill {len(ids) / prefill_s:.1f} tok/s | "
           f"decode {n_new / max(decode_s, 1e-9):.1f} tok/s ({n_new} tokens) | "
           f"KV in use {runner.kv_bytes_in_use():,} bytes | "
-          f"{runner.kv_bytes_per_token:,} bytes/token ({cfg.cache.dtype})", file=sys.stderr)
+          f"{runner.kv_bytes_per_token:,} bytes/token ({cfg.cache.dtype})",
+          file=launch.stats_stream())
     return 0
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 import models
+from kvjax import sharding
 from kvjax.cache import PageAllocator, bytes_per_token, init_cache, window_bytes_per_sequence
 from kvjax.config import Config
 
@@ -32,17 +33,25 @@ def param_dtype(cfg: Config) -> jnp.dtype:
 
 
 class Runner:
-    def __init__(self, cfg: Config, params: dict, max_seq_len: int, max_batch: int = 1):
+    def __init__(self, cfg: Config, params: dict, max_seq_len: int, max_batch: int = 1,
+                 mesh: jax.sharding.Mesh | None = None):
         self.cfg = cfg
         mc = cfg.model
         dtype = param_dtype(cfg)
-        params = {k: jnp.asarray(v, dtype) for k, v in params.items()}
+        if mesh is None:
+            params = {k: jnp.asarray(v, dtype) for k, v in params.items()}
+        else:  # tensor/data parallel (kvjax/sharding.py): each device gets only its shards
+            params = sharding.shard_params(params, mc, mesh, dtype)
         self.graphdef, self.params = nnx.split(models.Transformer(mc, params))
         page_size = cfg.cache.page_size
         self.max_seq_len = max_seq_len
         self.max_pages = math.ceil(max_seq_len / page_size)
         num_pages = cfg.cache.num_pages or max_batch * self.max_pages + 1
-        self.cache = init_cache(mc, cfg.cache, num_pages, num_slots=max_batch)
+        self.cache = sharding.init_sharded(
+            lambda: init_cache(mc, cfg.cache, num_pages, num_slots=max_batch), mc, mesh)
+        self.mesh = mesh
+        self.forward = models.forward if mesh is None else sharding.sharded_forward(mesh,
+                                                                                    self.cache)
         self.allocator = PageAllocator(num_pages, page_size)
         self.lengths: dict[int, int] = {}  # sequence id -> tokens in the cache
         # Ring-buffer slots of the full-precision window, one per running sequence.
@@ -88,7 +97,7 @@ class Runner:
             lengths[row] = start + len(chunk)
             self.lengths[sid] = start + len(chunk)
         page_table = self.allocator.page_table(seq_ids, self.max_pages)
-        logits, self.cache = models.forward(
+        logits, self.cache = self.forward(
             self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(positions), self.cache,
             jnp.asarray(page_table), jnp.asarray(lengths), jnp.asarray(slots))
         return logits
@@ -98,7 +107,7 @@ class Runner:
         Runs on zero-length sequences: every write lands in the null page."""
         for t in chunk_lens:
             zeros = jnp.zeros((batch, t), jnp.int32)
-            logits, self.cache = models.forward(
+            logits, self.cache = self.forward(
                 self.graphdef, self.params, zeros, zeros, self.cache,
                 jnp.zeros((batch, self.max_pages), jnp.int32), jnp.zeros((batch,), jnp.int32),
                 jnp.zeros((batch,), jnp.int32))

@@ -55,13 +55,17 @@ def model_config(path: str | Path) -> ModelConfig:
         raise WeightsError(f"{path}: bad model config in {META} ({e})") from None
 
 
-def load_params(path: str | Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
+def load_params(path: str | Path, cfg: ModelConfig, target: dict | None = None
+                ) -> dict[str, np.ndarray]:
+    """The params; with `target` (name -> jax.ShapeDtypeStruct with a sharding, e.g.
+    kvjax.sharding.abstract_params), restored straight into those shardings and dtypes: each
+    process reads only the shards its devices hold."""
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
     try:
         with ocp.StandardCheckpointer() as ckpt:
-            return ckpt.restore(path / "params")
+            return ckpt.restore(path / "params", target)
     except Exception as e:  # orbax raises many types for a damaged checkpoint
         raise WeightsError(
             f"{path}: cannot restore orbax params ({type(e).__name__}: {e})") from None

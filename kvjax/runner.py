@@ -102,6 +102,19 @@ class Runner:
             jnp.asarray(page_table), jnp.asarray(lengths), jnp.asarray(slots))
         return logits
 
+    def forward_batch(self, seq_ids: list[int | None], tokens: np.ndarray, positions: np.ndarray,
+                      page_table: np.ndarray, lengths: np.ndarray) -> jax.Array:
+        """One forward over a page table managed outside the runner (the serving engine's block
+        manager, kvjax/engine). Row i is sequence `seq_ids[i]` (None: a padding row, length 0);
+        tokens, positions: [batch, t]; page_table: [batch, max_pages]; lengths: [batch]. The
+        runner's per-sequence state (window slots) is keyed by sequence id; `free` releases it.
+        Returns logits [batch, t, vocab]; the cache is updated in place."""
+        slots = np.array([0 if s is None else self._slot(s) for s in seq_ids], np.int32)
+        logits, self.cache = self.forward(
+            self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(positions), self.cache,
+            jnp.asarray(page_table), jnp.asarray(lengths), jnp.asarray(slots))
+        return logits
+
     def warmup(self, chunk_lens: tuple[int, ...] = CHUNK_BUCKETS, batch: int = 1) -> None:
         """Compile the forward for these chunk lengths now, so timings exclude compilation.
         Runs on zero-length sequences: every write lands in the null page."""

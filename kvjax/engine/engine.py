@@ -12,8 +12,9 @@ One engine step, per page pool:
 2. If nothing was preempted, waiting requests are admitted (up to `max_num_seqs` running): the
    prefix cache gives them the pages of their longest cached full-page prefix, and their first
    prompt chunk is scheduled.
-3. The rows run through the model in at most two calls, decode rows ([B, 1]) and prefill rows
-   ([B, T]), each padded to bucketed shapes so the jitted forward compiles a handful of times.
+3. The rows run through the model in one call per chunk bucket (decode rows [B, 1], prefill
+   chunks [B, T] with T in 16/64/256), padded to bucketed shapes so the jitted forward compiles
+   a handful of times and a short chunk never pads to a long one.
    Rows whose chunk reaches the end of their tokens sample a token; full pages just written are
    registered in the prefix cache.
 
@@ -360,7 +361,9 @@ class Engine:
 
     def _execute(self, pool: Pool, rows: list[tuple[Request, int, int]]) -> list[Request]:
         finished = []
-        groups = [[r for r in rows if r[2] == 1], [r for r in rows if r[2] > 1]]
+        # One forward per chunk bucket, so a short chunk is never padded to a long one's length.
+        buckets = sorted({_bucket(n, CHUNK_BUCKETS) for _, _, n in rows})
+        groups = [[r for r in rows if _bucket(r[2], CHUNK_BUCKETS) == t] for t in buckets]
         now = None
         for group in groups:
             if not group:
@@ -500,14 +503,24 @@ class Engine:
                         self._finish(pool, req, "error")
 
     def warmup(self, max_batch: int | None = None) -> None:
-        """Compile the decode shapes ([B, 1] for every batch bucket up to max_num_seqs) and the
-        prefill chunk shapes at batch 1, so first requests do not pay for compilation."""
-        max_batch = max_batch or self.ecfg.max_num_seqs
+        """Compile every step shape the scheduler can produce: decode rows [B, 1] for each batch
+        bucket up to max_num_seqs, and prefill rows [B, T] for each chunk bucket T and the batch
+        buckets whose rows (2+ tokens each) fit the step's token budget."""
+        ecfg = self.ecfg
+        n_max = max_batch or ecfg.max_num_seqs
+        shapes = [(b, 1) for b in BATCH_BUCKETS if b <= _bucket(n_max, BATCH_BUCKETS)]
+        prev = 1
+        for t in CHUNK_BUCKETS:
+            if 1 < t <= _bucket(ecfg.chunk_size, CHUNK_BUCKETS):
+                for b in BATCH_BUCKETS:
+                    # Rows in this group are longer than the previous bucket; the fewest rows
+                    # that pad to b are b//2 + 1: does such a group fit the token budget?
+                    rows = 1 if b == 1 else b // 2 + 1
+                    if rows <= n_max and rows * (prev + 1) <= ecfg.max_num_batched_tokens:
+                        shapes.append((b, t))
+                prev = t
         for pool in self.pools.values():
             r = pool.runner
-            shapes = [(b, 1) for b in BATCH_BUCKETS if b <= _bucket(max_batch, BATCH_BUCKETS)]
-            shapes += [(1, t) for t in CHUNK_BUCKETS if 1 < t <= _bucket(self.ecfg.chunk_size,
-                                                                         CHUNK_BUCKETS)]
             for b, t in shapes:
                 z = np.zeros((b, t), np.int32)
                 logits = r.forward_batch([None] * b, z, z, np.zeros((b, r.max_pages), np.int32),

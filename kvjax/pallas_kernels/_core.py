@@ -121,18 +121,24 @@ def from_phases(x: jax.Array) -> jax.Array:
 class Loader:
     """Fetches tiles of the current block of pages from a tuple of leaf refs.
 
-    ``tile(i, start, size, stride)`` -> leaf i's lanes start, start+stride, ... (size of them)
+    ``tile(i, start, size, stride)`` -> leaf i's lanes offset+start, +stride, ... (size of them)
     for every row of the block: [rows_in_block, size], raw storage dtype."""
 
-    def __init__(self, refs: Sequence[Any], fetch: Callable[[Any, Any], jax.Array]):
+    def __init__(self, refs: Sequence[Any], fetch: Callable[[Any, Any], jax.Array],
+                 offset: int = 0):
         self.refs = refs
         self.fetch = fetch
+        self.offset = offset
+
+    def shifted(self, offset: int) -> Loader:
+        """The same tiles with every lane index moved right by a static offset."""
+        return Loader(self.refs, self.fetch, self.offset + offset)
 
     def tile(self, i: int, start: int = 0, size: int | None = None, stride: int = 1):
         ref = self.refs[i]
-        n = ref.shape[-1]
         if size is None:
-            size = (n - start + stride - 1) // stride
+            size = (ref.shape[-1] - start + stride - 1) // stride
+        start += self.offset
         return self.fetch(ref, pl.ds(start, size, stride) if stride != 1 else pl.ds(start, size))
 
 
@@ -140,13 +146,13 @@ def unpack_phases(ld: Loader, i: int, bits: int, n: int, signed: bool = False) -
     """Packed b-bit codes of n channels in leaf i -> P int32 tiles [T, n/P] (phase order)."""
     p = phases_of(bits)
     if bits == 8:
-        return [ld.tile(i).astype(jnp.int32)]
+        return [ld.tile(i, 0, n).astype(jnp.int32)]
     mask = (1 << bits) - 1
     if bits == 3:
         x = [ld.tile(i, s, n // 8, 3).astype(jnp.int32) for s in range(3)]
         word = x[0] | (x[1] << 8) | (x[2] << 16)
     else:
-        word = ld.tile(i).astype(jnp.int32)
+        word = ld.tile(i, 0, n * bits // 8).astype(jnp.int32)
     return [(word >> (bits * r)) & mask for r in range(p)]
 
 

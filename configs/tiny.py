@@ -16,3 +16,9 @@ CONFIGS = {
     "tiny_qwen2": Config(name="tiny_qwen2", model=TINY_QWEN2, cache=_CACHE, param_dtype="f32"),
     "tiny_qwen3": Config(name="tiny_qwen3", model=TINY_QWEN3, cache=_CACHE, param_dtype="f32"),
 }
+
+# Four KV heads (eight query heads): tensor parallelism of degree 4 splits the KV heads too.
+TINY_LLAMA_KV4 = ModelConfig(arch="llama", rope_theta=500000.0, tie_embeddings=False,
+                             **{**_TINY, "num_heads": 8, "num_kv_heads": 4})
+CONFIGS["tiny_llama_kv4"] = Config(name="tiny_llama_kv4", model=TINY_LLAMA_KV4, cache=_CACHE,
+                                   param_dtype="f32")

@@ -1,0 +1,211 @@
+"""TurboQuant paged decode attention: scores straight from codebook indices (+ the QJL term),
+values accumulated in the rotated basis and rotated back once per step.
+
+Once per step, outside the kernel (``prepare_q``): q_rot = Pi q for each part (a part is the
+whole head, or one side of a fractional-width channel split) and, for TurboQuant_prod keys,
+q_sk = S q_rot; both permuted into the phase order of their packed codes (see _core).
+
+Per KV tile, in the kernel (reads: b-bit indices, m sign bits for prod, f16 norms):
+  score_t = |k_t| * ( <q_rot, c[idx_t]>  +  scale/m * gamma_t * <q_sk, sign_t> )
+with the 2^b centroids looked up by a select chain (<= 16 entries, no gather), signs as +-1.
+Values (TurboQuant_mse): acc += (p_t |v_t|) @ c[idx_t] in the rotated basis; after the split
+combine, out = acc @ Pi once per step (and the channel split undone). The window, when there is
+one, is attended in the same call in the original basis.
+
+Reference: kvjax.attention.paged_attention (dequantize + attend) and the quantizers'
+``prepare_query``/``scores_prepared`` (kvjax/quant/turboquant.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax.cache.layout import PoolSpec
+from kvjax.pallas_kernels import _core
+from kvjax.pallas_kernels._core import (
+    KeyFormat,
+    ValueFormat,
+    bits_to,
+    dot_nn,
+    dot_nt,
+    from_phases,
+    lookup,
+    phases_of,
+    to_phases,
+    unpack_phases,
+)
+from kvjax.quant import ChannelSplit, TurboMse, TurboProd
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One TurboQuant instance over `n` channels (all of them, or one side of a split)."""
+
+    kind: str  # "mse" | "prod"
+    bits: int  # bits of the MSE indices (prod: its first stage)
+    n: int
+    centroids: tuple[float, ...]
+    leaf0: int  # index of its first leaf among the pool's leaves
+    channels: tuple[int, ...] | None  # None: every channel in order
+    m: int = 0  # prod: sketch dim
+    qjl_scale: float = 0.0  # prod: scale / m
+    rot: Any = dataclasses.field(default=None, compare=False, hash=False)  # [n, n]
+    sketch: Any = dataclasses.field(default=None, compare=False, hash=False)  # [m, n]
+
+    @property
+    def leaves(self) -> int:
+        return 4 if self.kind == "prod" else 2
+
+    @property
+    def n_q(self) -> int:
+        return phases_of(self.bits) + (8 if self.kind == "prod" else 0)
+
+
+def _parts(qz, leaf0: int = 0, channels=None) -> tuple[Part, ...]:
+    if isinstance(qz, ChannelSplit):
+        hi = _parts(qz.hi, leaf0, tuple(qz.hi_channels))
+        lo = _parts(qz.lo, leaf0 + sum(p.leaves for p in hi), tuple(qz.lo_channels))
+        return hi + lo
+    if isinstance(qz, TurboProd):
+        mse = qz.mse
+        if mse.bits < 1:
+            raise NotImplementedError("TurboQuant_prod with 1 bit (pure QJL) has no kernel")
+        return (Part("prod", mse.bits, qz.head_dim, tuple(float(c) for c in mse.centroids),
+                     leaf0, channels, m=qz.sketch_dim, qjl_scale=qz.scale / qz.sketch_dim,
+                     rot=np.asarray(mse.rot), sketch=np.asarray(qz.sketch)),)
+    if isinstance(qz, TurboMse):
+        return (Part("mse", qz.bits, qz.head_dim, tuple(float(c) for c in qz.centroids), leaf0,
+                     channels, rot=np.asarray(qz.rot)),)
+    raise TypeError(f"not a TurboQuant quantizer: {type(qz).__name__}")
+
+
+def _select(x: jax.Array, channels) -> jax.Array:
+    return x if channels is None else x[..., np.asarray(channels)]
+
+
+def _phase_tuple(x: jax.Array, bits: int) -> tuple[jax.Array, ...]:
+    ph = to_phases(x, phases_of(bits))
+    return tuple(ph[..., r, :] for r in range(ph.shape[-2]))
+
+
+def _norm_row(ld, leaf: int) -> jax.Array:
+    s = bits_to(ld.tile(leaf), jnp.float16)
+    return s.reshape(1, s.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class TurboKey(KeyFormat):
+    parts: tuple[Part, ...]
+
+    @property
+    def leaves(self) -> int:
+        return sum(p.leaves for p in self.parts)
+
+    def prepare_q(self, q):
+        out = []
+        for part in self.parts:
+            q_rot = jnp.matmul(_select(q, part.channels), jnp.asarray(part.rot).T, precision=_HI)
+            out += _phase_tuple(q_rot, part.bits)
+            if part.kind == "prod":
+                q_sk = jnp.matmul(q_rot, jnp.asarray(part.sketch).T, precision=_HI)
+                out += _phase_tuple(q_sk, 1)
+        return tuple(out)
+
+    def score(self, qs, ld):
+        total, at = 0.0, 0
+        for part in self.parts:
+            p_mse = phases_of(part.bits)
+            q_rot, at = qs[at:at + p_mse], at + p_mse
+            codes = unpack_phases(ld, part.leaf0, part.bits, part.n)
+            s = sum(dot_nt(qr, lookup(c, part.centroids))
+                    for qr, c in zip(q_rot, codes, strict=True))
+            if part.kind == "prod":
+                q_sk, at = qs[at:at + 8], at + 8
+                signs = unpack_phases(ld, part.leaf0 + 1, 1, part.m)
+                qjl = sum(dot_nt(qk, (2 * c - 1).astype(jnp.float32))
+                          for qk, c in zip(q_sk, signs, strict=True))
+                s = s + part.qjl_scale * _norm_row(ld, part.leaf0 + 3) * qjl
+                norm = _norm_row(ld, part.leaf0 + 2)
+            else:
+                norm = _norm_row(ld, part.leaf0 + 1)
+            total = total + norm * s
+        return total
+
+
+@dataclasses.dataclass(frozen=True)
+class TurboValue(ValueFormat):
+    parts: tuple[Part, ...]
+    head_dim: int
+
+    @property
+    def leaves(self) -> int:
+        return sum(p.leaves for p in self.parts)
+
+    def acc_shapes(self, gp):
+        out = []
+        for part in self.parts:
+            p = phases_of(part.bits)
+            out += [(gp, part.n // p)] * p
+        return tuple(out)
+
+    def accumulate(self, p, valid, ld):
+        out = []
+        for part in self.parts:
+            pn = p * jnp.where(valid, _norm_row(ld, part.leaf0 + 1), 0.0)
+            for c in unpack_phases(ld, part.leaf0, part.bits, part.n):
+                out.append(dot_nn(pn, lookup(c, part.centroids)))
+        return tuple(out)
+
+    def finalize(self, accs):
+        pieces, order, at = [], [], 0
+        for part in self.parts:
+            p = phases_of(part.bits)
+            y = from_phases(jnp.stack(accs[at:at + p], axis=-2))  # rotated basis [.., Gp, n]
+            at += p
+            pieces.append(jnp.matmul(y, jnp.asarray(part.rot), precision=_HI))
+            order += list(part.channels) if part.channels is not None else list(range(part.n))
+        out = jnp.concatenate(pieces, axis=-1)
+        if order != list(range(self.head_dim)):
+            out = out[..., np.argsort(np.asarray(order))]
+        return out
+
+
+def formats(spec: PoolSpec) -> tuple[KeyFormat | None, ValueFormat | None] | None:
+    qz = spec.quantizer
+    base = qz.hi if isinstance(qz, ChannelSplit) else qz
+    if not isinstance(base, TurboMse | TurboProd):
+        return None
+    parts = _parts(qz)
+    key = TurboKey(parts)
+    value = TurboValue(parts, spec.head_dim) if all(p.kind == "mse" for p in parts) else None
+    return key, value
+
+
+@functools.partial(jax.jit, static_argnames=("backend", "k_splits", "pages_per_block",
+                                             "num_warps", "num_stages"))
+def turboquant_decode_attention(q, seg, layer, page_table, lengths, window_slots=None, *,
+                                backend: str = "auto", k_splits: int = 8,
+                                pages_per_block: int = 0, num_warps: int = 4,
+                                num_stages: int = 2):
+    """Decode attention over one layer of a TurboQuant segment (turbo2.5 ... turbo4: prod keys,
+    mse values; fractional widths as channel splits).
+
+    q: [batch, 1, num_heads, head_dim]; seg: kvjax.cache.paged.Segment; layer: int32 scalar;
+    page_table: [batch, max_pages] int32; lengths: [batch] int32; window_slots: [batch] int32
+    (segments with a window). Returns [batch, 1, num_heads, head_dim] in q's dtype.
+    """
+    kf, vf = formats(seg.k_spec), formats(seg.v_spec)
+    if kf is None or vf is None or vf[1] is None:
+        raise ValueError(f"turboquant_decode_attention needs TurboQuant keys and TurboQuant_mse "
+                         f"values; got {seg.k_spec.method!r}, {seg.v_spec.method!r}")
+    return _core.decode(q, seg, layer, page_table, lengths, window_slots, kf[0], vf[1],
+                        backend=backend, k_splits=k_splits, pages_per_block=pages_per_block,
+                        num_warps=num_warps, num_stages=num_stages)

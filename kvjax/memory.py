@@ -82,8 +82,9 @@ def main(argv: list[str]) -> int:
         raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     cfg = cli.config_from_flags()
     context = FLAGS.context or cfg.model.max_position
-    p = plan(cfg, context, FLAGS.batch, FLAGS.device_memory, FLAGS.devices)
-    print(format_plan(cfg, p, context, FLAGS.batch, FLAGS.device_memory, FLAGS.devices))
+    devices = FLAGS.devices or cfg.mesh.data * cfg.mesh.tensor
+    p = plan(cfg, context, FLAGS.batch, FLAGS.device_memory, devices)
+    print(format_plan(cfg, p, context, FLAGS.batch, FLAGS.device_memory, devices))
     return 0
 
 
@@ -96,5 +97,6 @@ if __name__ == "__main__":
     flags.DEFINE_integer("batch", 1, "Concurrent requests.", lower_bound=1)
     flags.DEFINE_float("device_memory", 80.0, "Memory per device in GiB (H100: 80).",
                        lower_bound=0.0)
-    flags.DEFINE_integer("devices", 1, "Number of devices.", lower_bound=1)
+    flags.DEFINE_integer("devices", None, "Number of devices (default: the config's mesh, "
+                         "data x tensor).", lower_bound=1)
     cli.run(main)

@@ -256,17 +256,23 @@ def abstract_params(mc: ModelConfig, mesh: Mesh, dtype) -> dict[str, jax.ShapeDt
             for name, shape in models.param_shapes(mc).items()}
 
 
+def jit_forward(mesh: Mesh, cache: Any) -> Callable:
+    """The jitted forward with its outputs pinned: logits replicated, the cache (a pytree of
+    arrays or ShapeDtypeStructs carrying NamedShardings) where it came from, and donated."""
+    import models.transformer
+
+    out = (NamedSharding(mesh, P()), jax.tree.map(lambda a: a.sharding, cache))
+    return jax.jit(models.transformer.forward.__wrapped__, static_argnames=("graphdef",),
+                   donate_argnames=("cache",), out_shardings=out)
+
+
 def sharded_forward(mesh: Mesh, cache: Any) -> Callable:
     """`models.forward` for this mesh, same signature: the cache is donated and comes back where
     it was (so it is updated in place and the next step sees the same layout), logits come back
     replicated (every process can read them). The per-step host inputs after the cache (page
     table, lengths, ...: all batch-major) and tokens/positions become global arrays with their
     rows on "data"; every process must pass the same values."""
-    import models.transformer
-
-    out = (NamedSharding(mesh, P()), jax.tree.map(lambda a: a.sharding, cache))
-    jitted = jax.jit(models.transformer.forward.__wrapped__, static_argnames=("graphdef",),
-                     donate_argnames=("cache",), out_shardings=out)
+    jitted = jit_forward(mesh, cache)
 
     def put(x):
         if x is None or _on_mesh(x, mesh):
@@ -331,6 +337,5 @@ def per_device_bytes(tree: Any) -> int:
 
 __all__ = ["CACHE_AXES", "DATA", "LOGICAL_RULES", "PARAM_AXES", "TENSOR", "abstract_params",
            "axis_rules", "batch_sharding", "cache_leaf_spec", "cache_shardings", "init_sharded",
-           "make_mesh", "mesh_for_run", "per_device_bytes", "put_batch", "put_global",
-           "shard_attention", "shard_params", "sharded_forward"]
-
+           "jit_forward", "load_sharded", "make_mesh", "mesh_for_run", "per_device_bytes",
+           "put_batch", "put_global", "shard_attention", "shard_params", "sharded_forward"]

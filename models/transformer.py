@@ -22,6 +22,10 @@ from kvjax.cache.paged import KVCache, write_layer
 from kvjax.config import ModelConfig
 from models.layers import apply_rope, rms_norm, rope_inv_freq, swiglu
 
+# Activation dtype; None = f32 on the CPU backend (slow bf16 matmuls there), bf16 elsewhere. Read
+# at trace time: kvjax.plan70b sets bf16 to compile on CPU the step a GPU would run.
+COMPUTE_DTYPE = None
+
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every parameter (layer parameters carry a leading `layers` axis)."""
@@ -77,7 +81,8 @@ class Transformer(nnx.Module):
         Returns logits [batch, tokens, vocab] (f32) and the cache with this chunk written.
         """
         cfg = self.cfg
-        compute = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+        compute = COMPUTE_DTYPE or (jnp.float32 if jax.default_backend() == "cpu"
+                                    else jnp.bfloat16)
         x = self.embed[...][tokens].astype(compute)
         inv_freq = jnp.asarray(rope_inv_freq(cfg))
         layer_params = {k: v[...] for k, v in self.layers.items()}

@@ -255,6 +255,25 @@ def test_shard_map_attention_matches(results):
         assert err < 1e-5, (case, err)
 
 
+def test_70b_plan_prints_per_device_memory():
+    """The 70B decode step compiles for 8 fake devices from abstract shapes (no weights)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    r = subprocess.run([sys.executable, "-m", "kvjax.plan70b", "--context", "8192", "--batch",
+                        "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = {s[:35].strip(): s[35:].split() for s in r.stdout.splitlines()}
+    weights = [float(x) for x in lines["weights (compiled arguments)"]]
+    cache = [float(x) for x in lines["KV cache (compiled arguments)"]]
+    peak = [float(x) for x in lines["compiled peak (args+out-alias+temp)"]]
+    planned = [float(x) for x in lines["planner: KV of the batch / devices"]]
+    assert lines["per device (GB)"] == ["bf16", "cache", "turbo3.5", "cache"]
+    assert weights[0] == weights[1] == pytest.approx(70.55e9 * 2 / 8 / 1e9, abs=0.01)
+    assert cache[0] == pytest.approx(planned[0], rel=0.01)  # 2 x 8192 tokens, +1 null page
+    assert cache[1] < cache[0] / 3.5  # turbo3.5: about 4.1x smaller than bf16
+    assert all(p > w + c for p, w, c in zip(peak, weights, cache, strict=True))
+    assert all(p < w + c + 3 for p, w, c in zip(peak, weights, cache, strict=True)), r.stdout
+
+
 def test_orbax_restores_into_shardings(results):
     assert results["extras"]["orbax_shardings_ok"]
     assert results["extras"]["orbax_values_ok"]

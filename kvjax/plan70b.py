@@ -71,7 +71,8 @@ def compile_step(cfg, mesh, context: int, batch: int) -> dict:
     saved = models.transformer.COMPUTE_DTYPE
     models.transformer.COMPUTE_DTYPE = jnp.bfloat16
     try:
-        lowered = sharding.jit_forward(mesh, cache).lower(graphdef, state, *args)
+        with sharding.tracing_mesh(mesh):
+            lowered = sharding.jit_forward(mesh, cache).lower(graphdef, state, *args)
     finally:
         models.transformer.COMPUTE_DTYPE = saved
     m = lowered.compile(compiler_options=CPU_PLAN_OPTIONS).memory_analysis()

@@ -44,6 +44,8 @@ lengths data-sharded or replicated and everything else replicated.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from collections.abc import Callable
 from typing import Any
@@ -256,6 +258,27 @@ def abstract_params(mc: ModelConfig, mesh: Mesh, dtype) -> dict[str, jax.ShapeDt
             for name, shape in models.param_shapes(mc).items()}
 
 
+_ACTIVE_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("kvjax_mesh",
+                                                                          default=None)
+
+
+def active_mesh() -> Mesh | None:
+    """The mesh of the sharded forward being traced, None outside one. The model reads it to
+    wrap calls XLA cannot partition (Pallas kernels) in `shard_attention`. Each sharded forward
+    is its own jitted function, so a trace never outlives the mesh it saw."""
+    return _ACTIVE_MESH.get()
+
+
+@contextlib.contextmanager
+def tracing_mesh(mesh: Mesh):
+    """Make `mesh` the active_mesh while a sharded forward is traced (or lowered)."""
+    token = _ACTIVE_MESH.set(mesh)
+    try:
+        yield mesh
+    finally:
+        _ACTIVE_MESH.reset(token)
+
+
 def jit_forward(mesh: Mesh, cache: Any) -> Callable:
     """The jitted forward with its outputs pinned: logits replicated, the cache (a pytree of
     arrays or ShapeDtypeStructs carrying NamedShardings) where it came from, and donated."""
@@ -280,8 +303,9 @@ def sharded_forward(mesh: Mesh, cache: Any) -> Callable:
         return put_batch(mesh, np.asarray(x))
 
     def forward(graphdef, params, tokens, positions, cache, *rest):
-        return jitted(graphdef, params, put(tokens), put(positions), cache,
-                      *(put(x) for x in rest))
+        with tracing_mesh(mesh):
+            return jitted(graphdef, params, put(tokens), put(positions), cache,
+                          *(put(x) for x in rest))
 
     return forward
 
@@ -336,6 +360,8 @@ def per_device_bytes(tree: Any) -> int:
 
 
 __all__ = ["CACHE_AXES", "DATA", "LOGICAL_RULES", "PARAM_AXES", "TENSOR", "abstract_params",
+           "active_mesh",
            "axis_rules", "batch_sharding", "cache_leaf_spec", "cache_shardings", "init_sharded",
            "jit_forward", "load_sharded", "make_mesh", "mesh_for_run", "per_device_bytes",
-           "put_batch", "put_global", "shard_attention", "shard_params", "sharded_forward"]
+           "put_batch", "put_global", "shard_attention", "shard_params", "sharded_forward",
+           "tracing_mesh"]

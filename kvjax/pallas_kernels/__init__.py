@@ -1,0 +1,66 @@
+"""Pallas kernels over the paged, compressed KV cache (GPU via Triton, TPU via Mosaic, CPU via
+interpret mode). One file per op:
+
+  paged_decode.py           decode attention over bf16 / f32 / fp8 / int8 / int4 pages
+  kivi_attention.py         decode attention over KIVI 2/4-bit pages + the full-precision window
+  turboquant_attention.py   decode attention over TurboQuant pages (prod keys, mse values)
+  quantize_write.py         new tokens' codes and metadata written into their pages in place
+  _core.py                  launchers, online softmax, split-KV combine, packed-code phases
+  compat.py                 Pallas API differences between jax 0.10 and 0.11
+
+``paged_attention`` below picks the key and value formats of any segment (mixed forms such as
+k8v4 / k8v4turbo included) and runs one kernel; the reference is kvjax.attention (XLA path).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from kvjax.pallas_kernels import _core, kivi_attention, paged_decode, turboquant_attention
+from kvjax.pallas_kernels._core import BACKENDS
+
+_FAMILIES = (paged_decode, kivi_attention, turboquant_attention)
+
+
+def formats_for(seg):
+    """(key format, value format) for a segment, or None when a kernel cannot read it."""
+    key = value = None
+    for fam in _FAMILIES:
+        try:
+            kf = fam.formats(seg.k_spec)
+            vf = fam.formats(seg.v_spec)
+        except NotImplementedError:
+            return None
+        if kf is not None and kf[0] is not None and key is None:
+            key = kf[0]
+        if vf is not None and vf[1] is not None and value is None:
+            value = vf[1]
+    if key is None or value is None:
+        return None
+    return key, value
+
+
+def supports(seg) -> bool:
+    """Whether the decode kernel reads this segment's pages (polar and 1-bit QJL keys do not)."""
+    return formats_for(seg) is not None
+
+
+@functools.partial(jax.jit, static_argnames=("backend", "k_splits", "pages_per_block",
+                                             "num_warps", "num_stages"))
+def paged_attention(q, seg, layer, page_table, lengths, window_slots=None, *,
+                    backend: str = "auto", k_splits: int = 8, pages_per_block: int = 0,
+                    num_warps: int = 4, num_stages: int = 2):
+    """Decode attention of q [batch, 1, num_heads, head_dim] over one layer of any supported
+    cache segment; see _core.decode for the arguments. Returns [batch, 1, num_heads, head_dim]."""
+    fmts = formats_for(seg)
+    if fmts is None:
+        raise ValueError(f"no Pallas kernel reads keys {seg.k_spec.method!r} / values "
+                         f"{seg.v_spec.method!r}; use the XLA path")
+    return _core.decode(q, seg, layer, page_table, lengths, window_slots, *fmts,
+                        backend=backend, k_splits=k_splits, pages_per_block=pages_per_block,
+                        num_warps=num_warps, num_stages=num_stages)
+
+
+__all__ = ["BACKENDS", "formats_for", "paged_attention", "supports"]

@@ -1,0 +1,160 @@
+"""Pallas decode kernels against the XLA path (kvjax.attention) in interpret mode on the CPU, and
+their lowering for cuda (Triton custom call) and tpu (Mosaic custom call) without the hardware.
+
+Every case builds a real cache segment: pages poisoned with NaN bit patterns first (0xFF.. words
+are NaN in bf16, f16 and fp8), then the sequences' tokens written through the cache's own write
+path, so the slots past each length, unowned pages, the null page and the unwritten ring entries
+all hold NaN. Page tables are shuffled, lengths ragged (one row shorter than the window, one a
+whole page table long).
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kvjax import pallas_kernels
+from kvjax.attention import paged_attention as xla_attention
+from kvjax.cache.paged import init_cache, write_layer
+from kvjax.config import CacheConfig, ModelConfig
+from kvjax.pallas_kernels import kivi_attention, paged_decode, turboquant_attention
+
+
+def _poison(x: jax.Array) -> jax.Array:
+    if jnp.issubdtype(x.dtype, jnp.floating):
+        return jnp.full(x.shape, jnp.nan, x.dtype)
+    return jnp.full(x.shape, -1, jnp.int32).astype(x.dtype)  # all bits set
+
+
+def make_case(dtype: str, *, d: int, g: int, page_size: int, window: int = -1, hkv: int = 2,
+              max_pages: int = 6, layers: int = 2, lengths=None, seed: int = 0):
+    """(q [b,1,H,d], segment, page_table, lengths, window_slots) with layer 1 filled."""
+    assert layers >= 2
+    rng = np.random.default_rng(seed)
+    mc = ModelConfig(num_layers=layers, num_heads=g * hkv, num_kv_heads=hkv, head_dim=d,
+                     hidden_size=64, intermediate_size=64, vocab_size=32)
+    cc = CacheConfig(dtype=dtype, page_size=page_size, window=window)
+    b = 3
+    num_pages = b * max_pages + 3
+    seg = jax.tree.map(_poison, init_cache(mc, cc, num_pages, num_slots=b).segments[0])
+    cap = max_pages * page_size
+    if lengths is None:
+        lengths = [cap, int(rng.integers(1, 8)), int(rng.integers(cap // 3, cap))]
+    lengths = np.asarray(lengths, np.int32)
+    free = rng.permutation(np.arange(1, num_pages))
+    pt = np.zeros((b, max_pages), np.int32)
+    for i in range(b):
+        need = -(-int(lengths[i]) // page_size)
+        pt[i, :need] = free[i * max_pages: i * max_pages + need]
+    pos = np.tile(np.arange(cap, dtype=np.int32), (b, 1))
+    slots = rng.permutation(b).astype(np.int32)
+    # Only layer 1 is written: layer 0 stays NaN, so reading the wrong layer shows.
+    k = rng.standard_normal((b, cap, hkv, d)).astype(np.float32)
+    v = rng.standard_normal((b, cap, hkv, d)).astype(np.float32)
+    k[..., 3] += 4.0  # a persistent outlier channel, like real keys
+    seg = write_layer(seg, jnp.int32(1), jnp.asarray(k), jnp.asarray(v), jnp.asarray(pos),
+                      jnp.asarray(lengths), jnp.asarray(pt), jnp.asarray(slots))
+    q = jnp.asarray(rng.standard_normal((b, 1, g * hkv, d)).astype(np.float32))
+    return q, seg, jnp.asarray(pt), jnp.asarray(lengths), jnp.asarray(slots)
+
+
+# (dtype, head_dim, GQA ratio, page_size, window)
+CASES = [
+    ("bf16", 128, 8, 32, -1),
+    ("fp8", 64, 1, 16, 32),
+    ("int8", 128, 3, 16, -1),
+    ("int4", 64, 8, 16, -1),
+    ("k8v4turbo", 128, 3, 16, -1),
+    ("kivi2", 64, 3, 32, 32),
+    ("kivi4", 128, 8, 32, 64),
+    ("turbo3", 64, 8, 16, 32),
+    ("turbo2.5", 128, 3, 16, -1),
+    ("turbo3.5", 64, 1, 16, -1),
+]
+
+
+def _check(case, backend: str, k_splits: int = 2):
+    dtype, d, g, ps, w = case
+    q, seg, pt, lens, slots = make_case(dtype, d=d, g=g, page_size=ps, window=w,
+                                        seed=zlib.crc32(repr(case).encode()))
+    layer = jnp.int32(1)
+    ref = xla_attention(q, seg, layer, pt, lens, (lens - 1)[:, None], slots)
+    out = pallas_kernels.paged_attention(q, seg, layer, pt, lens,
+                                         slots if seg.window else None, backend=backend,
+                                         k_splits=k_splits)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert not np.isnan(np.asarray(ref)).any()
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-d{c[1]}-g{c[2]}-p{c[3]}-w{c[4]}")
+def test_gather_kernel_matches_xla(case):
+    """The GPU (Triton) kernel body, run by the Pallas interpreter."""
+    _check(case, "interpret")
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[5], CASES[9]],
+                         ids=lambda c: f"{c[0]}-d{c[1]}-g{c[2]}")
+def test_tpu_kernel_matches_xla(case):
+    """The TPU (scalar prefetch, one page per grid step) kernel, run by the interpreter."""
+    _check(case, "interpret_tpu", k_splits=3)
+
+
+def test_one_split_and_idle_rows():
+    """k_splits=1, and a zero-length row (an idle batch slot) gives zeros like the XLA path."""
+    q, seg, pt, lens, slots = make_case("int8", d=64, g=3, page_size=16, lengths=[0, 17, 96])
+    ref = xla_attention(q, seg, jnp.int32(1), pt, lens, (lens - 1)[:, None], slots)
+    out = pallas_kernels.paged_attention(q, seg, jnp.int32(1), pt, lens, backend="interpret",
+                                         k_splits=1)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=1e-5)
+    assert not np.asarray(out[0]).any()
+
+
+LOWER = [("bf16", 128), ("fp8", 64), ("int4", 128), ("kivi2", 128), ("turbo3", 64),
+         ("turbo3.5", 128)]
+
+
+@pytest.mark.parametrize("platform,backend,marker", [
+    ("cuda", "triton", "__gpu$xla.gpu.triton"), ("tpu", "tpu", "tpu_custom_call")])
+@pytest.mark.parametrize("dtype,d", LOWER)
+def test_lowers_for_gpu_and_tpu(dtype, d, platform, backend, marker):
+    window = 32 if dtype.startswith(("kivi", "turbo")) else -1
+    q, seg, pt, lens, slots = make_case(dtype, d=d, g=3, page_size=32, window=window)
+
+    def f(q, seg, pt, lens, slots):
+        return pallas_kernels.paged_attention(q, seg, jnp.int32(1), pt, lens,
+                                              slots if seg.window else None, backend=backend)
+
+    text = jax.jit(f).trace(q, seg, pt, lens, slots).lower(
+        lowering_platforms=(platform,)).as_text()
+    assert marker in text
+
+
+def test_family_wrappers_validate():
+    q, seg, pt, lens, slots = make_case("bf16", d=64, g=3, page_size=16)
+    with pytest.raises(ValueError, match="one decode token"):
+        paged_decode.paged_decode_attention(jnp.concatenate([q, q], 1), seg, jnp.int32(0),
+                                               pt, lens, backend="interpret")
+    with pytest.raises(ValueError, match="KIVI keys"):
+        kivi_attention.kivi_decode_attention(q, seg, jnp.int32(0), pt, lens,
+                                             backend="interpret")
+    with pytest.raises(ValueError, match="TurboQuant"):
+        turboquant_attention.turboquant_decode_attention(q, seg, jnp.int32(0), pt, lens,
+                                                         backend="interpret")
+    with pytest.raises(ValueError, match="page_table"):
+        paged_decode.paged_decode_attention(q, seg, jnp.int32(0), pt[:1], lens,
+                                               backend="interpret")
+    with pytest.raises(ValueError, match="unknown Pallas backend"):
+        pallas_kernels.paged_attention(q, seg, jnp.int32(0), pt, lens, backend="cuda")
+
+
+def test_polar_has_no_kernel_and_falls_back():
+    q, seg, pt, lens, slots = make_case("polar", d=64, g=3, page_size=16, lengths=[20, 5, 9])
+    assert not pallas_kernels.supports(seg)
+    a = xla_attention(q, seg, jnp.int32(1), pt, lens, (lens - 1)[:, None], impl="pallas")
+    b = xla_attention(q, seg, jnp.int32(1), pt, lens, (lens - 1)[:, None])
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

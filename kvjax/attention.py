@@ -74,7 +74,20 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
 
 def paged_attention(q: jax.Array, seg: Segment, layer: jax.Array, page_table: jax.Array,
                     lengths: jax.Array, q_positions: jax.Array,
-                    window_slots: jax.Array | None = None) -> jax.Array:
-    """Attention of q [batch, tokens, num_heads, head_dim] over one layer of a cache segment."""
+                    window_slots: jax.Array | None = None, impl: str = "xla") -> jax.Array:
+    """Attention of q [batch, tokens, num_heads, head_dim] over one layer of a cache segment.
+
+    impl "pallas": decode steps (one token, the sequence's last) run the Pallas kernel
+    (kvjax/pallas_kernels: Triton on GPU, Mosaic on TPU, interpret mode on CPU), reading the
+    compressed pages directly; multi-token chunks (prefill) and formats without a kernel (polar)
+    keep this XLA path."""
+    if impl not in ("xla", "pallas"):
+        raise ValueError(f"attention impl must be 'xla' or 'pallas', got {impl!r}")
+    if impl == "pallas" and q.shape[1] == 1:
+        from kvjax import pallas_kernels
+
+        if pallas_kernels.supports(seg):
+            return pallas_kernels.paged_attention(q, seg, layer, page_table, lengths,
+                                                  window_slots if seg.window else None)
     k, v = gather_kv(seg, layer, page_table, lengths, window_slots)
     return attend(q, k, v, lengths, q_positions)

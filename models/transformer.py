@@ -56,7 +56,8 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 class Transformer(nnx.Module):
     """Parameters of one decoder; `__call__` runs a chunk of tokens through the paged cache."""
 
-    def __init__(self, cfg: ModelConfig, params: dict[str, jax.Array]):
+    def __init__(self, cfg: ModelConfig, params: dict[str, jax.Array],
+                 attention_impl: str = "xla"):
         expected = param_shapes(cfg)
         missing = sorted(set(expected) - set(params))
         if missing:
@@ -66,6 +67,9 @@ class Transformer(nnx.Module):
                 raise ValueError(f"parameter {name} has shape {tuple(params[name].shape)}, "
                                  f"expected {shape}")
         self.cfg = cfg
+        # "xla" | "pallas" (decode steps through kvjax/pallas_kernels); a plain attribute, so
+        # it is static (part of the graphdef) under jit.
+        self.attention_impl = attention_impl
         self.embed = nnx.Param(params["embed"])
         self.final_norm = nnx.Param(params["final_norm"])
         self.lm_head = nnx.Param(params["lm_head"]) if "lm_head" in expected else None
@@ -111,7 +115,8 @@ class Transformer(nnx.Module):
             q = apply_rope(q, positions, inv_freq)
             k = apply_rope(k, positions, inv_freq)
             seg = write_layer(seg, index, k, v, positions, lengths, page_table, window_slots)
-            o = paged_attention(q, seg, index, page_table, lengths, positions, window_slots)
+            o = paged_attention(q, seg, index, page_table, lengths, positions, window_slots,
+                                impl=self.attention_impl)
             x = x + jnp.einsum("btq,qh->bth", o.reshape(b, t, -1), p["wo"])
             h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
             x = x + swiglu(h, p["w_gate"], p["w_up"], p["w_down"])

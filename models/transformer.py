@@ -20,6 +20,7 @@ from flax import nnx
 from kvjax.attention import paged_attention
 from kvjax.cache.paged import KVCache, write_layer
 from kvjax.config import ModelConfig
+from kvjax.sharding import active_mesh, shard_attention
 from models.layers import apply_rope, rms_norm, rope_inv_freq, swiglu
 
 # Activation dtype; None = f32 on the CPU backend (slow bf16 matmuls there), bf16 elsewhere. Read
@@ -115,8 +116,11 @@ class Transformer(nnx.Module):
             q = apply_rope(q, positions, inv_freq)
             k = apply_rope(k, positions, inv_freq)
             seg = write_layer(seg, index, k, v, positions, lengths, page_table, window_slots)
-            o = paged_attention(q, seg, index, page_table, lengths, positions, window_slots,
-                                impl=self.attention_impl)
+            attention = functools.partial(paged_attention, impl=self.attention_impl)
+            mesh = active_mesh()
+            if mesh is not None and self.attention_impl != "xla":  # kernels: one per device
+                attention = shard_attention(attention, mesh, cfg, b)
+            o = attention(q, seg, index, page_table, lengths, positions, window_slots)
             x = x + jnp.einsum("btq,qh->bth", o.reshape(b, t, -1), p["wo"])
             h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
             x = x + swiglu(h, p["w_gate"], p["w_up"], p["w_down"])

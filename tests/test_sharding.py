@@ -115,7 +115,9 @@ def run_group(group: str) -> list[dict]:
 
 
 def run_extras() -> dict:
-    """Placement checks, shard_map attention and the orbax restore into shardings."""
+    """Placement checks, shard_map attention (XLA and Pallas) and the orbax restore into
+    shardings."""
+    import dataclasses
     import tempfile
 
     import jax
@@ -164,6 +166,17 @@ def run_extras() -> dict:
         got = jax.jit(wrapped)(q, placed, jnp.int32(1), table, lengths, pos)
         attn[f"{name}_{data}x{tensor}"] = float(jnp.abs(got - ref).max())
     res["shard_attention_err"] = attn
+
+    # Pallas decode kernels under shard_map (interpret mode here): tensor 4 over 2 KV heads, so
+    # each device slices out the KV head its query heads share.
+    cfg = dataclasses.replace(_cache_config(load_config("tiny_llama"), "turbo4"),
+                              attention_impl="pallas")
+    params = {k: np.asarray(v) for k, v in models.random_params(cfg.model, seed=3).items()}
+    prompts = [list(range(3, 14)), list(range(5, 11))]
+    ref_tokens, ref = _generate(cfg, params, None, prompts, 3, True)
+    tokens, got = _generate(cfg, params, sharding.make_mesh(MeshConfig(1, 4)), prompts, 3, True)
+    res["pallas"] = {"same_tokens": tokens == ref_tokens,
+                     "max_rel_err": float(np.abs(got - ref).max() / np.abs(ref).max())}
 
     # orbax: restored straight into the shardings, equal to the saved values.
     cfg = load_config("tiny_llama_kv4")
@@ -272,6 +285,12 @@ def test_70b_plan_prints_per_device_memory():
     assert cache[1] < cache[0] / 3.5  # turbo3.5: about 4.1x smaller than bf16
     assert all(p > w + c for p, w, c in zip(peak, weights, cache, strict=True))
     assert all(p < w + c + 3 for p, w, c in zip(peak, weights, cache, strict=True)), r.stdout
+
+
+def test_pallas_decode_under_shard_map_matches_one_device(results):
+    r = results["extras"]["pallas"]
+    assert r["same_tokens"], r
+    assert r["max_rel_err"] <= tolerance("turbo4"), r
 
 
 def test_orbax_restores_into_shardings(results):

@@ -74,7 +74,8 @@ def _fill(seg, key):
 
 def bench_one(dtype: str, context: int, batch: int, iters: int, backend: str, xla: bool):
     mc = ModelConfig(num_layers=1, hidden_size=64, intermediate_size=64, vocab_size=32, **MODEL)
-    cc = CacheConfig(dtype=dtype, page_size=0, window=0)
+    # KIVI keeps its 128-token window (it cannot seal pages without one); others have none.
+    cc = CacheConfig(dtype=dtype, page_size=0, window=-1 if dtype.startswith("kivi") else 0)
     s = cc.page_size
     pages = context // s
     num_pages = batch * pages + 1
@@ -85,15 +86,18 @@ def bench_one(dtype: str, context: int, batch: int, iters: int, backend: str, xl
     q = jax.random.normal(jax.random.key(1), (batch, 1, MODEL["num_heads"], MODEL["head_dim"]),
                           jnp.bfloat16 if jax.default_backend() != "cpu" else jnp.float32)
     layer = jnp.int32(0)
-    f = jax.jit(lambda q, seg: pallas_kernels.paged_attention(q, seg, layer, pt, lens,
+    slots = jnp.arange(batch, dtype=jnp.int32) if seg.window else None
+    f = jax.jit(lambda q, seg: pallas_kernels.paged_attention(q, seg, layer, pt, lens, slots,
                                                               backend=backend))
     t = _time(lambda: f(q, seg), iters)
     tx = None
     if xla:
-        g = jax.jit(lambda q, seg: xla_attention(q, seg, layer, pt, lens, (lens - 1)[:, None]))
+        g = jax.jit(lambda q, seg: xla_attention(q, seg, layer, pt, lens, (lens - 1)[:, None],
+                                                 slots))
         tx = _time(lambda: g(q, seg), iters)
     per_tok = MODEL["num_kv_heads"] * (seg.k_spec.bytes_per_token() + seg.v_spec.bytes_per_token())
     nbytes = per_tok * context * batch + 2 * q.size * q.dtype.itemsize
+    nbytes += 2 * 2 * MODEL["num_kv_heads"] * seg.window * MODEL["head_dim"] * batch  # bf16 ring
     return t, tx, nbytes
 
 

@@ -50,6 +50,10 @@ def _underscore_flag_names(argv: list[str]) -> list[str]:
             return out + argv[i:]
         if i and arg.startswith("--"):
             name, eq, value = arg[2:].partition("=")
+            base = name[3:].replace("-", "_")
+            if name.startswith("no-") and base in FLAGS and isinstance(FLAGS[base],
+                                                                      flags.BooleanFlag):
+                name = "no" + base  # --no-chat: absl spells boolean negation --nochat
             arg = "--" + name.replace("-", "_") + eq + value
         out.append(arg)
     return out

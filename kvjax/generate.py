@@ -131,7 +131,7 @@ def main(argv: list[str]) -> int:
     print(f"[stats] prompt tokens {len(ids)} | prefill {len(ids) / prefill_s:.1f} tok/s | "
           f"decode {n_new / max(decode_s, 1e-9):.1f} tok/s ({n_new} tokens) | "
           f"KV in use {runner.kv_bytes_in_use():,} bytes | "
-          f"{runner.kv_bytes_per_token:,} bytes/token ({cfg.cache.dtype})",
+          f"{memory.fmt_num(runner.kv_bytes_per_token)} bytes/token ({cfg.cache.dtype})",
           file=launch.stats_stream())
     return 0
 

@@ -48,7 +48,8 @@ def plan(cfg: Config, context: int, batch: int, device_memory_gib: float, device
     return Plan(per_token, per_request, weights, usable, pool, tokens, pool / per_request)
 
 
-def _num(x: float) -> str:
+def fmt_num(x: float) -> str:
+    """1234.0 -> "1,234"; 1234.5 -> "1,234.5"."""
     return f"{x:,.0f}" if float(x).is_integer() else f"{x:,.1f}"
 
 
@@ -59,8 +60,8 @@ def format_plan(cfg: Config, p: Plan, context: int, batch: int, device_memory_gi
     lines = [
         f"config {cfg.name}: {mc.num_layers} layers, {mc.num_kv_heads} KV heads x head_dim "
         f"{mc.head_dim}, kv cache dtype {cfg.cache.dtype}, page size {cfg.cache.page_size}",
-        f"KV bytes per token: {_num(p.kv_bytes_per_token)} "
-        f"({p.kv_bytes_per_token / bf16:.2f}x of bf16's {_num(bf16)})",
+        f"KV bytes per token: {fmt_num(p.kv_bytes_per_token)} "
+        f"({p.kv_bytes_per_token / bf16:.2f}x of bf16's {fmt_num(bf16)})",
         f"KV bytes per request at {context:,} tokens: {p.bytes_per_request:,} "
         f"({p.bytes_per_request / 1e9:.2f} GB)",
         f"KV bytes for batch {batch} at {context:,} tokens: {batch * p.bytes_per_request:,} "

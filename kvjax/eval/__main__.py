@@ -1,4 +1,7 @@
-"""`python -m kvjax.eval ppl --config NAME --text-file F [--max-tokens N] [--prefix N]`."""
+"""`python -m kvjax.eval ppl --config NAME --text-file F [--max-tokens N] [--prefix N]`.
+
+Also `kl` (against the --reference cache, default bf16), `passkey` and `sweep` (every dtype
+through ppl, kl and passkey, written to --results): see kvjax/eval/sweep.py."""
 
 from __future__ import annotations
 
@@ -13,13 +16,17 @@ from kvjax.generate import load_model
 from kvjax.runner import Runner
 
 FLAGS = flags.FLAGS
-COMMANDS = ("ppl",)
+COMMANDS = ("ppl", "kl", "passkey", "sweep")
 
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise cli.UsageError(f"usage: python -m kvjax.eval {{{','.join(COMMANDS)}}} [flags]")
     cfg = cli.config_from_flags()
+    if argv[1] != "ppl":
+        from kvjax.eval.sweep import COMMANDS as OTHERS
+
+        return OTHERS[argv[1]](cfg)
     if FLAGS.text_file is None:
         raise cli.UsageError("pass --text-file FILE")
     text = Path(FLAGS.text_file).read_text()
@@ -48,4 +55,7 @@ if __name__ == "__main__":
                          lower_bound=1)
     flags.DEFINE_string("weights", None, "GGUF file, HF checkpoint dir or kvjax orbax dir.")
     flags.DEFINE_bool("random_weights", False, "Random weights with the config's real shapes.")
+    from kvjax.eval.sweep import define_flags
+
+    define_flags()
     cli.run(main, sys.argv)

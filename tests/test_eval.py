@@ -157,6 +157,17 @@ def test_sweep_writes_table_json_and_png(tiny, tmp_path):
     assert saved["meta"]["tokens_scored"] == len(ids) - 16
     assert [r["dtype"] for r in saved["rows"]] == ["bf16", "int8"]
 
+    # --resume keeps what is saved (2 ppl/kl rows, 4 passkey cells) and measures only int4
+    logs = []
+    again = run_sweep(cfg, params, byte_tokenizer(), ids, dtypes=["bf16", "int8", "int4"],
+                      results_dir=tmp_path, prefix=16, chunk=4, passkey_lengths=[300], trials=1,
+                      passkey_chunk=16, resume=True, log=logs.append)
+    assert logs[0] == f"resume: kept 6 measurements from {tmp_path / 'sweep.json'}"
+    assert again[:2] == rows
+    assert again[2].kl > 0 and list(again[2].passkey) == [300]
+    assert sum(line.startswith("int4 passkey 300") for line in logs) == 1
+    assert not any(line.startswith(("bf16 passkey", "int8 passkey")) for line in logs)
+
 
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "kvjax.eval", *args], cwd=ROOT,

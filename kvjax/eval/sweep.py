@@ -66,10 +66,12 @@ def run_sweep(cfg: Config, params: dict, tokenizer: Tokenizer, ids: list[int] | 
               dtypes=DEFAULT_DTYPES, results_dir: str | Path = "results", reference: str = "bf16",
               prefix: int = 0, chunk: int = 256, passkey_lengths=DEFAULT_LENGTHS,
               trials: int = 3, seed: int = 0, chat: bool = False, batch: int = 3,
-              passkey_chunk: int = 256, meta: dict | None = None, log=print) -> list[Row]:
+              passkey_chunk: int = 256, meta: dict | None = None, resume: bool = False,
+              log=print) -> list[Row]:
     """Runs the sweep and writes sweep.md, sweep.json and sweep.png under results_dir (the table
-    and JSON after every stage, the plot at the end). ids=None skips ppl and kl; empty
-    passkey_lengths skips passkey."""
+    and JSON after every measurement, the plot at the end). ids=None skips ppl and kl; empty
+    passkey_lengths skips passkey. With resume, measurements already in results_dir/sweep.json
+    under the same protocol are kept and not run again (passkey per dtype and length)."""
     out = Path(results_dir)
     out.mkdir(parents=True, exist_ok=True)
     params = shared_params(cfg, params)
@@ -80,16 +82,20 @@ def run_sweep(cfg: Config, params: dict, tokenizer: Tokenizer, ids: list[int] | 
         b = bytes_per_token(cfg.model, cache_for(cfg, d).cache)
         rows.append(Row(d, b, ref_bytes / b))
     meta = dict(meta or {}, config=cfg.name, reference=reference, prefix=prefix, chunk=chunk,
-                passkey_lengths=list(passkey_lengths), trials=trials, seed=seed, chat=chat)
+                trials=trials, seed=seed, chat=chat)
+    if resume:
+        scored = len(ids) - max(prefix, 1) if ids is not None else None
+        _resume(out / "sweep.json", rows, meta, scored, log)
 
     def save(final: bool = False) -> None:
         write_results(out, rows, meta, with_plot=final)
 
-    if ids is not None:
+    todo = [r for r in rows if r.ppl is None]
+    if ids is not None and todo:
         t0 = time.perf_counter()
         ref = Runner(ref_cfg, params, max_seq_len=len(ids))
         cands = {r.dtype: Runner(cache_for(cfg, r.dtype), params, max_seq_len=len(ids))
-                 for r in rows if r.dtype != reference}
+                 for r in todo if r.dtype != reference}
         if not cands:  # the reference alone: its perplexity still needs one pass
             cands = {reference: Runner(ref_cfg, params, max_seq_len=len(ids))}
         res = compare(ref, cands, ids, prefix=prefix, chunk=chunk)
@@ -98,28 +104,62 @@ def run_sweep(cfg: Config, params: dict, tokenizer: Tokenizer, ids: list[int] | 
         if reference not in res:
             res[reference] = KlResult(next(iter(res.values())).tokens_scored, 0.0, 1.0,
                                       math.log(ref_ppl), math.log(ref_ppl))
-        for r in rows:
+        for r in todo:
             k = res[r.dtype]
             r.ppl, r.kl, r.top1 = k.ppl, k.kl, k.top1
             r.dppl_pct = 100.0 * (k.ppl / ref_ppl - 1.0)
         meta.update(tokens_scored=next(iter(res.values())).tokens_scored, ref_ppl=ref_ppl)
         log(f"ppl/kl over {meta['tokens_scored']} tokens: {time.perf_counter() - t0:.0f} s")
         save()
-    if passkey_lengths:
-        for r in rows:
-            t0 = time.perf_counter()
-            runner = Runner(cache_for(cfg, r.dtype), params, max_seq_len=max(passkey_lengths),
-                            max_batch=min(batch, trials))
-            res = passkey_accuracy(runner, tokenizer, passkey_lengths, trials, seed, chat,
-                                   batch=min(batch, trials), chunk=passkey_chunk,
-                                   log=lambda s, d=r.dtype: log(f"{d} {s}"))
-            del runner
-            r.passkey = {n: (p.correct, p.trials) for n, p in res.items()}
-            r.passkey_answers = {n: p.answers for n, p in res.items()}
-            log(f"{r.dtype} passkey: {time.perf_counter() - t0:.0f} s")
+    for r in rows:
+        lengths = [n for n in passkey_lengths if n not in r.passkey]
+        if not lengths:
+            continue
+        t0 = time.perf_counter()
+        runner = Runner(cache_for(cfg, r.dtype), params, max_seq_len=max(lengths),
+                        max_batch=min(batch, trials))
+        for n in lengths:  # one length at a time, saved as it comes
+            p = passkey_accuracy(runner, tokenizer, [n], trials, seed, chat,
+                                 batch=min(batch, trials), chunk=passkey_chunk,
+                                 log=lambda s, d=r.dtype: log(f"{d} {s}"))[n]
+            r.passkey[n] = (p.correct, p.trials)
+            r.passkey_answers[n] = p.answers
             save()
+        del runner
+        log(f"{r.dtype} passkey: {time.perf_counter() - t0:.0f} s")
     save(final=True)
     return rows
+
+
+# Protocol fields that must match for a saved measurement to be reused.
+_PPL_KEYS = ("config", "reference", "prefix", "chunk", "text")
+_PASSKEY_KEYS = ("config", "trials", "seed", "chat")
+
+
+def _resume(path: Path, rows: list[Row], meta: dict, scored: int | None, log) -> None:
+    if not path.exists():
+        return
+    saved = json.loads(path.read_text())
+    old_meta, old = saved["meta"], {r["dtype"]: r for r in saved["rows"]}
+    same_ppl = (all(old_meta.get(k) == meta.get(k) for k in _PPL_KEYS)
+                and old_meta.get("tokens_scored") == scored)
+    same_passkey = all(old_meta.get(k) == meta.get(k) for k in _PASSKEY_KEYS)
+    kept = 0
+    for r in rows:
+        o = old.get(r.dtype)
+        if o is None:
+            continue
+        if same_ppl and o["ppl"] is not None:
+            r.ppl, r.dppl_pct, r.kl, r.top1 = o["ppl"], o["dppl_pct"], o["kl"], o["top1"]
+            kept += 1
+        if same_passkey:
+            r.passkey = {int(n): tuple(v) for n, v in o["passkey"].items()}
+            r.passkey_answers = {int(n): [tuple(a) for a in v]
+                                 for n, v in o["passkey_answers"].items()}
+            kept += len(r.passkey)
+    if same_ppl and "ref_ppl" in old_meta:
+        meta.update(tokens_scored=old_meta["tokens_scored"], ref_ppl=old_meta["ref_ppl"])
+    log(f"resume: kept {kept} measurements from {path}")
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -175,6 +215,8 @@ def plot(rows: list[Row], path: Path, meta: dict) -> None:
         if yscale == "symlog":
             ys = [abs(y) for _, y, _ in pts if y]
             ax.set_yscale("symlog", linthresh=min(ys) if ys else 1.0)
+            if all(y >= 0 for _, y, _ in pts):  # KL: nothing below zero to show
+                ax.set_ylim(bottom=0)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("KV bytes per token (all layers, K+V)")
         ax.grid(True, which="both", alpha=0.3)
@@ -202,6 +244,8 @@ def define_flags() -> None:
                       "template.")
     flags.DEFINE_list("dtypes", list(DEFAULT_DTYPES), "sweep: cache dtypes to measure.")
     flags.DEFINE_string("results", "results", "sweep: folder for sweep.md, .json and .png.")
+    flags.DEFINE_bool("resume", False, "sweep: keep the measurements already in the results "
+                      "folder's sweep.json (same protocol) and run only the missing ones.")
 
 
 def read_ids(cfg: Config, tokenizer: Tokenizer) -> list[int]:
@@ -284,7 +328,7 @@ def sweep_main(cfg: Config) -> int:
     rows = run_sweep(cfg, params, tokenizer, ids, dtypes=FLAGS.dtypes, results_dir=FLAGS.results,
                      reference=FLAGS.reference, prefix=FLAGS.prefix, chunk=FLAGS.chunk,
                      passkey_lengths=lengths, trials=FLAGS.trials, seed=FLAGS.seed,
-                     chat=FLAGS.chat, batch=FLAGS.batch,
+                     chat=FLAGS.chat, batch=FLAGS.batch, resume=FLAGS.resume,
                      meta={"text": Path(FLAGS.text_file).name},
                      log=lambda s: print(s, file=sys.stderr, flush=True))
     meta = json.loads((Path(FLAGS.results) / "sweep.json").read_text())["meta"]

@@ -65,6 +65,13 @@ def define_config_flags() -> None:
     flags.DEFINE_string("kv_cache_dtype", None, "KV cache dtype: auto, "
                         + ", ".join(KV_CACHE_DTYPES) + ".")
     flags.DEFINE_integer("page_size", None, "Tokens per KV page (a power of two).", lower_bound=1)
+    flags.DEFINE_integer("kv_window", None, "Full-precision window: the most recent N tokens "
+                         "of each sequence stay bf16 (default: the dtype's, 128 for KIVI, else "
+                         "0).", lower_bound=0)
+    flags.DEFINE_integer("bf16_edge_layers", None, "Keep the first and last N layers' KV in bf16.",
+                         lower_bound=0)
+    flags.DEFINE_list("bf16_layers", None, "Keep these layers' KV in bf16 (comma-separated "
+                      "indices).")
     flags.DEFINE_integer("num_layers", None, "Run only the first N layers (smoke runs).",
                          lower_bound=1)
     flags.DEFINE_integer("data_parallel", None, "Mesh data axis: batch rows split over this "
@@ -95,4 +102,14 @@ def config_from_flags():
             cache_kw["page_size"] = 0  # the dtype's default page size (KIVI's group size)
     if FLAGS.page_size is not None:
         cache_kw["page_size"] = FLAGS.page_size
+    if FLAGS.kv_window is not None:
+        cache_kw["window"] = FLAGS.kv_window
+    if FLAGS.bf16_edge_layers is not None:
+        cache_kw["bf16_edge_layers"] = FLAGS.bf16_edge_layers
+    if FLAGS.bf16_layers is not None:
+        try:
+            cache_kw["bf16_layers"] = tuple(int(i) for i in FLAGS.bf16_layers)
+        except ValueError:
+            raise ConfigError(f"--bf16-layers takes layer indices, got "
+                              f"{','.join(FLAGS.bf16_layers)}") from None
     return cfg.replace_cache(**cache_kw) if cache_kw else cfg

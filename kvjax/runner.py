@@ -97,11 +97,19 @@ class Runner:
             positions[row] = start + np.arange(t)
             lengths[row] = start + len(chunk)
             self.lengths[sid] = start + len(chunk)
-        page_table = self.allocator.page_table(seq_ids, self.max_pages)
+        page_table = self.allocator.page_table(seq_ids, self._table_width(int(lengths.max())))
         logits, self.cache = self.forward(
             self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(positions), self.cache,
             jnp.asarray(page_table), jnp.asarray(lengths), jnp.asarray(slots))
         return logits
+
+    def _table_width(self, longest: int) -> int:
+        """Page-table columns for a step whose longest sequence holds `longest` tokens: the next
+        power of two of the pages it needs (at least 8), capped at max_pages. Attention reads
+        every column, so a 1K prompt in an 8K runner costs 1K of attention, not 8K; one compile
+        per width."""
+        need = max(1, math.ceil(longest / self.cfg.cache.page_size))
+        return min(self.max_pages, max(8, 1 << (need - 1).bit_length()))
 
     def forward_batch(self, seq_ids: list[int | None], tokens: np.ndarray, positions: np.ndarray,
                       page_table: np.ndarray, lengths: np.ndarray) -> jax.Array:

@@ -55,15 +55,12 @@ METHODS = (
 def real_kv_samples() -> dict[str, np.ndarray] | None:
     """Real SmolLM2 K/V/Q from a real prompt, or None (with a printed note) when unavailable.
 
-    Expected from ``kvjax.loaders.smollm2.load_default_kv_samples()``: a dict with
+    From ``kvjax.bench.real_kv.load_default_kv_samples()``: a dict with
     ``k``, ``v``: [layers, kv_heads, T, head_dim] post-RoPE keys and values, and
     ``q``: [layers, q_heads, T, head_dim] post-RoPE queries (q_heads a multiple of kv_heads).
     """
-    try:
-        from kvjax.loaders.smollm2 import load_default_kv_samples  # type: ignore
-    except ImportError as e:
-        print(f"> real SmolLM2 section skipped: kvjax.loaders.smollm2 unavailable ({e})")
-        return None
+    from kvjax.bench.real_kv import load_default_kv_samples
+
     try:
         return {k: np.asarray(v, np.float32) for k, v in load_default_kv_samples().items()}
     except Exception as e:  # noqa: BLE001 - report and carry on with the random section

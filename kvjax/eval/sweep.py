@@ -82,7 +82,9 @@ def run_sweep(cfg: Config, params: dict, tokenizer: Tokenizer, ids: list[int] | 
         b = bytes_per_token(cfg.model, cache_for(cfg, d).cache)
         rows.append(Row(d, b, ref_bytes / b))
     meta = dict(meta or {}, config=cfg.name, reference=reference, prefix=prefix, chunk=chunk,
-                trials=trials, seed=seed, chat=chat)
+                trials=trials, seed=seed, chat=chat, window=cfg.cache.window,
+                bf16_edge_layers=cfg.cache.bf16_edge_layers,
+                bf16_layers=list(cfg.cache.bf16_layers))
     if resume:
         scored = len(ids) - max(prefix, 1) if ids is not None else None
         _resume(out / "sweep.json", rows, meta, scored, log)
@@ -132,8 +134,9 @@ def run_sweep(cfg: Config, params: dict, tokenizer: Tokenizer, ids: list[int] | 
 
 
 # Protocol fields that must match for a saved measurement to be reused.
-_PPL_KEYS = ("config", "reference", "prefix", "chunk", "text")
-_PASSKEY_KEYS = ("config", "trials", "seed", "chat")
+_CACHE_KEYS = ("config", "window", "bf16_edge_layers", "bf16_layers")
+_PPL_KEYS = (*_CACHE_KEYS, "reference", "prefix", "chunk", "text")
+_PASSKEY_KEYS = (*_CACHE_KEYS, "trials", "seed", "chat")
 
 
 def _resume(path: Path, rows: list[Row], meta: dict, scored: int | None, log) -> None:

@@ -104,6 +104,31 @@ def test_prefix_cache_computes_fewer_prefill_tokens_same_output(params):
     assert_drained(eng)
 
 
+@pytest.mark.parametrize("dtype,window", [("int8", 16), ("turbo3", 24), ("kivi4", 32)])
+def test_prefix_cache_with_a_full_precision_window_recomputes_the_window(params, dtype, window):
+    """A windowed layout reads a sequence's last W tokens from its own ring, so a prefix hit
+    stops W tokens short of the prompt's end; the pages before hold the same codes."""
+    kivi = dtype.startswith("kivi")  # values in 32-channel groups, keys sealed per 32 tokens
+    cfg = CFG.replace_cache(dtype=dtype, window=window, page_size=32 if kivi else 8)
+    if kivi:
+        cfg = cfg.replace_model(head_dim=32)
+        params = models.random_params(cfg.model, seed=0)
+    rng = np.random.default_rng(2)
+    system = list(map(int, rng.integers(0, 256, size=72)))
+    a, b = system + [1, 2, 3], system + [9, 8, 7, 6]
+    base = engine(params, cfg)
+    want = run(base, [a]) + run(base, [b])
+    eng = engine(params, cfg, enable_prefix_caching=True)
+    c = eng.metrics.counters
+    assert run(eng, [a]) == want[:1]
+    first = c["prefill_kv_computed_tokens"]
+    assert run(eng, [b]) == want[1:]
+    page = cfg.cache.page_size
+    hit = (len(b) - window) // page * page
+    assert hit > 0 and c["prefill_kv_computed_tokens"] - first == len(b) - hit
+    assert_drained(eng)
+
+
 def test_streaming_eviction_bounds_an_unbounded_session(params):
     ev = EvictionConfig("streaming", sink_tokens=4, window=24)
     eng = engine(params, max_model_len=64, num_pages=40, chunk_size=16)

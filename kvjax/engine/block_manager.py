@@ -59,13 +59,17 @@ def chain_hashes(tokens: list[int], page_size: int, root: bytes, start: int = 0,
 
 class BlockManager:
     def __init__(self, num_pages: int, page_size: int, cache_dtype: str = "bf16",
-                 enable_prefix_caching: bool = False):
+                 enable_prefix_caching: bool = False, recompute_tail: int = 1):
+        """recompute_tail: a prefix hit never covers a prompt's last `recompute_tail` tokens (at
+        least its last token, whose logits must be computed; a windowed layout passes its window,
+        so prefill refills the sequence's full-precision ring)."""
         if num_pages < 2:
             raise ValueError(f"need at least 2 pages (page 0 is the null page), got {num_pages}")
         self.num_pages = num_pages
         self.page_size = page_size
         self.cache_dtype = cache_dtype
         self.enable_prefix_caching = enable_prefix_caching
+        self.recompute_tail = max(1, recompute_tail)
         self.refcount = np.zeros(num_pages, np.int32)
         self._free = list(range(num_pages - 1, NULL_PAGE, -1))  # pop() hands out low ids first
         self._cached: OrderedDict[int, None] = OrderedDict()  # unreferenced pages with a hash, LRU
@@ -177,13 +181,14 @@ class BlockManager:
     def match_prefix(self, seq_id: int, tokens: list[int], salt: str | None = None) -> int:
         """Give a new sequence the cached pages of its longest cached prefix; returns the number of
         tokens they hold. Never covers the last token (its logits must be computed). The caller
-        counts the query with `record_query` once the sequence is really admitted."""
+        counts the query with `record_query` once the sequence is really admitted, nor the last
+        `recompute_tail` tokens."""
         if seq_id in self.tables:
             raise ValueError(f"sequence {seq_id} already has pages")
         self.tables[seq_id] = []
         if not self.enable_prefix_caching:
             return 0
-        usable = (len(tokens) - 1) // self.page_size * self.page_size
+        usable = max(0, len(tokens) - self.recompute_tail) // self.page_size * self.page_size
         root = root_hash(self.cache_dtype, self.page_size, salt)
         table, last = self.tables[seq_id], root
         for h in chain_hashes(tokens[:usable], self.page_size, root):

@@ -132,12 +132,14 @@ class Pool:
         self.runner = Runner(self.cfg, params, max_seq_len=max_model_len,
                              max_batch=ecfg.max_num_seqs)
         self.page_size = self.cfg.cache.page_size
-        # Layouts with a full-precision window (KIVI) read a sequence's last W tokens from its own
-        # ring buffer, which a prefix hit or an evicted (shifted) sequence would not have filled:
-        # prefix reuse and eviction stay off for them until the ring can be refilled from pages.
-        self.windowed = self.cfg.cache.window_for(self.cfg.cache.dtype) > 0
+        # Layouts with a full-precision window read a sequence's last W tokens from its own ring
+        # buffer. A prefix hit therefore stops W tokens short of the prompt's end, so prefill
+        # writes them into the new sequence's ring (pages before that hold every token's codes;
+        # KIVI's are sealed). Eviction stays off for them: it shifts positions under the ring.
+        window = self.cfg.cache.window_for(self.cfg.cache.dtype)
+        self.windowed = window > 0
         self.bm = BlockManager(num_pages, self.page_size, self.cfg.cache.dtype,
-                               ecfg.enable_prefix_caching and not self.windowed)
+                               ecfg.enable_prefix_caching, recompute_tail=window)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
 

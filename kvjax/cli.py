@@ -66,8 +66,8 @@ def define_config_flags() -> None:
                         + ", ".join(KV_CACHE_DTYPES) + ".")
     flags.DEFINE_integer("page_size", None, "Tokens per KV page (a power of two).", lower_bound=1)
     flags.DEFINE_integer("kv_window", None, "Full-precision window: the most recent N tokens "
-                         "of each sequence stay bf16 (default: the dtype's, 128 for KIVI, else "
-                         "0).", lower_bound=0)
+                         "of each sequence stay bf16 (default 128 for compressed dtypes; 0 gives "
+                         "plain pages).", lower_bound=0)
     flags.DEFINE_integer("bf16_edge_layers", None, "Keep the first and last N layers' KV in bf16.",
                          lower_bound=0)
     flags.DEFINE_list("bf16_layers", None, "Keep these layers' KV in bf16 (comma-separated "

@@ -94,8 +94,12 @@ KV_CACHE_DTYPES: dict[str, tuple[str, str]] = {
 }
 FULL_PRECISION = ("bf16", "f32")
 KIVI_GROUP = 32  # KIVI's G: keys are quantized per channel over G tokens
-# Default full-precision window of recent tokens per dtype (KIVI's residual length R = 128).
-DEFAULT_WINDOW = {"kivi2": 128, "kivi4": 128}
+# Every compressed dtype keeps each sequence's most recent 128 tokens in bf16 by default: KIVI's
+# residual length R, and HF QuantizedCache's residual_length. On SmolLM2 it is the lever that
+# matters most (BENCHMARKS.md: turbo4 +28% -> +3.9% perplexity, int4 +69% -> +6%, fp8 +3.5% ->
+# -0.3%), and it costs 128 bf16 tokens per sequence (42 MB at Llama-70B, 0.4% of a 128K context).
+# `--kv-window 0` gives plain vLLM-style pages (KIVI needs at least one page of window).
+DEFAULT_WINDOW_TOKENS = 128
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,7 @@ class CacheConfig:
     dtype: str = "bf16"  # a KV_CACHE_DTYPES name ("auto" is an alias of bf16)
     page_size: int = 0  # tokens per page; 0 = 16, or KIVI's group size 32 for kivi dtypes
     num_pages: int = 0  # 0 = size the pool from the batch and context of the run
-    window: int = -1  # full-precision recent tokens per sequence; -1 = the dtype's default
+    window: int = -1  # bf16 recent tokens per sequence; -1 = DEFAULT_WINDOW_TOKENS (0 for bf16)
     bf16_edge_layers: int = 0  # keep the first and last N layers in bf16 (vLLM's skip-layers)
     bf16_layers: tuple[int, ...] = ()  # and these layers too
     seed: int = 0  # seeds TurboQuant/PolarQuant rotations and sketches (constants of the config)
@@ -137,7 +141,7 @@ class CacheConfig:
     def window_for(self, fmt: str) -> int:
         if fmt in FULL_PRECISION:
             return 0
-        return DEFAULT_WINDOW.get(fmt, 0) if self.window < 0 else self.window
+        return DEFAULT_WINDOW_TOKENS if self.window < 0 else self.window
 
 
 def layer_formats(num_layers: int, cc: CacheConfig) -> list[str]:

@@ -230,8 +230,10 @@ class Engine:
         req = Request(request_id, list(prompt_ids), params, cache_salt, eviction, precision)
         pool = self._route(req)
         if eviction.enabled and pool.windowed:
-            raise RequestError(f"eviction is not supported with the {pool.cfg.cache.dtype} cache "
-                               "(its full-precision window is indexed by position)")
+            raise RequestError(f"eviction needs a cache without a full-precision window; the "
+                               f"{pool.cfg.cache.dtype} cache keeps the last "
+                               f"{pool.cfg.cache.window_for(pool.cfg.cache.dtype)} tokens in bf16 "
+                               "by position (serve with --kv-window 0; KIVI always keeps one)")
         req.pool = pool.name
         return req
 

@@ -109,22 +109,28 @@ CASES = [(d, {}) for d in KV_CACHE_DTYPES if d not in ("bf16", "f32")] + [
 
 @pytest.mark.parametrize("dtype,extra", CASES, ids=[f"{d}-{sorted(e)}" for d, e in CASES])
 def test_paged_forward_equals_dense_over_dequantized_kv(dtype, extra):
-    rng = np.random.default_rng()
-    seed = int(rng.integers(1 << 30))
     # The default window (128) would hold these whole sequences in bf16: no window (KIVI: one
     # page, its minimum) so the quantized pages are read.
     window = {"window": 32 if dtype.startswith("kivi") else 0}
     cc = CacheConfig(dtype=dtype, **({"page_size": 32} | window | extra))
+    _check(dtype, cc, [[40, 1, 1, 30, 1, 1], [9, 1, 1, 1, 60, 1]])  # chunked prefill + decode
+
+
+def _check(dtype: str, cc: CacheConfig, seq_steps: list[list[int]]) -> None:
+    """Two sequences fed `seq_steps` (chunk sizes per forward, one list per sequence) through the
+    paged cache in one batch match the dense reference at every step."""
+    rng = np.random.default_rng()
+    seed = int(rng.integers(1 << 30))
     params = models.random_params(MC, seed=seed)
     graphdef, state = nnx.split(models.Transformer(MC, params))
 
     page = cc.page_size
-    seq_steps = [[40, 1, 1, 30, 1, 1], [9, 1, 1, 1, 60, 1]]  # chunked prefill + decode steps
     totals = [sum(s) for s in seq_steps]
     tokens = rng.integers(0, MC.vocab_size, (2, max(totals)))
     expected = [reference(params, cc, tokens[b], seq_steps[b]) for b in range(2)]
 
-    batch, max_pages, num_pages = 2, 4, 12
+    batch, max_pages = 2, -(-max(totals) // page)
+    num_pages = batch * max_pages + 4  # spare pages stay unowned (and poisoned)
     perm = rng.permutation(np.arange(1, num_pages))
     table = np.zeros((batch, max_pages), np.int32)
     for b in range(batch):

@@ -30,13 +30,15 @@ def _poison(x: jax.Array) -> jax.Array:
     return jnp.full(x.shape, -1, jnp.int32).astype(x.dtype)  # all bits set
 
 
-def make_case(dtype: str, *, d: int, g: int, page_size: int, window: int = -1, hkv: int = 2,
-              max_pages: int = 6, layers: int = 2, lengths=None, seed: int = 0):
+def make_case(dtype: str, *, d: int, g: int, page_size: int, window: int | None = None,
+              hkv: int = 2, max_pages: int = 6, layers: int = 2, lengths=None, seed: int = 0):
     """(q [b,1,H,d], segment, page_table, lengths, window_slots) with layer 1 filled."""
     assert layers >= 2
     rng = np.random.default_rng(seed)
     mc = ModelConfig(num_layers=layers, num_heads=g * hkv, num_kv_heads=hkv, head_dim=d,
                      hidden_size=64, intermediate_size=64, vocab_size=32)
+    if window is None:  # no window, except KIVI's default (it needs one)
+        window = -1 if dtype.startswith("kivi") else 0
     cc = CacheConfig(dtype=dtype, page_size=page_size, window=window)
     b = 3
     num_pages = b * max_pages + 3

@@ -11,13 +11,13 @@ candidates there are. Each candidate's perplexity comes out of the same pass.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax.eval.ppl import scored_logits
 from kvjax.runner import Runner
 
 
@@ -36,28 +36,6 @@ class KlResult:
     @property
     def ref_ppl(self) -> float:
         return math.exp(self.ref_nll)
-
-
-def scored_logits(runner: Runner, ids: list[int], prefix: int = 0, chunk: int = 256,
-                  seq_id: int = 0) -> Iterator[tuple[jax.Array, np.ndarray]]:
-    """Yields (logits [n, vocab], targets [n]) chunk by chunk: the logits that predict each scored
-    token of ids[max(prefix, 1):], exactly as `kvjax.eval.ppl.perplexity` scores them."""
-    if len(ids) < prefix + 2:
-        raise ValueError(f"need more than prefix + 1 = {prefix + 1} tokens, got {len(ids)}")
-    runner.free(seq_id)
-    last = runner.prefill(seq_id, ids[:prefix]) if prefix else None
-    pos = prefix
-    while pos < len(ids):
-        piece = ids[pos: pos + chunk]
-        logits = runner.step([seq_id], [piece])[0, : len(piece)]
-        # Token pos is predicted by the logits of pos - 1 (the previous chunk's last row).
-        pred = logits[:-1] if last is None else jnp.concatenate([last[None], logits[:-1]])
-        targets = piece[1:] if last is None else piece
-        if len(targets):
-            yield pred, np.asarray(targets, np.int32)
-        last = logits[-1]
-        pos += len(piece)
-    runner.free(seq_id)
 
 
 @jax.jit

@@ -9,6 +9,7 @@ decoding.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import jax
@@ -35,16 +36,14 @@ def _token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return -jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
 
 
-def perplexity(runner: Runner, ids: list[int], prefix: int = 0, chunk: int = 256,
-               seq_id: int = 0) -> PplResult:
-    """Perplexity of ids[prefix + 1:] given everything before each token."""
+def scored_logits(runner: Runner, ids: list[int], prefix: int = 0, chunk: int = 256,
+                  seq_id: int = 0) -> Iterator[tuple[jax.Array, np.ndarray]]:
+    """Yields (logits [n, vocab], targets [n]) chunk by chunk: the logits that predict each scored
+    token of ids[max(prefix, 1):], as `perplexity` and `kvjax.eval.kl` score them."""
     if len(ids) < prefix + 2:
         raise ValueError(f"need more than prefix + 1 = {prefix + 1} tokens, got {len(ids)}")
     runner.free(seq_id)
-    last = None
-    if prefix:
-        last = runner.prefill(seq_id, ids[:prefix])
-    nlls = []
+    last = runner.prefill(seq_id, ids[:prefix]) if prefix else None
     pos = prefix
     while pos < len(ids):
         piece = ids[pos: pos + chunk]
@@ -52,9 +51,17 @@ def perplexity(runner: Runner, ids: list[int], prefix: int = 0, chunk: int = 256
         # Token pos is predicted by the logits of pos - 1 (the previous chunk's last row).
         pred = logits[:-1] if last is None else jnp.concatenate([last[None], logits[:-1]])
         targets = piece[1:] if last is None else piece
-        nlls.append(np.asarray(_token_nll(pred, jnp.asarray(targets, jnp.int32))))
+        if len(targets):
+            yield pred, np.asarray(targets, np.int32)
         last = logits[-1]
         pos += len(piece)
     runner.free(seq_id)
+
+
+def perplexity(runner: Runner, ids: list[int], prefix: int = 0, chunk: int = 256,
+               seq_id: int = 0) -> PplResult:
+    """Perplexity of ids[prefix + 1:] given everything before each token."""
+    nlls = [np.asarray(_token_nll(pred, jnp.asarray(targets)))
+            for pred, targets in scored_logits(runner, ids, prefix, chunk, seq_id)]
     all_nll = np.concatenate(nlls)
     return PplResult(tokens_scored=len(all_nll), nll=float(all_nll.mean()))

@@ -6,6 +6,8 @@ never sees this object: it only sees the page table rows built from it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from kvjax.cache.paged import NULL_PAGE
@@ -55,10 +57,17 @@ class PageAllocator:
 
     def page_table(self, seq_ids: list[int], max_pages: int) -> np.ndarray:
         """[len(seq_ids), max_pages] int32; unowned entries point at the null page."""
-        table = np.full((len(seq_ids), max_pages), NULL_PAGE, np.int32)
-        for row, sid in enumerate(seq_ids):
-            pages = self.pages(sid)
-            if len(pages) > max_pages:
-                raise ValueError(f"sequence {sid} has {len(pages)} pages > max_pages {max_pages}")
-            table[row, : len(pages)] = pages
-        return table
+        return page_table(self.pages, seq_ids, max_pages)
+
+
+def page_table(pages_of: Callable[[int], list[int]], seq_ids: list[int],
+               max_pages: int) -> np.ndarray:
+    """[len(seq_ids), max_pages] int32 rows of each sequence's pages (`pages_of(seq_id)`), padded
+    with the null page. Shared by the runner's allocator and the engine's block manager."""
+    table = np.full((len(seq_ids), max_pages), NULL_PAGE, np.int32)
+    for row, sid in enumerate(seq_ids):
+        pages = pages_of(sid)
+        if len(pages) > max_pages:
+            raise ValueError(f"sequence {sid} has {len(pages)} pages > max_pages {max_pages}")
+        table[row, : len(pages)] = pages
+    return table

@@ -29,7 +29,8 @@ from collections import OrderedDict
 
 import numpy as np
 
-NULL_PAGE = 0
+from kvjax.cache.allocator import page_table
+from kvjax.cache.paged import NULL_PAGE
 
 
 class OutOfPages(RuntimeError):
@@ -241,13 +242,7 @@ class BlockManager:
 
     # ---- views ---------------------------------------------------------------------------------
     def page_table(self, seq_ids: list[int], max_pages: int) -> np.ndarray:
-        table = np.full((len(seq_ids), max_pages), NULL_PAGE, np.int32)
-        for row, sid in enumerate(seq_ids):
-            pages = self.pages(sid)
-            if len(pages) > max_pages:
-                raise ValueError(f"sequence {sid} has {len(pages)} pages > max_pages {max_pages}")
-            table[row, : len(pages)] = pages
-        return table
+        return page_table(self.pages, seq_ids, max_pages)
 
     def check(self) -> None:
         """Assert the invariants: refcounts equal table references, every page in exactly one

@@ -153,7 +153,7 @@ BAD = [
     ("/v1/completions", json.dumps({"model": MODEL, "prompt": [1, 2, 999]}).encode()),
     ("/v1/completions", json.dumps({"model": "gpt-9", "prompt": "hi"}).encode()),
     ("/v1/completions", json.dumps({"model": MODEL, "prompt": "hi", "temperature": -1}).encode()),
-    ("/v1/completions", json.dumps({"model": MODEL, "prompt": "hi", "n": 3}).encode()),
+    ("/v1/completions", json.dumps({"model": MODEL, "prompt": "hi", "n": 0}).encode()),
     ("/v1/completions", json.dumps({"model": MODEL, "prompt": "", "max_tokens": 2}).encode()),
     ("/v1/completions", json.dumps({"model": MODEL, "prompt": "hi",
                                     "kv_eviction": {"policy": "lru"}}).encode()),

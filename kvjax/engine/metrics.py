@@ -1,22 +1,34 @@
-"""Engine metrics and their Prometheus text exposition (format 0.0.4).
+"""Engine metrics, exposed through prometheus_client under vLLM's names with a `kvjax:` prefix.
 
-Written by hand rather than with prometheus_client: we need four metric kinds and one text format,
-and prometheus_client's process-global registry gets in the way of several engines in one process
-(tests start servers side by side). Names follow vLLM's with a `kvjax:` prefix, so dashboards
-carry over: kv_cache_usage_perc, prefix_cache_queries/hits, num_requests_running/waiting,
-num_preemptions, time_to_first_token_seconds, inter_token_latency_seconds.
+The engine bumps plain counters and histograms under one lock (cheap, no client-library calls in
+the step loop); `render` hands a snapshot to prometheus_client through a custom collector on a
+private `CollectorRegistry` per call, so several engines in one process (tests start servers side
+by side) never collide in the process-global registry. Counters get `_total` from the library.
+Names: num_requests_running/waiting, kv_cache_usage_perc, prefix_cache_queries/hits,
+num_preemptions, prompt_tokens, generation_tokens, request_success, request_failure,
+request_prefill_kv_computed_tokens, time_to_first_token_seconds, inter_token_latency_seconds,
+e2e_request_latency_seconds, cache_config_info.
 """
 
 from __future__ import annotations
 
 import bisect
+import collections
 import threading
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                 7.5, 10.0, 20.0, 40.0, 80.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
                0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Histogram:
@@ -40,14 +52,26 @@ class Histogram:
                 return bound
         return float("nan")
 
+    def cumulative(self) -> list[tuple[str, float]]:
+        out, acc = [], 0
+        for bound, c in zip((*self.buckets, float("inf")), self.counts, strict=True):
+            acc += c
+            out.append(("+Inf" if bound == float("inf") else repr(float(bound)), acc))
+        return out
+
+
+COUNTERS = ("prompt_tokens", "generation_tokens", "num_preemptions", "request_success",
+            "request_failure", "prefill_kv_computed_tokens")
+
 
 class Metrics:
-    """Counters the engine bumps under its own lock; `render` reads a consistent snapshot."""
+    """Counters the engine bumps under its own lock; `render` reads a consistent snapshot.
+    Unknown counter names are accepted (start at 0) so the engine can add one without a crash."""
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "num_preemptions": 0,
-                         "request_success": 0, "prefill_kv_computed_tokens": 0}
+        self.counters: collections.defaultdict[str, int] = collections.defaultdict(int)
+        self.counters.update({k: 0 for k in COUNTERS})
         self.ttft = Histogram(TTFT_BUCKETS)
         self.itl = Histogram(ITL_BUCKETS)
         self.e2e = Histogram(E2E_BUCKETS)
@@ -57,62 +81,75 @@ class Metrics:
             self.counters[name] += value
 
 
-def _fmt(v: float) -> str:
-    if v == float("inf"):
-        return "+Inf"
-    return repr(float(v)) if isinstance(v, float) else str(v)
+class _Snapshot:
+    """A prometheus_client collector over one snapshot of the engine's numbers."""
+
+    def __init__(self, model_name: str, metrics: Metrics, pools: list[dict]):
+        self.model, self.pools = model_name, pools
+        with metrics.lock:
+            self.counters = dict(metrics.counters)
+            self.hists = [(name, help_, h.cumulative(), h.sum) for name, help_, h in (
+                ("time_to_first_token_seconds", "Time to first token.", metrics.ttft),
+                ("inter_token_latency_seconds", "Time between output tokens.", metrics.itl),
+                ("e2e_request_latency_seconds", "Request latency.", metrics.e2e))]
+
+    def collect(self):
+        m, pools = self.model, self.pools
+
+        def gauge(name, help_, value):
+            g = GaugeMetricFamily(f"kvjax:{name}", help_, labels=["model_name"])
+            g.add_metric([m], value)
+            return g
+
+        def counter(name, help_, value):
+            c = CounterMetricFamily(f"kvjax:{name}", help_, labels=["model_name"])
+            c.add_metric([m], value)
+            return c
+
+        def per_pool(kind, name, help_, key):
+            f = kind(f"kvjax:{name}", help_, labels=["model_name", "pool"])
+            for p in pools:
+                f.add_metric([m, p["pool"]], p[key])
+            return f
+
+        yield gauge("num_requests_running", "Requests in the running batch.",
+                    sum(p["running"] for p in pools))
+        yield gauge("num_requests_waiting", "Requests waiting to be scheduled.",
+                    sum(p["waiting"] for p in pools))
+        yield per_pool(GaugeMetricFamily, "kv_cache_usage_perc",
+                       "Fraction of KV cache pages in use by requests (1 = full).", "usage")
+        yield per_pool(CounterMetricFamily, "prefix_cache_queries",
+                       "Prompt tokens looked up in the prefix cache.", "queries")
+        yield per_pool(CounterMetricFamily, "prefix_cache_hits",
+                       "Prompt tokens found in the prefix cache.", "hits")
+        c = self.counters
+        yield counter("num_preemptions", "Requests preempted (pages freed, recomputed later).",
+                      c["num_preemptions"])
+        yield counter("prompt_tokens", "Prompt tokens processed.", c["prompt_tokens"])
+        yield counter("generation_tokens", "Tokens generated.", c["generation_tokens"])
+        yield counter("request_success", "Requests finished (stop, length or abort).",
+                      c["request_success"])
+        yield counter("request_failure", "Requests failed by an engine error.",
+                      c.get("request_failure", 0))
+        yield counter("request_prefill_kv_computed_tokens",
+                      "Prefill tokens whose KV was computed (not taken from the prefix cache).",
+                      c["prefill_kv_computed_tokens"])
+        for name, help_, buckets, total in self.hists:
+            h = HistogramMetricFamily(f"kvjax:{name}", help_, labels=["model_name"])
+            h.add_metric([m], buckets, total)
+            yield h
+        info = GaugeMetricFamily("kvjax:cache_config_info", "KV cache pools.",
+                                 labels=["model_name", "pool", "cache_dtype", "num_pages",
+                                         "page_size"])
+        for p in pools:
+            info.add_metric([m, p["pool"], str(p["dtype"]), str(p["num_pages"]),
+                             str(p["page_size"])], 1)
+        yield info
 
 
 def render(model_name: str, metrics: Metrics, pools: list[dict]) -> str:
     """pools: [{"pool": name, "usage": 0..1, "queries": n, "hits": n, "running": n,
-    "waiting": n, "num_pages": n, "page_size": n, "dtype": str}]."""
-    lines: list[str] = []
-    base = f'model_name="{model_name}"'
-
-    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
-        lines.append(f"# HELP kvjax:{name} {help_}")
-        lines.append(f"# TYPE kvjax:{name} {kind}")
-        for labels, value in samples:
-            suffix = "_total" if kind == "counter" else ""
-            lines.append(f"kvjax:{name}{suffix}{{{labels}}} {_fmt(value)}")
-
-    def per_pool(key: str) -> list[tuple[str, float]]:
-        return [(f'{base},pool="{p["pool"]}"', p[key]) for p in pools]
-
-    metric("num_requests_running", "gauge", "Requests in the running batch.",
-           [(base, sum(p["running"] for p in pools))])
-    metric("num_requests_waiting", "gauge", "Requests waiting to be scheduled.",
-           [(base, sum(p["waiting"] for p in pools))])
-    metric("kv_cache_usage_perc", "gauge",
-           "Fraction of KV cache pages in use by requests (1 = full).", per_pool("usage"))
-    metric("prefix_cache_queries", "counter",
-           "Prompt tokens looked up in the prefix cache.", per_pool("queries"))
-    metric("prefix_cache_hits", "counter",
-           "Prompt tokens found in the prefix cache.", per_pool("hits"))
-    with metrics.lock:
-        c = dict(metrics.counters)
-        hists = [("time_to_first_token_seconds", "Time to first token.", metrics.ttft),
-                 ("inter_token_latency_seconds", "Time between output tokens.", metrics.itl),
-                 ("e2e_request_latency_seconds", "Request latency.", metrics.e2e)]
-        hist_lines = []
-        for name, help_, h in hists:
-            hist_lines.append(f"# HELP kvjax:{name} {help_}")
-            hist_lines.append(f"# TYPE kvjax:{name} histogram")
-            acc = 0
-            for bound, n in zip((*h.buckets, float("inf")), h.counts, strict=True):
-                acc += n
-                hist_lines.append(f'kvjax:{name}_bucket{{{base},le="{_fmt(bound)}"}} {acc}')
-            hist_lines.append(f"kvjax:{name}_sum{{{base}}} {_fmt(h.sum)}")
-            hist_lines.append(f"kvjax:{name}_count{{{base}}} {h.count}")
-    metric("num_preemptions", "counter", "Requests preempted (pages freed, recomputed later).",
-           [(base, c["num_preemptions"])])
-    metric("prompt_tokens", "counter", "Prompt tokens processed.", [(base, c["prompt_tokens"])])
-    metric("generation_tokens", "counter", "Tokens generated.", [(base, c["generation_tokens"])])
-    metric("request_success", "counter", "Requests finished.", [(base, c["request_success"])])
-    metric("request_prefill_kv_computed_tokens", "counter",
-           "Prefill tokens whose KV was computed (not taken from the prefix cache).",
-           [(base, c["prefill_kv_computed_tokens"])])
-    metric("cache_config_info", "gauge", "KV cache pools.",
-           [(f'{base},pool="{p["pool"]}",cache_dtype="{p["dtype"]}",'
-             f'num_pages="{p["num_pages"]}",page_size="{p["page_size"]}"', 1) for p in pools])
-    return "\n".join(lines + hist_lines) + "\n"
+    "waiting": n, "num_pages": n, "page_size": n, "dtype": str}] -> Prometheus text 0.0.4."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Snapshot(model_name, metrics, pools))
+    return generate_latest(registry).decode()

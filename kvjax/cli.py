@@ -61,7 +61,12 @@ def _underscore_flag_names(argv: list[str]) -> list[str]:
 
 def define_config_flags() -> None:
     """Flags that pick and override a named config (shared by generate, eval, memory, bench)."""
-    flags.DEFINE_string("config", "smollm2", "Named config from configs/.")
+    flags.DEFINE_string("config", "smollm2", "Named config from configs/. With --weights, the "
+                        "architecture comes from the checkpoint and a named config only adds "
+                        "cache/mesh presets (checked against the checkpoint).")
+    flags.DEFINE_enum("weight_dtype", None, ["auto", "int8", "int4"], "Projection weights in "
+                      "memory and in the matmul: auto (float), int8 (per output channel) or int4 "
+                      "(groups of 32; GGUF Q4_0/Q4_1 kept as they are).")
     flags.DEFINE_string("kv_cache_dtype", None, "KV cache dtype: auto, "
                         + ", ".join(KV_CACHE_DTYPES) + ".")
     flags.DEFINE_integer("page_size", None, "Tokens per KV page (a power of two).", lower_bound=1)
@@ -84,9 +89,12 @@ def define_config_flags() -> None:
 
 
 def config_from_flags():
-    from kvjax.config import load_config
+    from kvjax.config import config_for
 
-    cfg = load_config(FLAGS.config)
+    weights = FLAGS["weights"].value if "weights" in FLAGS else None
+    cfg = config_for(FLAGS.config if FLAGS["config"].present or not weights else None, weights)
+    if FLAGS.weight_dtype is not None:
+        cfg = cfg.replace_model(weight_dtype=FLAGS.weight_dtype)
     if FLAGS.num_layers is not None:
         cfg = cfg.replace_model(num_layers=FLAGS.num_layers)
     mesh_kw = {k: v for k, v in (("data", FLAGS.data_parallel),

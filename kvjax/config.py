@@ -16,14 +16,37 @@ class ConfigError(ValueError):
     """A bad config name or field value; the CLIs print it as a one-line error and exit 2."""
 
 
+ROPE_TYPES = ("llama3", "linear", "dynamic", "yarn")  # plus "default" = no RopeScaling
+WEIGHT_DTYPES = ("auto", "int8", "int4")
+
+
 @dataclass(frozen=True)
 class RopeScaling:
-    """Llama 3.1's frequency-dependent RoPE scaling ("llama3" rope_type in HF configs)."""
+    """RoPE scaling as HF configs name it (`rope_type`); the formulas are in models/layers.py.
+
+    llama3: Llama 3.1's wavelength-dependent scaling (factor, low/high_freq_factor,
+    original_max_position). linear: positions divided by `factor`. dynamic: NTK scaling that only
+    departs from plain RoPE past the trained context, which kvjax never runs past (max_position),
+    so it equals plain RoPE here exactly as in HF. yarn: YaRN (factor, original_max_position,
+    beta_fast/beta_slow ramp, `attention_factor` scaling cos and sin).
+    """
 
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position: int = 8192
+    rope_type: str = "llama3"  # default keeps kvjax.json files written before this field
+    attention_factor: float = 1.0  # yarn: scales cos/sin (q.k by its square)
+    beta_fast: float = 32.0  # yarn: ramp bounds in rotations over original_max_position
+    beta_slow: float = 1.0
+    truncate: bool = True  # yarn: round the ramp bounds to whole dims (HF's default)
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in ROPE_TYPES:
+            raise ConfigError(f"unsupported rope type {self.rope_type!r}; kvjax supports "
+                              f"default, {', '.join(ROPE_TYPES)}")
+        if self.factor <= 0 or self.original_max_position <= 0:
+            raise ConfigError("rope scaling factor and original_max_position must be positive")
 
 
 @dataclass(frozen=True)
@@ -45,10 +68,18 @@ class ModelConfig:
     tie_embeddings: bool = True
     qkv_bias: bool = False  # Qwen2: biases on the q/k/v projections
     qk_norm: bool = False  # Qwen3: per-head RMSNorm on q and k before RoPE
+    # How the projection weights are held in memory and read by the matmul (kvjax/quant/weights.py):
+    # "auto" = float (Config.param_dtype), "int8" per output channel, "int4" in groups of 32
+    # along the input. A run setting (like vLLM's `quantization`), not part of the checkpoint's
+    # architecture: `loaders.check_compatible` ignores it.
+    weight_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.arch not in ("llama", "qwen2", "qwen3"):
             raise ConfigError(f"unknown arch {self.arch!r}; expected llama, qwen2 or qwen3")
+        if self.weight_dtype not in WEIGHT_DTYPES:
+            raise ConfigError(f"unknown weight dtype {self.weight_dtype!r}; choose from "
+                              f"{', '.join(WEIGHT_DTYPES)}")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
                      "num_heads", "num_kv_heads", "head_dim", "max_position"):
             if getattr(self, name) <= 0:
@@ -210,3 +241,26 @@ def load_config(name: str) -> Config:
     if name not in CONFIGS:
         raise ConfigError(f"unknown config {name!r}; available: {', '.join(sorted(CONFIGS))}")
     return CONFIGS[name]
+
+
+def config_for(name: str | None, weights: str | None) -> Config:
+    """The config of a run. The architecture comes from the checkpoint `weights` when one is
+    given (config.json, GGUF metadata or the orbax record): a named config then only supplies
+    cache, mesh and runtime presets and must agree with the checkpoint (WeightsError, one line,
+    otherwise). Without a name, the presets are those of a named config whose model equals the
+    checkpoint's (the embedded SmolLM2 GGUF -> "smollm2"), else the defaults."""
+    from configs import CONFIGS
+    from kvjax.loaders import check_compatible, checkpoint_config
+
+    if not weights:
+        return load_config(name or "smollm2")
+    found = checkpoint_config(weights)
+    if name is not None:
+        cfg = load_config(name)
+        check_compatible(cfg.model, found, weights)
+        return dataclasses.replace(cfg, weights=weights)
+    same = [c for _, c in sorted(CONFIGS.items()) if c.model == found]
+    if same:
+        return dataclasses.replace(same[0], weights=weights)
+    label = weights.rstrip("/").rsplit("/", 1)[-1] or weights
+    return Config(name=label, model=found, weights=weights)

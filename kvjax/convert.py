@@ -1,8 +1,11 @@
-"""Convert weights to an orbax checkpoint: `python -m kvjax.convert --config NAME --weights SRC
---out DIR`. SRC is a GGUF file, an HF checkpoint dir or "smollm2"; `--weights DIR` then restores
-the converted params (no dequantization or transposes at load time)."""
+"""Convert weights to an orbax checkpoint: `python -m kvjax.convert --weights SRC --out DIR`.
+SRC is a GGUF file, an HF checkpoint dir or "smollm2" (the architecture comes from it; --config
+only checks it); `--weights DIR` then restores the converted params (no dequantization or
+transposes at load time). The params are saved in float: --weight-dtype applies when loading."""
 
 from __future__ import annotations
+
+import dataclasses
 
 from absl import flags
 
@@ -21,7 +24,7 @@ def main(argv: list[str]) -> int:
         raise cli.UsageError("pass --weights SRC (GGUF file or HF checkpoint dir)")
     if not FLAGS.out:
         raise cli.UsageError("pass --out DIR")
-    params, tokenizer = load(source, cfg.model)
+    params, tokenizer = load(source, dataclasses.replace(cfg.model, weight_dtype="auto"))
     orbax_ckpt.save(FLAGS.out, cfg.model, params, tokenizer)
     n = sum(v.size for v in params.values())
     print(f"wrote {n:,} params of {cfg.name} to {FLAGS.out}")

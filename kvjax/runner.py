@@ -18,6 +18,7 @@ import models
 from kvjax import sharding
 from kvjax.cache import PageAllocator, bytes_per_token, init_cache, window_bytes_per_sequence
 from kvjax.config import Config
+from kvjax.quant import weights
 
 CHUNK_BUCKETS = (1, 16, 64, 256)
 
@@ -39,7 +40,8 @@ class Runner:
         mc = cfg.model
         dtype = param_dtype(cfg)
         if mesh is None:
-            params = {k: jnp.asarray(v, dtype) for k, v in params.items()}
+            # Projections quantized to mc.weight_dtype (kvjax/quant/weights.py), rest cast.
+            params = weights.prepare(params, mc, dtype)
         else:  # tensor/data parallel (kvjax/sharding.py): each device gets only its shards
             params = sharding.shard_params(params, mc, mesh, dtype)
         self.graphdef, self.params = nnx.split(

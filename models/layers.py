@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.config import ModelConfig
+from kvjax.quant.weights import Int4Weight, Int8Weight, is_quantized
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -24,16 +25,23 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """Inverse frequencies [head_dim // 2], with Llama 3.1's wavelength-dependent scaling.
+    """Inverse frequencies [head_dim // 2] for the config's RoPE type (the formulas of HF's
+    modeling_rope_utils, computed in float64 and rounded once).
 
-    Llama 3.1 leaves high frequencies alone, divides low frequencies by `factor`, and interpolates
-    smoothly between the two bands (same formula as HF's `_compute_llama3_parameters`).
+    llama3: high frequencies kept, low ones divided by `factor`, a smooth blend between.
+    linear: all divided by `factor`. dynamic: plain RoPE (NTK only departs from it past the
+    trained context, beyond max_position). yarn: per-dimension blend of interpolated (/factor)
+    and original frequencies with a linear ramp between the beta_fast and beta_slow dims.
     """
     d = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
     s = cfg.rope_scaling
-    if s is None:
+    if s is None or s.rope_type == "dynamic":
         return inv_freq.astype(np.float32)
+    if s.rope_type == "linear":
+        return (inv_freq / s.factor).astype(np.float32)
+    if s.rope_type == "yarn":
+        return _yarn_inv_freq(inv_freq, d, cfg.rope_theta, s).astype(np.float32)
     low_freq_wavelen = s.original_max_position / s.low_freq_factor
     high_freq_wavelen = s.original_max_position / s.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
@@ -45,19 +53,74 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """x: [batch, tokens, heads, head_dim]; positions: [batch, tokens]; inv_freq: [head_dim/2]."""
+def _yarn_inv_freq(inv_freq: np.ndarray, d: int, theta: float, s) -> np.ndarray:
+    def correction_dim(rotations: float) -> float:
+        return d * math.log(s.original_max_position / (rotations * 2 * math.pi)) / (
+            2 * math.log(theta))
+
+    low, high = correction_dim(s.beta_fast), correction_dim(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001  # HF: avoid a zero-width ramp
+    ramp = np.clip((np.arange(d // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp  # weight of the original frequency
+    return inv_freq / s.factor * (1 - extrapolation) + inv_freq * extrapolation
+
+
+def rope_attention_factor(cfg: ModelConfig) -> float:
+    """YaRN's scale on cos and sin (so on q.k by its square); 1 for every other RoPE type."""
+    s = cfg.rope_scaling
+    return float(s.attention_factor) if s is not None and s.rope_type == "yarn" else 1.0
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
+               scale: float = 1.0) -> jax.Array:
+    """x: [batch, tokens, heads, head_dim]; positions: [batch, tokens]; inv_freq: [head_dim/2];
+    scale: multiplies cos and sin (YaRN's attention factor, `rope_attention_factor`)."""
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, tokens, head_dim // 2]
     cos = jnp.cos(angles)[:, :, None, :]
     sin = jnp.sin(angles)[:, :, None, :]
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
     x32 = x.astype(jnp.float32)
     x1, x2 = jnp.split(x32, 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
 
 
-def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
-    """x: [batch, tokens, hidden]; w_gate, w_up: [hidden, ffn]; w_down: [ffn, hidden]."""
-    gate = jnp.einsum("bth,hf->btf", x, w_gate)
-    up = jnp.einsum("bth,hf->btf", x, w_up)
-    return jnp.einsum("btf,fh->bth", jax.nn.silu(gate) * up, w_down)
+def swiglu(x: jax.Array, w_gate, w_up, w_down) -> jax.Array:
+    """x: [batch, tokens, hidden]; w_gate, w_up: [hidden, ffn]; w_down: [ffn, hidden] (plain
+    arrays or quantized weights, see `linear`)."""
+    return linear(jax.nn.silu(linear(x, w_gate)) * linear(x, w_up), w_down)
+
+
+def linear(x: jax.Array, w) -> jax.Array:
+    """x: [..., in] @ w: [in, out] -> [..., out] in x's dtype. w is a plain array or a quantized
+    weight (kvjax/quant/weights.py); quantized ones are dequantized inside the dot's operand so
+    that XLA fuses the conversion into a matrix-vector dot and reads the narrow codes."""
+    c = x.dtype
+    if isinstance(w, Int8Weight):  # per-output-channel scale: applied after the dot
+        return jnp.einsum("...i,io->...o", x, w.q.astype(c)) * w.scale[0].astype(c)
+    if isinstance(w, Int4Weight):  # one dot per nibble half (a concatenate breaks the fusion)
+        half, groups = w.packed.shape[0], w.scale.shape[0] // 2
+        group = 2 * half // w.scale.shape[0]
+
+        def part(codes: jax.Array, xs: jax.Array, sl: slice) -> jax.Array:
+            scale = jnp.repeat(w.scale[sl].astype(c), group, axis=0)
+            mn = jnp.repeat(w.min[sl].astype(c), group, axis=0)
+            return jnp.einsum("...i,io->...o", xs, codes.astype(c) * scale + mn)
+
+        return (part(w.packed & 15, x[..., :half], slice(None, groups))
+                + part(w.packed >> 4, x[..., half:], slice(groups, None)))
+    return jnp.einsum("...i,io->...o", x, w)
+
+
+def layer_weights(w, index: jax.Array, dtype) -> jax.Array:
+    """Layer `index` of a stacked weight [layers, ...]: plain arrays cast to the compute dtype,
+    quantized weights sliced leaf by leaf and left quantized (`linear` dequantizes them)."""
+    if is_quantized(w):
+        return jax.tree_util.tree_map(
+            lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), w)
+    return jax.lax.dynamic_index_in_dim(w, index, keepdims=False).astype(dtype)

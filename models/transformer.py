@@ -21,7 +21,15 @@ from kvjax.attention import paged_attention
 from kvjax.cache.paged import KVCache, write_layer
 from kvjax.config import ModelConfig
 from kvjax.sharding import active_mesh, shard_attention
-from models.layers import apply_rope, rms_norm, rope_inv_freq, swiglu
+from models.layers import (
+    apply_rope,
+    layer_weights,
+    linear,
+    rms_norm,
+    rope_attention_factor,
+    rope_inv_freq,
+    swiglu,
+)
 
 # Activation dtype; None = f32 on the CPU backend (slow bf16 matmuls there), bf16 elsewhere. Read
 # at trace time: kvjax.plan70b sets bf16 to compile on CPU the step a GPU would run.
@@ -98,13 +106,11 @@ class Transformer(nnx.Module):
             x, seg = carry
             # Read this layer's weights in the body (not as scan inputs) so one set of stacked
             # params serves every segment without slicing copies.
-            p = {k: jax.lax.dynamic_index_in_dim(w, seg.start + index, keepdims=False)
-                 .astype(compute) for k, w in layer_params.items()}
+            # Quantized projections stay quantized here (`linear` dequantizes inside the dot).
+            p = {k: layer_weights(w, seg.start + index, compute) for k, w in layer_params.items()}
             b, t, _ = x.shape
             h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-            q = jnp.einsum("bth,hq->btq", h, p["wq"])
-            k = jnp.einsum("bth,hq->btq", h, p["wk"])
-            v = jnp.einsum("bth,hq->btq", h, p["wv"])
+            q, k, v = linear(h, p["wq"]), linear(h, p["wk"]), linear(h, p["wv"])
             if cfg.qkv_bias:
                 q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
             q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
@@ -113,7 +119,8 @@ class Transformer(nnx.Module):
             if cfg.qk_norm:
                 q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
                 k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
-            q = apply_rope(q, positions, inv_freq)
+            # YaRN scales cos/sin of q and k; all of it on q leaves the cached keys plain RoPE.
+            q = apply_rope(q, positions, inv_freq, rope_attention_factor(cfg) ** 2)
             k = apply_rope(k, positions, inv_freq)
             seg = write_layer(seg, index, k, v, positions, lengths, page_table, window_slots)
             attention = functools.partial(paged_attention, impl=self.attention_impl)
@@ -121,7 +128,7 @@ class Transformer(nnx.Module):
             if mesh is not None and self.attention_impl != "xla":  # kernels: one per device
                 attention = shard_attention(attention, mesh, cfg, b)
             o = attention(q, seg, index, page_table, lengths, positions, window_slots)
-            x = x + jnp.einsum("btq,qh->bth", o.reshape(b, t, -1), p["wo"])
+            x = x + linear(o.reshape(b, t, -1), p["wo"])
             h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
             x = x + swiglu(h, p["w_gate"], p["w_up"], p["w_down"])
             return (x, seg), None

@@ -18,6 +18,7 @@ from kvjax.loaders import gguf_loader, hf_loader, orbax_ckpt
 from kvjax.loaders.gguf_loader import WeightsError
 from kvjax.loaders.tokenizer import StreamDecoder, Tokenizer
 from kvjax.loaders.tokenizer import from_hf_dir as tokenizer_from_hf_dir
+from kvjax.quant import weights
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -56,10 +57,12 @@ def checkpoint_config(source: str) -> ModelConfig:
 
 
 def check_compatible(expected: ModelConfig, found: ModelConfig, source: str) -> None:
-    """The checkpoint must match the named config (num_layers may be cut down for smoke runs)."""
+    """The checkpoint must match the named config (num_layers may be cut down for smoke runs;
+    weight_dtype is how the run holds the weights, not part of the checkpoint)."""
     diffs = [f"{f.name}={getattr(found, f.name)!r} (config has {getattr(expected, f.name)!r})"
              for f in dataclasses.fields(ModelConfig)
-             if f.name != "num_layers" and getattr(found, f.name) != getattr(expected, f.name)]
+             if f.name not in ("num_layers", "weight_dtype")
+             and getattr(found, f.name) != getattr(expected, f.name)]
     if expected.num_layers > found.num_layers:
         diffs.append(f"num_layers={found.num_layers} (config has {expected.num_layers})")
     if diffs:
@@ -87,8 +90,11 @@ def load(source: str, cfg: ModelConfig) -> tuple[dict[str, np.ndarray], Tokenize
     module = _MODULES[fmt]
     found = module.model_config(path)
     check_compatible(cfg, found, source)
-    params = module.load_params(path, dataclasses.replace(cfg, num_layers=found.num_layers))
-    params = {k: (v[: cfg.num_layers] if k.startswith("layers.") else v)
+    full = dataclasses.replace(cfg, num_layers=found.num_layers)
+    # GGUF Q4 blocks load straight into int4 weights; other formats are quantized by the Runner.
+    params = (gguf_loader.load_params(path, full, cfg.weight_dtype) if fmt == "gguf"
+              else module.load_params(path, full))
+    params = {k: (weights.slice_layers(v, cfg.num_layers) if k.startswith("layers.") else v)
               for k, v in params.items()}
     _check_shapes(params, cfg, source)
     try:

@@ -10,12 +10,14 @@ a model that still runs but whose perplexity is in the hundreds.
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import numpy as np
 
 from kvjax.config import ConfigError, ModelConfig, RopeScaling
 from kvjax.loaders.tokenizer import Tokenizer, from_gguf_fields
+from kvjax.quant import weights
 from models import checkpoint_names
 
 
@@ -67,12 +69,7 @@ def model_config(path: str) -> ModelConfig:
         hidden = int(_required(r, p + "embedding_length"))
         head_dim = int(_field(r, p + "attention.key_length", hidden // heads))
         names = {t.name for t in r.tensors}
-        scaling = None
-        if _field(r, p + "rope.scaling.type") == "llama3" or "rope_freqs.weight" in names:
-            scaling = RopeScaling(
-                factor=float(_field(r, p + "rope.scaling.factor", 8.0)),
-                original_max_position=int(
-                    _field(r, p + "rope.scaling.original_context_length", 8192)))
+        scaling = _rope_scaling(r, p, "rope_freqs.weight" in names)
         vocab = _field(r, p + "vocab_size") or len(_required(r, "tokenizer.ggml.tokens"))
         return ModelConfig(
             arch=arch, vocab_size=int(vocab), hidden_size=hidden,
@@ -93,14 +90,37 @@ def model_config(path: str) -> ModelConfig:
         raise WeightsError(f"{path}: bad GGUF metadata ({e})") from None
 
 
+def _rope_scaling(r, p: str, has_freq_factors: bool) -> RopeScaling | None:
+    """llama.cpp's rope.scaling.* keys. Llama 3.1 GGUFs carry precomputed frequency factors
+    (rope_freqs.weight) and no type; a type kvjax does not implement is an error."""
+    kind = _field(r, p + "rope.scaling.type")
+    factor = float(_field(r, p + "rope.scaling.factor", 8.0))
+    orig = int(_field(r, p + "rope.scaling.original_context_length", 8192))
+    if kind == "llama3" or (has_freq_factors and kind in (None, "none")):
+        return RopeScaling(factor=factor, original_max_position=orig)
+    if kind in (None, "none"):
+        return None
+    if kind == "linear":
+        return RopeScaling(rope_type="linear", factor=factor, original_max_position=orig)
+    if kind == "yarn":  # llama.cpp: mscale = attn_factor * (1 + 0.1 ln(factor))
+        mscale = 1.0 + 0.1 * math.log(factor) if factor > 1 else 1.0
+        return RopeScaling(rope_type="yarn", factor=factor, original_max_position=orig,
+                           attention_factor=float(_field(r, p + "rope.scaling.attn_factor", 1.0))
+                           * mscale)
+    raise WeightsError(f"{r.data.filename}: unsupported rope scaling type {kind!r}; kvjax "
+                       "supports none, linear, yarn, llama3")
+
+
 def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Inverse of llama.cpp's `permute`: rows [n_heads * head_dim, ...] back to rotate-half."""
     shape = w.shape
     return w.reshape(n_heads, shape[0] // n_heads // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
-def load_params(path: str, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """Dequantized f32 params in our layout ([in, out] projections, layers stacked)."""
+def load_params(path: str, cfg: ModelConfig, weight_dtype: str = "auto") -> dict[str, np.ndarray]:
+    """Params in our layout ([in, out] projections, layers stacked): dequantized f32, except
+    that with weight_dtype "int4" the projections become Int4Weights, Q4_0/Q4_1 tensors bit for bit
+    from their blocks and others quantized from f32."""
     from gguf import GGMLQuantizationType, quants
 
     r = _reader(path)
@@ -120,6 +140,18 @@ def load_params(path: str, cfg: ModelConfig) -> dict[str, np.ndarray]:
         except (ValueError, NotImplementedError) as e:  # truncated data, unknown quant type
             raise WeightsError(f"{path}: cannot read tensor {name} ({e})") from None
 
+    def get_int4(name: str, perm) -> weights.Int4Weight:
+        t = tensors.get(name)
+        if t is not None and t.tensor_type.name in ("Q4_0", "Q4_1"):
+            out, inp = (int(d) for d in reversed(t.shape))
+            try:
+                return weights.from_gguf_q4(np.asarray(t.data), t.tensor_type.name, (out, inp),
+                                            perm)
+            except ValueError as e:
+                raise WeightsError(f"{path}: cannot read tensor {name} ({e})") from None
+        w = get(name)
+        return weights.quantize_int4((w if perm is None else perm(w)).T)
+
     params: dict[str, np.ndarray] = {}
     for ours, theirs in checkpoint_names(cfg, "gguf").items():
         if not ours.startswith("layers."):
@@ -128,13 +160,18 @@ def load_params(path: str, cfg: ModelConfig) -> dict[str, np.ndarray]:
             continue
         per_layer = []
         for i in range(cfg.num_layers):
-            w = get(theirs.format(i=i))
+            perm = None
             if cfg.arch == "llama" and ours in ("layers.wq", "layers.bq"):
-                w = _unpermute_rope_rows(w, cfg.num_heads)
+                perm = functools.partial(_unpermute_rope_rows, n_heads=cfg.num_heads)
             elif cfg.arch == "llama" and ours in ("layers.wk", "layers.bk"):
-                w = _unpermute_rope_rows(w, cfg.num_kv_heads)
+                perm = functools.partial(_unpermute_rope_rows, n_heads=cfg.num_kv_heads)
+            if weight_dtype == "int4" and ours in weights.QUANTIZED:
+                per_layer.append(get_int4(theirs.format(i=i), perm))
+                continue
+            w = get(theirs.format(i=i))
+            w = w if perm is None else perm(w)
             per_layer.append(w.T if w.ndim == 2 else w)
-        params[ours] = np.stack(per_layer)
+        params[ours] = weights.stack(per_layer)
     return params
 
 

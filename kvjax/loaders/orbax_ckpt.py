@@ -29,7 +29,8 @@ def save(out: str | Path, cfg: ModelConfig, params: dict[str, np.ndarray],
     out.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(out / "params", params, force=True)
-    meta = {"model": dataclasses.asdict(cfg)}
+    # The params saved are float: the record says so whatever the run's --weight-dtype was.
+    meta = {"model": dataclasses.asdict(dataclasses.replace(cfg, weight_dtype="auto"))}
     if tokenizer is not None:
         tokenizer.tok.save(str(out / "tokenizer.json"))
         meta["tokenizer"] = {"bos_id": tokenizer.bos_id, "eos_ids": tokenizer.eos_ids,

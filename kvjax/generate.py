@@ -11,16 +11,15 @@ import sys
 import time
 from pathlib import Path
 
-import jax
-import numpy as np
 from absl import flags
 
-from kvjax import cli, launch, memory, sharding
+from kvjax import cli, launch, memory, sampling, sharding
 from kvjax.config import Config
+from kvjax.engine.request import SamplingParams
+from kvjax.engine.step import compile_sampler, execute, fetch, prepare
 from kvjax.loaders import StreamDecoder, Tokenizer, load
 from kvjax.loaders.tokenizer import byte_tokenizer
 from kvjax.runner import CHUNK_BUCKETS, Runner
-from kvjax.sampling import sample
 
 FLAGS = flags.FLAGS
 
@@ -69,6 +68,55 @@ def load_model(cfg: Config, weights: str | None, random_weights: bool, seed: int
     return params, tokenizer or byte_tokenizer()
 
 
+class Decoder:
+    """One sequence through the engine's step path (kvjax.engine.step): the forward computes
+    logits only at the last position, samples on device, and the sampled id is the only thing
+    read back per token."""
+
+    def __init__(self, runner: Runner, params: SamplingParams, seed: int, seq_id: int = 0):
+        self.runner, self.params, self.seed, self.seq_id = runner, params, seed, seq_id
+        self.generated = 0
+
+    def _run(self, chunk: list[int], sample: bool) -> int | None:
+        step = prepare(self.runner, [self.seq_id], [chunk])
+        if sample:
+            step.sample, step.flags = sampling.pack([self.params], 1, [self.generated],
+                                                    [self.seed])
+        out = execute(self.runner, step)
+        if not sample:
+            return None
+        self.generated += 1
+        return int(fetch(out, step.flags)[0][0])
+
+    def prefill(self, ids: list[int], chunk: int = CHUNK_BUCKETS[-1]) -> int:
+        """Write the prompt in chunks; returns the first sampled token."""
+        token = None
+        for i in range(0, len(ids), chunk):
+            token = self._run(ids[i:i + chunk], sample=i + chunk >= len(ids))
+        return token
+
+    def step(self, token: int) -> int:
+        return self._run([token], sample=True)
+
+
+def warm_decode(runner: Runner, prompt_len: int, max_len: int, params: SamplingParams,
+                seed: int, chunk: int = CHUNK_BUCKETS[-1], batch: int = 1) -> float:
+    """Compile every shape a Decoder run of prompt_len -> max_len tokens reaches (prefill chunks
+    at their widths, then decode at each width it grows through, and the sampler), so nothing
+    compiles once generation starts. Returns the seconds spent."""
+    t0 = time.perf_counter()
+    for i in range(0, prompt_len, chunk):
+        n = min(chunk, prompt_len - i)
+        t = next(b for b in CHUNK_BUCKETS if b >= n)
+        runner.compile(batch, t, runner.table_width(i + n))
+    for w in runner.widths(max_len):
+        if w >= runner.table_width(prompt_len + 1):
+            runner.compile(batch, 1, w)
+    flags = sampling.pack([params] * batch, batch, [0] * batch, [seed] * batch)[1]
+    compile_sampler(runner, batch, flags, runner.cfg.model.vocab_size)
+    return time.perf_counter() - t0
+
+
 def read_prompt() -> str:
     if FLAGS.prompt is not None and FLAGS.prompt_file is not None:
         raise cli.UsageError("pass --prompt or --prompt-file, not both")
@@ -103,21 +151,17 @@ def main(argv: list[str]) -> int:
 
     runner = Runner(cfg, params, max_seq_len=max_len, mesh=mesh)
     del params
-    key = jax.random.key(FLAGS.seed)
-    temperature, top_p = np.float32(FLAGS.temperature), np.float32(FLAGS.top_p)
-
-    first_chunk = min(len(ids), CHUNK_BUCKETS[-1])
-    runner.warmup(tuple(sorted({1, next(b for b in CHUNK_BUCKETS if b >= first_chunk)})))
+    sp = SamplingParams(temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k)
+    seed = sampling.row_seed(FLAGS.seed, 0)
+    warm_s = warm_decode(runner, len(ids), max_len, sp, seed)
     t0 = time.perf_counter()
-    logits = runner.prefill(0, ids)
-    logits.block_until_ready()
+    decoder = Decoder(runner, sp, seed)
+    token = decoder.prefill(ids)
     prefill_s = time.perf_counter() - t0
 
     stream = StreamDecoder(tokenizer)
     n_new, t1 = 0, time.perf_counter()
-    for _ in range(max_len - len(ids)):
-        key, sub = jax.random.split(key)
-        token = int(sample(logits[None], sub, temperature, top_p, top_k=FLAGS.top_k)[0])
+    while True:
         n_new += 1
         if token in tokenizer.eos_ids:
             break
@@ -125,13 +169,14 @@ def main(argv: list[str]) -> int:
         sys.stdout.flush()
         if runner.lengths[0] + 1 > max_len:
             break
-        logits = runner.step([0], [[token]])[0, 0]
+        token = decoder.step(token)
     decode_s = time.perf_counter() - t1
     print()
     print(f"[stats] prompt tokens {len(ids)} | prefill {len(ids) / prefill_s:.1f} tok/s | "
           f"decode {n_new / max(decode_s, 1e-9):.1f} tok/s ({n_new} tokens) | "
           f"KV in use {runner.kv_bytes_in_use():,} bytes | "
-          f"{memory.fmt_num(runner.kv_bytes_per_token)} bytes/token ({cfg.cache.dtype})",
+          f"{memory.fmt_num(runner.kv_bytes_per_token)} bytes/token ({cfg.cache.dtype}) | "
+          f"compile {warm_s:.1f} s",
           file=launch.stats_stream())
     return 0
 

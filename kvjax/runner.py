@@ -7,6 +7,8 @@ once per prompt length.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 
 import jax
@@ -21,6 +23,10 @@ from kvjax.config import Config
 from kvjax.quant import weights
 
 CHUNK_BUCKETS = (1, 16, 64, 256)
+
+
+def _null() -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
 
 
 def param_dtype(cfg: Config) -> jnp.dtype:
@@ -50,12 +56,13 @@ class Runner:
         self.max_seq_len = max_seq_len
         self.max_pages = math.ceil(max_seq_len / page_size)
         num_pages = cfg.cache.num_pages or max_batch * self.max_pages + 1
-        self.cache = sharding.init_sharded(
-            lambda: init_cache(mc, cfg.cache, num_pages, num_slots=max_batch), mc, mesh)
+        self._init_cache = lambda: init_cache(mc, cfg.cache, num_pages, num_slots=max_batch)
+        self.cache = sharding.init_sharded(self._init_cache, mc, mesh)
         self.mesh = mesh
         self.forward = models.forward if mesh is None else sharding.sharded_forward(mesh,
                                                                                     self.cache)
         self.allocator = PageAllocator(num_pages, page_size)
+        self._compiled: dict[tuple[int, int, int], object] = {}  # (batch, t, width) -> executable
         self.lengths: dict[int, int] = {}  # sequence id -> tokens in the cache
         # Ring-buffer slots of the full-precision window, one per running sequence.
         self._free_slots = list(range(max_batch - 1, -1, -1))
@@ -113,6 +120,61 @@ class Runner:
         need = max(1, math.ceil(longest / self.cfg.cache.page_size))
         return min(self.max_pages, max(8, 1 << (need - 1).bit_length()))
 
+    table_width = _table_width
+
+    def widths(self, longest: int | None = None) -> list[int]:
+        """Every table width `table_width` can return for sequences up to `longest` tokens (all
+        of max_seq_len by default): the bounded set a warmup compiles."""
+        top = self._table_width(self.max_seq_len if longest is None else longest)
+        out, w = [], min(8, self.max_pages)
+        while w < top:
+            out.append(w)
+            w *= 2
+        return [*out, top]
+
+    def slots_for(self, seq_ids: list[int | None]) -> np.ndarray:
+        """[batch] window ring slot per row (0 for padding rows), assigned on first use."""
+        return np.array([0 if s is None else self._slot(s) for s in seq_ids], np.int32)
+
+    def run(self, tokens: np.ndarray, positions: np.ndarray, page_table: np.ndarray,
+            lengths: np.ndarray, slots: np.ndarray, logits_index: np.ndarray) -> jax.Array:
+        """One forward of a prepared batch (tokens, positions: [batch, t]; page_table: [batch,
+        width]; lengths, slots, logits_index: [batch]) -> logits [batch, vocab] at each row's
+        `logits_index`, left on device. The cache is updated in place. The engine and generate
+        both step through here (with `compile` warming the shapes first)."""
+        exe = self._compiled.get((*tokens.shape, page_table.shape[1]))
+        if exe is None:  # not warmed up: jit compiles it once
+            logits, self.cache = self.forward(
+                self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(positions),
+                self.cache, jnp.asarray(page_table), jnp.asarray(lengths), jnp.asarray(slots),
+                jnp.asarray(logits_index))
+            return logits
+        put = jnp.asarray if self.mesh is None else functools.partial(sharding.put_batch,
+                                                                      self.mesh)
+        logits, self.cache = exe(self.params, put(tokens), put(positions), self.cache,
+                                 put(page_table), put(lengths), put(slots), put(logits_index))
+        return logits
+
+    def compile(self, batch: int, t: int, width: int) -> None:
+        """Compile `run` for one (batch, chunk, table width) shape ahead of time, without
+        executing it. jit's own call cache does not see ahead-of-time compiles, so `run` looks
+        them up in `_compiled`. Each process of a mesh compiles its own; no collectives."""
+        # Inputs placed exactly as `run` places them (the executable checks their shardings).
+        if self.mesh is None:
+            def spec(*shape):
+                return jnp.zeros(shape, jnp.int32)
+            jitted = models.forward
+        else:
+            def spec(*shape):
+                return sharding.put_batch(self.mesh, np.zeros(shape, np.int32))
+            jitted = self.forward.jitted
+        if (batch, t, width) in self._compiled:
+            return
+        with sharding.tracing_mesh(self.mesh) if self.mesh is not None else _null():
+            self._compiled[batch, t, width] = jitted.lower(
+                self.graphdef, self.params, spec(batch, t), spec(batch, t), self.cache,
+                spec(batch, width), spec(batch), spec(batch), spec(batch)).compile()
+
     def forward_batch(self, seq_ids: list[int | None], tokens: np.ndarray, positions: np.ndarray,
                       page_table: np.ndarray, lengths: np.ndarray) -> jax.Array:
         """One forward over a page table managed outside the runner (the serving engine's block
@@ -144,6 +206,10 @@ class Runner:
             piece = ids[i: i + chunk]
             logits = self.step([seq_id], [piece])[0, len(piece) - 1]
         return logits
+
+    def reset_cache(self) -> None:
+        """A fresh, empty cache (after a failed step consumed the donated one)."""
+        self.cache = sharding.init_sharded(self._init_cache, self.cfg.model, self.mesh)
 
     def free(self, seq_id: int) -> None:
         self.allocator.free(seq_id)

@@ -307,6 +307,7 @@ def sharded_forward(mesh: Mesh, cache: Any) -> Callable:
             return jitted(graphdef, params, put(tokens), put(positions), cache,
                           *(put(x) for x in rest))
 
+    forward.jitted = jitted  # for ahead-of-time compiles (Runner.compile)
     return forward
 
 

@@ -87,11 +87,14 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache,
                  page_table: jax.Array, lengths: jax.Array,
-                 window_slots: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+                 window_slots: jax.Array | None = None,
+                 logits_index: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
         """tokens, positions: [batch, tokens]; page_table: [batch, max_pages]; lengths: [batch];
-        window_slots: [batch] ring slot per row (caches with a full-precision window).
+        window_slots: [batch] ring slot per row (caches with a full-precision window);
+        logits_index: [batch] the one position per row whose logits are wanted (None: all).
 
-        Returns logits [batch, tokens, vocab] (f32) and the cache with this chunk written.
+        Returns logits [batch, tokens, vocab] (f32), or [batch, vocab] with logits_index, and the
+        cache with this chunk written.
         """
         cfg = self.cfg
         compute = COMPUTE_DTYPE or (jnp.float32 if jax.default_backend() == "cpu"
@@ -138,23 +141,29 @@ class Transformer(nnx.Module):
             (x, seg), _ = jax.lax.scan(layer, (x, seg), jnp.arange(seg.num_layers))
             segments.append(seg)
         cache = cache.replace(segments=tuple(segments))
+        if logits_index is not None:  # the vocab projection only where a token is sampled
+            x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
         if self.lm_head is None:
             logits = jnp.einsum("bth,vh->btv", x, self.embed[...].astype(compute))
         else:
             logits = jnp.einsum("bth,hv->btv", x, self.lm_head[...].astype(compute))
+        if logits_index is not None:
+            logits = logits[:, 0]
         return logits.astype(jnp.float32), cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
 def forward(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, positions: jax.Array,
             cache: KVCache, page_table: jax.Array, lengths: jax.Array,
-            window_slots: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+            window_slots: jax.Array | None = None,
+            logits_index: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
     """The pure, jitted forward: (params, tokens, positions, cache, page table, lengths) ->
-    (logits [batch, tokens, vocab], cache). The input cache buffer is donated and updated in place.
+    (logits [batch, tokens, vocab] or [batch, vocab] at logits_index, cache). The input cache
+    buffer is donated and updated in place.
     """
     model = nnx.merge(graphdef, params)
-    return model(tokens, positions, cache, page_table, lengths, window_slots)
+    return model(tokens, positions, cache, page_table, lengths, window_slots, logits_index)
 
 
 def random_params(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32) -> dict[str, jax.Array]:

@@ -40,14 +40,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.cache import bytes_per_token, window_bytes_per_sequence
+from kvjax import sampling, sharding
 from kvjax.config import Config
 from kvjax.engine.block_manager import BlockManager
 from kvjax.engine.eviction import EvictionConfig, H2OScores, pages_to_drop
 from kvjax.engine.metrics import Metrics
+from kvjax.engine.planner import kv_split, size_pool
 from kvjax.engine.request import Request, SamplingParams
+from kvjax.engine.step import Channel, StepBatch, compile_sampler, execute, fetch
 from kvjax.runner import CHUNK_BUCKETS, Runner, param_dtype
-from kvjax.sampling import sample
 
 log = logging.getLogger("kvjax.engine")
 
@@ -86,51 +87,15 @@ def _bucket(n: int, buckets: tuple[int, ...]) -> int:
     return next((b for b in buckets if b >= n), n)
 
 
-def size_pool(cfg: Config, ecfg: EngineConfig, max_model_len: int, weight_bytes: int
-              ) -> tuple[int, str]:
-    """Pages for the main pool and a log line about the memory it came from.
-
-    On an accelerator: device memory x utilization - weights - an activation reserve (vLLM's
-    recipe without the profiling run). On CPU, where "device memory" is the host's, the default is
-    what max_num_seqs requests of max_model_len tokens need, capped by available RAM.
-    """
-    mc = cfg.model
-    page_bytes = int(bytes_per_token(mc, cfg.cache) * cfg.cache.page_size)
-    # Layouts with a full-precision window hold one ring per running sequence beside the pages.
-    window_bytes = window_bytes_per_sequence(mc, cfg.cache) * ecfg.max_num_seqs
-    if ecfg.num_pages:
-        return ecfg.num_pages, f"KV cache pages: {ecfg.num_pages} (set by --num-kv-pages)"
-    dev = jax.devices()[0]
-    stats = dev.memory_stats() if dev.platform != "cpu" else None
-    # Activations: logits of one full step in f32 (x2 for the gather) plus 1 GiB of headroom.
-    reserve = ecfg.max_num_batched_tokens * mc.vocab_size * 4 * 2 + GIB
-    if stats and "bytes_limit" in stats:
-        avail = (int(stats["bytes_limit"] * ecfg.gpu_memory_utilization) - weight_bytes - reserve
-                 - window_bytes)
-        if avail < 2 * page_bytes:
-            raise ValueError("No available memory for the cache blocks. Try increasing "
-                             "--gpu-memory-utilization or --num-kv-pages")
-        return avail // page_bytes, f"Available KV cache memory: {avail / GIB:.2f} GiB"
-    want = ecfg.max_num_seqs * -(-max_model_len // cfg.cache.page_size) + 1
-    try:
-        import psutil
-
-        ram = int(psutil.virtual_memory().available * ecfg.gpu_memory_utilization) - reserve
-        want = max(min(want, ram // page_bytes), 2)
-    except ImportError:
-        pass
-    return want, f"Available KV cache memory: {want * page_bytes / GIB:.2f} GiB (host)"
-
-
 class Pool:
     """One page pool: a Runner (cache + compiled forward) and the BlockManager of its pages."""
 
     def __init__(self, name: str, cfg: Config, params: dict, num_pages: int, max_model_len: int,
-                 ecfg: EngineConfig):
+                 ecfg: EngineConfig, mesh: jax.sharding.Mesh | None = None):
         self.name = name
         self.cfg = cfg.replace_cache(num_pages=num_pages)
         self.runner = Runner(self.cfg, params, max_seq_len=max_model_len,
-                             max_batch=ecfg.max_num_seqs)
+                             max_batch=ecfg.max_num_seqs, mesh=mesh)
         self.page_size = self.cfg.cache.page_size
         # Layouts with a full-precision window read a sequence's last W tokens from its own ring
         # buffer. A prefix hit therefore stops W tokens short of the prompt's end, so prefill
@@ -156,8 +121,12 @@ class Pool:
 
 class Engine:
     def __init__(self, cfg: Config, params: dict, ecfg: EngineConfig | None = None,
-                 eos_ids: tuple[int, ...] = (), model_name: str | None = None):
+                 eos_ids: tuple[int, ...] = (), model_name: str | None = None,
+                 mesh: jax.sharding.Mesh | None = None):
+        """mesh: run every step sharded over it (tensor x data parallel). In a multi-process run
+        every process builds the same Engine; process 0 schedules, the others call `follow`."""
         self.cfg = cfg
+        self.mesh = mesh
         self.ecfg = ecfg = ecfg or EngineConfig()
         self.eos_ids = tuple(eos_ids)
         self.model_name = model_name or cfg.name
@@ -166,20 +135,33 @@ class Engine:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's context "
                              f"{cfg.model.max_position}")
         self.metrics = Metrics()
-        weight_bytes = sum(int(np.prod(np.shape(v))) * jnp.dtype(param_dtype(cfg)).itemsize
-                           for v in params.values())
-        num_pages, memory_line = size_pool(cfg, ecfg, self.max_model_len, int(weight_bytes))
-        # Convert once, so every pool's Runner holds the same parameter buffers.
         dtype = param_dtype(cfg)
-        params = {k: jnp.asarray(v, dtype) for k, v in params.items()}
+        if mesh is None:
+            weight_bytes = sum(int(np.prod(np.shape(v))) * jnp.dtype(dtype).itemsize
+                               for v in params.values())
+            # Convert once, so every pool's Runner holds the same parameter buffers.
+            params = {k: jnp.asarray(v, dtype) for k, v in params.items()}
+        else:  # shard once; the Runners see arrays already in place and keep them
+            weight_bytes = sharding.per_device_bytes(
+                sharding.abstract_params(cfg.model, mesh, dtype))
+            params = sharding.shard_params(params, cfg.model, mesh, dtype)
+        num_pages, memory_line = size_pool(cfg, ecfg, self.max_model_len, int(weight_bytes), mesh)
         self.pools: dict[str, Pool] = {}
-        self.pools["default"] = Pool("default", cfg, params, num_pages, self.max_model_len, ecfg)
+        self.pools["default"] = Pool("default", cfg, params, num_pages, self.max_model_len, ecfg,
+                                     mesh)
         if ecfg.full_precision_pages:
             fp = ecfg.full_precision_dtype or ("f32" if jax.default_backend() == "cpu" else "bf16")
             self.pools["full"] = Pool("full", cfg.replace_cache(dtype=fp), params,
-                                      ecfg.full_precision_pages, self.max_model_len, ecfg)
+                                      ecfg.full_precision_pages, self.max_model_len, ecfg, mesh)
         del params
         self.startup_lines = [memory_line]
+        if mesh is not None:
+            m, split = mesh.shape, kv_split(cfg, mesh)
+            self.startup_lines.append(
+                f"Mesh: data={m[sharding.DATA]} x tensor={m[sharding.TENSOR]} over "
+                f"{jax.process_count()} process(es); {cfg.model.num_kv_heads} KV heads "
+                + (f"split {split} ways" if split > 1 else "replicated on every tensor device")
+                + "; KV capacity below is per data-parallel replica")
         for pool in self.pools.values():
             pages_per_req = -(-self.max_model_len // pool.page_size)
             if pool.bm.num_pages - 1 < pages_per_req:
@@ -199,7 +181,8 @@ class Engine:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stop = False
-        self._base_key = jax.random.key(ecfg.seed)
+        self.channel = Channel(cfg.model.vocab_size)  # process 0 -> the others, per step
+        self.warmup_done = threading.Event()
         self.steps = 0
 
     # ---- requests ------------------------------------------------------------------------------
@@ -276,11 +259,32 @@ class Engine:
                 for req in [r for r in (*pool.running, *pool.waiting) if r.request_id in aborts]:
                     self._finish(pool, req, "abort")
                     finished.append(req)
-            rows = self._schedule(pool)
-            if rows:
-                finished += self._execute(pool, rows)
+            rows = []
+            try:
+                rows = self._schedule(pool)
+                if rows:
+                    finished += self._execute(pool, rows)
+            except Exception as e:  # fail this step's requests only; the loop serves the rest
+                log.exception("engine step failed for %d request(s)", len(rows))
+                finished += self._recover(pool, [r for r, _, _ in rows], e)
         self.steps += 1
         return finished
+
+    def _recover(self, pool: Pool, failed: list[Request], error: Exception) -> list[Request]:
+        """Mark `failed` as errored. If the failed call had consumed the donated cache, the other
+        running requests lost their KV: rebuild the cache and recompute them (preemption)."""
+        msg = f"{type(error).__name__}: {error}"
+        done = []
+        for req in failed:
+            if not req.finished:
+                req.error = msg
+                self._finish(pool, req, "error")
+                done.append(req)
+        if any(x.is_deleted() for x in jax.tree.leaves(pool.runner.cache)):
+            for req in list(pool.running):
+                self._preempt(pool, req)
+            pool.runner.reset_cache()
+        return done
 
     def _preempt(self, pool: Pool, req: Request) -> None:
         pool.bm.free(req.seq_id)
@@ -368,13 +372,16 @@ class Engine:
         # One forward per chunk bucket, so a short chunk is never padded to a long one's length.
         buckets = sorted({_bucket(n, CHUNK_BUCKETS) for _, _, n in rows})
         groups = [[r for r in rows if _bucket(r[2], CHUNK_BUCKETS) == t] for t in buckets]
-        now = None
-        for group in groups:
-            if not group:
-                continue
-            picked = self._forward(pool, group)
+        index = list(self.pools).index(pool.name)
+        launched = []
+        for group in groups:  # dispatch every forward + sampler before reading any result
+            step, wants = self._build(pool, index, group)
+            self.channel.send(step)
+            launched.append((group, wants, step.flags, execute(pool.runner, step)))
+        for group, wants, flags, out in launched:
+            host = fetch(out, flags) if out is not None else None
             now = time.perf_counter()
-            for (req, start, n), logits in zip(group, picked, strict=True):
+            for row, (req, start, n) in enumerate(group):
                 if start < len(req.prompt_ids):
                     self.metrics.inc("prefill_kv_computed_tokens",
                                      min(start + n, len(req.prompt_ids)) - start)
@@ -382,48 +389,73 @@ class Engine:
                 if not req.eviction.enabled:
                     pool.bm.commit(req.seq_id, req.cache_tokens[: req.num_computed],
                                    req.cache_salt)
-                if logits is None:
+                if not wants[row]:
                     continue
-                token = self._sample(req, logits)
-                if self._append(pool, req, token, now):
+                self._record_logprobs(req, host, row)
+                if self._append(pool, req, int(host[0][row]), now):
                     finished.append(req)
         return finished
 
-    def _forward(self, pool: Pool, group: list[tuple[Request, int, int]]) -> list:
-        """Run one padded batch; returns per row the logits [vocab] (np) of its last token when it
-        samples, else None."""
+    def _build(self, pool: Pool, index: int, group: list[tuple[Request, int, int]]
+               ) -> tuple[StepBatch, list[bool]]:
+        """Host arrays of one padded forward (+ the sampling of the rows that end their tokens);
+        the page table is only as wide as the longest row needs (a width bucket)."""
         t = _bucket(max(n for _, _, n in group), CHUNK_BUCKETS)
         b = _bucket(len(group), BATCH_BUCKETS)
         tokens = np.zeros((b, t), np.int32)
         positions = np.tile(np.arange(t, dtype=np.int32), (b, 1))
         lengths = np.zeros((b,), np.int32)
-        sample_rows, sample_cols = np.zeros(b, np.int32), np.zeros(b, np.int32)
+        logits_index = np.zeros((b,), np.int32)
         wants = []
         for row, (req, start, n) in enumerate(group):
             tokens[row, :n] = req.cache_tokens[start:start + n]
             positions[row] += start
             lengths[row] = start + n
+            logits_index[row] = n - 1
             wants.append(start + n == len(req.cache_tokens))
-            sample_rows[row], sample_cols[row] = row, n - 1
-        table = pool.bm.page_table([r.seq_id for r, _, _ in group], pool.runner.max_pages)
-        page_table = np.zeros((b, pool.runner.max_pages), np.int32)
-        page_table[: len(group)] = table
-        seq_ids = [r.seq_id for r, _, _ in group] + [None] * (b - len(group))
-        logits = pool.runner.forward_batch(seq_ids, tokens, positions, page_table, lengths)
-        if not any(wants):
-            return [None] * len(group)
-        last = np.asarray(_gather_last(logits, jnp.asarray(sample_rows), jnp.asarray(sample_cols)))
-        return [last[row] if w else None for row, w in enumerate(wants)]
+        seq_ids = [r.seq_id for r, _, _ in group]
+        held = max(len(pool.bm.pages(s)) for s in seq_ids) * pool.page_size
+        width = pool.runner.table_width(max(int(lengths.max()), held))
+        page_table = np.zeros((b, width), np.int32)
+        page_table[: len(group)] = pool.bm.page_table(seq_ids, width)
+        slots = pool.runner.slots_for(seq_ids + [None] * (b - len(group)))
+        step = StepBatch(index, tokens, positions, page_table, lengths, slots, logits_index)
+        if any(wants):
+            step.sample, step.flags = self._sampling(group, wants, b)
+        return step, wants
 
-    def _sample(self, req: Request, logits: np.ndarray) -> int:
-        p = req.params
-        if p.temperature == 0:
-            return int(np.argmax(logits))
-        seed_key = (jax.random.key(p.seed) if p.seed is not None
-                    else jax.random.fold_in(self._base_key, req.seq_id))
-        key = jax.random.fold_in(seed_key, len(req.output_ids))
-        return int(sample(jnp.asarray(logits)[None], key, np.float32(p.temperature),
-                          np.float32(p.top_p), top_k=p.top_k)[0])
+    def _sampling(self, group: list[tuple[Request, int, int]], wants: list[bool], b: int):
+        """Per-row sampling arrays (kvjax.sampling.pack) for the rows that sample."""
+        reqs = [req if w else None for (req, _, _), w in zip(group, wants, strict=True)]
+        rows = [None if r is None else r.params for r in reqs]
+        steps = [0 if r is None else len(r.output_ids) for r in reqs]
+        seeds = [0 if r is None else sampling.row_seed(r.params.seed,
+                                                       r.seq_id + (self.ecfg.seed << 32))
+                 for r in reqs]
+        stops = [() if r is None else (*self.eos_ids, *r.params.stop_token_ids) for r in reqs]
+        sb, flags = sampling.pack(rows, b, steps, seeds, stops)
+        if flags.penalties:  # token counts of what each row generated, and its prompt's tokens
+            v = self.cfg.model.vocab_size
+            counts = np.zeros((b, v), np.int32)
+            mask = np.zeros((b, v), bool)
+            for i, r in enumerate(reqs):
+                if r is not None:
+                    counts[i] = np.bincount(np.asarray(r.output_ids, np.int64), minlength=v)[:v]
+                    mask[i, r.prompt_ids] = True
+            sb = sb._replace(output_counts=counts, prompt_mask=mask)
+        return sb, flags
+
+    @staticmethod
+    def _record_logprobs(req: Request, host: tuple[np.ndarray, ...], row: int) -> None:
+        n = req.params.logprobs
+        if n is None or len(host) < 2:
+            return
+        req.output_logprobs.append(float(host[1][row]))
+        if n and len(host) == 4:
+            req.top_logprobs.append([(int(i), float(lp)) for i, lp in
+                                     zip(host[2][row][:n], host[3][row][:n], strict=True)])
+        else:
+            req.top_logprobs.append([])
 
     def _append(self, pool: Pool, req: Request, token: int, now: float) -> bool:
         req.output_ids.append(token)
@@ -461,7 +493,11 @@ class Engine:
             pool.running.remove(req)
         elif req in pool.waiting:
             pool.waiting.remove(req)
-        if reason != "abort":
+        if reason == "error":  # the server answers 500 to this client and counts a failure
+            with self.metrics.lock:
+                c = self.metrics.counters
+                c["request_failure"] = c.get("request_failure", 0) + 1
+        elif reason != "abort":
             self.metrics.inc("request_success")
             with self.metrics.lock:
                 self.metrics.e2e.observe(time.perf_counter() - req.arrival)
@@ -482,32 +518,53 @@ class Engine:
     def start(self) -> None:
         """Run `step` on a background thread whenever there is work."""
         if self._thread is None:
+            self._stop = False
             self._thread = threading.Thread(target=self._loop, name="kvjax-engine", daemon=True)
             self._thread.start()
 
     def stop(self) -> None:
+        """Stop the loop; in a multi-process run this also releases the followers."""
         self._stop = True
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+        else:
+            self.channel.stop()
 
     def _loop(self) -> None:
-        while not self._stop:
-            if not self.has_work():
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
-                continue
-            try:
-                self.step()
-            except Exception:  # never let one bad step kill the server: fail what was running
-                log.exception("engine step failed; aborting the running requests")
-                for pool in self.pools.values():
-                    for req in list(pool.running):
-                        self._finish(pool, req, "error")
+        try:
+            while not self._stop:
+                if not self.has_work():
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                try:
+                    self.step()
+                except Exception as e:  # never let one bad step kill the server
+                    log.exception("engine step failed; failing the running requests")
+                    for pool in self.pools.values():
+                        self._recover(pool, list(pool.running), e)
+        finally:
+            self.channel.stop()  # on this thread: it orders after this thread's last send
 
-    def warmup(self, max_batch: int | None = None) -> None:
-        """Compile every step shape the scheduler can produce: decode rows [B, 1] for each batch
+    def follow(self) -> None:
+        """Processes other than 0 of a multi-process run: run every step process 0 sends, on
+        this process's shards, until process 0 stops."""
+        runners = [p.runner for p in self.pools.values()]
+        while (step := self.channel.recv()) is not None:
+            try:
+                out = execute(runners[step.pool], step)
+                if out is not None:
+                    jax.block_until_ready(out)
+            except Exception:  # process 0 saw the same failure and failed those requests
+                log.exception("follower step failed")
+                runner = runners[step.pool]
+                if any(x.is_deleted() for x in jax.tree.leaves(runner.cache)):
+                    runner.reset_cache()
+
+    def warmup_shapes(self, max_batch: int | None = None) -> list[tuple[int, int]]:
+        """(batch, chunk) shapes the scheduler can produce: decode rows [B, 1] for each batch
         bucket up to max_num_seqs, and prefill rows [B, T] for each chunk bucket T and the batch
         buckets whose rows (2+ tokens each) fit the step's token budget."""
         ecfg = self.ecfg
@@ -523,19 +580,51 @@ class Engine:
                     if rows <= n_max and rows * (prev + 1) <= ecfg.max_num_batched_tokens:
                         shapes.append((b, t))
                 prev = t
+        return shapes
+
+    def warmup(self, max_batch: int | None = None, background: bool = True,
+               max_len: int | None = None) -> float:
+        """Compile (without running) every step shape: the (batch, chunk) shapes of
+        `warmup_shapes` x the page-table widths up to max_len tokens (max_model_len), and the
+        greedy sampler per batch bucket. The narrowest width (short sequences) is compiled now;
+        with background=True the wider ones compile on a thread while the engine already serves
+        (a step that needs one first compiles it itself), else now. Returns the seconds spent
+        here; `warmup_done` is set when every shape is compiled."""
+        t0 = time.perf_counter()
+        shapes = self.warmup_shapes(max_batch)
+        jobs = []
         for pool in self.pools.values():
             r = pool.runner
-            for b, t in shapes:
-                z = np.zeros((b, t), np.int32)
-                logits = r.forward_batch([None] * b, z, z, np.zeros((b, r.max_pages), np.int32),
-                                         np.zeros((b,), np.int32))
-                _gather_last(logits, jnp.zeros(b, jnp.int32), jnp.zeros(b, jnp.int32))
-            jax.block_until_ready(r.cache)
+            for i, w in enumerate(r.widths(max_len)):
+                jobs += [(i, r, b, t, w) for b, t in shapes]
+        first = [j for j in jobs if j[0] == 0]
+        rest = [j for j in jobs if j[0] > 0]
+        for _, r, b, t, w in first:
+            r.compile(b, t, w)
+        for b in sorted({b for b, _ in shapes}):
+            for pool in self.pools.values():
+                compile_sampler(pool.runner, b, sampling.SamplerFlags(), self.cfg.model.vocab_size)
+        spent = time.perf_counter() - t0
+        log.info("warmup: compiled %d step shapes in %.1f s%s", len(first), spent,
+                 f"; {len(rest)} wider ones compile in the background" if rest and background
+                 else "")
+
+        def compile_rest() -> None:
+            t1 = time.perf_counter()
+            for _, r, b, t, w in rest:
+                if self._stop:
+                    return
+                r.compile(b, t, w)
+            log.info("warmup: %d more step shapes compiled in %.1f s", len(rest),
+                     time.perf_counter() - t1)
+            self.warmup_done.set()
+
+        if background and rest:
+            threading.Thread(target=compile_rest, name="kvjax-warmup", daemon=True).start()
+        else:
+            compile_rest()
+            spent = time.perf_counter() - t0
+        return spent
 
     def stats(self) -> list[dict]:
         return [p.snapshot() for p in self.pools.values()]
-
-
-@jax.jit
-def _gather_last(logits: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array:
-    return logits[rows, cols]

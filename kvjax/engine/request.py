@@ -19,13 +19,6 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
-    # OpenAI / vLLM knobs, all applied on device by kvjax.sampling.sample_batch as per-row arrays.
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs
-    min_tokens: int = 0  # EOS and stop_token_ids are banned until this many tokens
-    logprobs: int | None = None  # None: none; 0: the sampled token's; n: also the top n
     # Read by kvjax.sampling.pack (see /work/notes/sampling_api.md); defaults switch them off.
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -56,10 +49,6 @@ class Request:
     num_preemptions: int = 0
     finish_reason: str | None = None  # stop | length | abort | error
     error: str | None = None  # what failed, when finish_reason == "error"
-    # Per generated token when params.logprobs is not None: log p(token) and the top n
-    # (token id, logprob) pairs, aligned with output_ids.
-    logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     pool: str = ""
     arrival: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None

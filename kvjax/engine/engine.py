@@ -283,6 +283,7 @@ class Engine:
         if any(x.is_deleted() for x in jax.tree.leaves(pool.runner.cache)):
             for req in list(pool.running):
                 self._preempt(pool, req)
+            pool.bm.reset_prefix_cache()  # their pages' contents went with the cache
             pool.runner.reset_cache()
         return done
 
@@ -373,13 +374,20 @@ class Engine:
         buckets = sorted({_bucket(n, CHUNK_BUCKETS) for _, _, n in rows})
         groups = [[r for r in rows if _bucket(r[2], CHUNK_BUCKETS) == t] for t in buckets]
         index = list(self.pools).index(pool.name)
-        launched = []
+        launched, failed = [], []
         for group in groups:  # dispatch every forward + sampler before reading any result
-            step, wants = self._build(pool, index, group)
-            self.channel.send(step)
-            launched.append((group, wants, step.flags, execute(pool.runner, step)))
+            try:
+                step, wants = self._build(pool, index, group)
+                self.channel.send(step)
+                launched.append((group, wants, step.flags, execute(pool.runner, step)))
+            except Exception as e:  # this group's requests fail; the other groups go on
+                failed.append((group, e))
         for group, wants, flags, out in launched:
-            host = fetch(out, flags) if out is not None else None
+            try:
+                host = fetch(out, flags) if out is not None else None
+            except Exception as e:
+                failed.append((group, e))
+                continue
             now = time.perf_counter()
             for row, (req, start, n) in enumerate(group):
                 if start < len(req.prompt_ids):
@@ -394,6 +402,9 @@ class Engine:
                 self._record_logprobs(req, host, row)
                 if self._append(pool, req, int(host[0][row]), now):
                     finished.append(req)
+        for group, e in failed:
+            log.error("engine step failed for %d request(s): %s", len(group), e, exc_info=e)
+            finished += self._recover(pool, [r for r, _, _ in group], e)
         return finished
 
     def _build(self, pool: Pool, index: int, group: list[tuple[Request, int, int]]

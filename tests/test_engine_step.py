@@ -1,0 +1,102 @@
+"""The engine's step: a failing step fails only its own requests (finish_reason "error", counted
+as failures) while the others finish with the tokens they get alone, also when the failure
+consumed the donated cache; logprobs come back per token; warmup leaves nothing to compile."""
+
+import numpy as np
+import pytest
+
+import models
+from kvjax.config import load_config
+from kvjax.engine import Engine, EngineConfig, SamplingParams
+from kvjax.engine import engine as engine_mod
+from kvjax.engine.step import count_compiles
+
+CFG = load_config("tiny_llama")
+MAGIC = 255  # a prompt holding this token makes the patched step raise
+
+
+@pytest.fixture(scope="module")
+def params():
+    return models.random_params(CFG.model, seed=0)
+
+
+def make(params, **kw) -> Engine:
+    kw.setdefault("max_model_len", 128)
+    kw.setdefault("num_pages", 200)
+    return Engine(CFG, params, EngineConfig(**kw))
+
+
+GOOD = [[5, 6, 7], [9, 1, 4, 4, 2], [3] * 11, [8, 2]]  # chunks of the 16 bucket
+BAD = [MAGIC] + list(range(30))  # a 64-bucket chunk: its own forward in the first step
+
+
+def alone(params) -> list[list[int]]:
+    eng = make(params)
+    reqs = [eng.make_request(f"a{i}", p, SamplingParams(max_tokens=12)) for i, p in
+            enumerate(GOOD)]
+    return [r.output_ids for r in eng.generate(reqs)]
+
+
+@pytest.mark.parametrize("consume_cache", [False, True])
+def test_a_failing_step_fails_only_its_requests(params, monkeypatch, consume_cache):
+    want = alone(params)
+    real = engine_mod.execute
+
+    def flaky(runner, step):
+        out = real(runner, step)
+        if (step.tokens == MAGIC).any():
+            if consume_cache:  # as if the failure came after the cache was donated
+                for leaf in __import__("jax").tree.leaves(runner.cache):
+                    leaf.delete()
+            raise RuntimeError("injected failure")
+        return out
+
+    monkeypatch.setattr(engine_mod, "execute", flaky)
+    eng = make(params)
+    sp = SamplingParams(max_tokens=12)
+    good = [eng.make_request(f"g{i}", p, sp) for i, p in enumerate(GOOD)]
+    bad = eng.make_request("bad", BAD, sp)
+    eng.generate([*good, bad])
+    assert bad.finish_reason == "error" and "injected failure" in bad.error
+    assert [r.output_ids for r in good] == want
+    assert all(r.finish_reason == "length" for r in good)
+    c = eng.metrics.counters
+    assert c["request_failure"] == 1 and c["request_success"] == len(GOOD)
+    pool = eng.pools["default"]
+    pool.bm.check()
+    assert pool.bm.num_used == 0 and not pool.running and not pool.waiting
+
+
+def test_logprobs_match_the_logits(params):
+    eng = make(params)
+    prompt = [1, 2, 3, 4]
+    req = eng.make_request("lp", prompt, SamplingParams(max_tokens=3, logprobs=3))
+    eng.generate([req])
+    assert len(req.output_logprobs) == 3 and len(req.top_logprobs) == 3
+    # Greedy: the sampled token is the top-1 entry, with the same logprob.
+    for tok, lp, top in zip(req.output_ids, req.output_logprobs, req.top_logprobs, strict=True):
+        assert len(top) == 3 and top[0][0] == tok
+        assert lp == pytest.approx(top[0][1], abs=1e-6) and lp <= 0
+        assert [x[1] for x in top] == sorted((x[1] for x in top), reverse=True)
+    # The first token's logprob against a dense forward of the prompt.
+    r = models.forward
+    del r
+    from kvjax.runner import Runner
+
+    run = Runner(CFG, params, max_seq_len=16)
+    logits = np.asarray(run.prefill(0, prompt), np.float64)
+    ref = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
+    assert req.output_logprobs[0] == pytest.approx(ref[req.output_ids[0]], abs=1e-4)
+
+
+def test_warmup_leaves_nothing_to_compile(params):
+    eng = make(params, max_num_seqs=4, max_num_batched_tokens=64, chunk_size=16)
+    eng.warmup(background=False)
+    assert eng.warmup_done.is_set()
+    prompts = [list(range(1, 1 + n)) for n in (3, 9, 14, 2, 7)]
+    with count_compiles() as n:
+        reqs = [eng.make_request(f"w{i}", p, SamplingParams(max_tokens=70, ignore_eos=True))
+                for i, p in enumerate(prompts)]
+        eng.generate(reqs)  # decode grows through table widths 8 -> 16 pages
+    assert n() == 0
+    assert all(len(r.output_ids) == 70 for r in reqs)

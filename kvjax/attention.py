@@ -13,45 +13,78 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.cache.layout import from_storage
-from kvjax.cache.paged import Segment
+from kvjax.cache.paged import Segment, absolute_positions
 
 
 def _window_values(ring: jax.Array, layer: jax.Array, window_slots: jax.Array,
-                   max_len: int) -> jax.Array:
+                   abs_pos: jax.Array) -> jax.Array:
     """Ring [layers, kv_heads, slots + 1, W, d] -> values at every position [kv_heads, batch,
-    max_len, d]: position p reads ring entry p % W (meaningful only inside the window)."""
+    max_len, d]: a position reads ring entry abs_pos % W (meaningful only inside the window).
+    abs_pos: [batch, max_len]."""
     w = ring.shape[3]
     per_seq = jnp.moveaxis(ring[layer, :, window_slots], 1, 0)  # [kv_heads, batch, W, d]
-    vals = jnp.take(per_seq, jnp.arange(max_len) % w, axis=2)
+    vals = jnp.take_along_axis(per_seq, (abs_pos % w)[None, :, :, None], axis=2)
     return from_storage(vals, jnp.bfloat16).astype(jnp.float32)
 
 
 def gather_kv(seg: Segment, layer: jax.Array, page_table: jax.Array, lengths: jax.Array,
-              window_slots: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+              window_slots: jax.Array | None, page_pos: jax.Array | None = None
+              ) -> tuple[jax.Array, jax.Array]:
     """Keys and values of every position the page table covers, dequantized, with positions in
-    the last `window` tokens of each sequence taken from its full-precision ring.
+    the last `window` tokens of each sequence taken from its full-precision ring when the ring
+    entry holds that position (its tag matches: written by this sequence), else from its pages.
 
     layer: index within the segment; page_table: [batch, max_pages]; lengths, window_slots:
-    [batch]. Returns k, v: [kv_heads, batch, max_pages * page_size, head_dim] f32.
+    [batch]; page_pos: [batch, max_pages] absolute position of each page's first token (None:
+    no eviction, absolute = cache position). Returns k, v: [kv_heads, batch, max_pages *
+    page_size, head_dim] f32.
     """
     k = seg.k_spec.read(seg.k, layer, page_table)
     v = seg.v_spec.read(seg.v, layer, page_table)
     if seg.window:
-        max_len = k.shape[2]
-        in_window = jnp.arange(max_len)[None, :] >= (lengths - seg.window)[:, None]  # [b, len]
+        b, max_len = page_table.shape[0], k.shape[2]
+        cache_pos = jnp.broadcast_to(jnp.arange(max_len), (b, max_len))
+        abs_pos = absolute_positions(page_pos, cache_pos, seg.k_spec.page_size)
+        tags = jnp.take_along_axis(seg.wpos[layer, window_slots], abs_pos % seg.window, axis=1)
+        in_window = (cache_pos >= (lengths - seg.window)[:, None]) & (tags == abs_pos)
         in_window = in_window[None, :, :, None]
-        k = jnp.where(in_window, _window_values(seg.wk, layer, window_slots, max_len), k)
-        v = jnp.where(in_window, _window_values(seg.wv, layer, window_slots, max_len), v)
+        k = jnp.where(in_window, _window_values(seg.wk, layer, window_slots, abs_pos), k)
+        v = jnp.where(in_window, _window_values(seg.wv, layer, window_slots, abs_pos), v)
     return k, v
 
 
+def rerotate_keys(k: jax.Array, page_pos: jax.Array, q_positions: jax.Array,
+                  inv_freq: jax.Array) -> jax.Array:
+    """Positions within the cache (StreamingLLM): keys are stored rotated for their absolute
+    position; rotate each page's keys by (evicted tokens after it) so that every query-key pair
+    is scored at its distance in the cache, as if keys sat at their cache positions. Pages after
+    every evicted page (a StreamingLLM window) turn by 0; sinks by the evicted count.
+
+    k: [kv_heads, batch, max_len, d] post-RoPE at absolute positions; page_pos: [batch,
+    max_pages]; q_positions: [batch, tokens] cache positions of this step's queries (whose
+    absolute positions are cache + evicted-so-far)."""
+    max_len = k.shape[2]
+    ps = max_len // page_pos.shape[1]
+    evicted = (absolute_positions(page_pos, q_positions[:, :1], ps) - q_positions[:, :1])  # [b,1]
+    page_shift = evicted - (page_pos - jnp.arange(page_pos.shape[1]) * ps)  # [b, max_pages]
+    shift = jnp.repeat(page_shift, ps, axis=1)  # [b, max_len]
+    # models.layers.apply_rope's rotation (rotate-half layout), on [kv_heads, b, max_len, d].
+    angles = shift.astype(jnp.float32)[..., None] * inv_freq  # [b, max_len, d / 2]
+    cos, sin = jnp.cos(angles)[None], jnp.sin(angles)[None]
+    k1, k2 = jnp.split(k, 2, axis=-1)
+    return jnp.concatenate([k1 * cos - k2 * sin, k2 * cos + k1 * sin], axis=-1)
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
-           q_positions: jax.Array) -> jax.Array:
+           q_positions: jax.Array, with_mass: bool = False
+           ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Grouped-query attention with causal and length masks.
 
     q: [batch, tokens, num_heads, head_dim]; k, v: [kv_heads, batch, max_len, head_dim];
     lengths: [batch] valid tokens (this step's included); q_positions: [batch, tokens].
-    Returns [batch, tokens, num_heads, head_dim] in q's dtype.
+    Returns [batch, tokens, num_heads, head_dim] in q's dtype; with `with_mass` (static) also the
+    softmax mass each key received, summed over query rows and the query heads of its KV head:
+    [batch, kv_heads, max_len] f32.
     """
     b, t, nh, d = q.shape
     kvh, _, max_len, _ = k.shape
@@ -68,26 +101,64 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
     weights = jnp.exp(scores - row_max)
     denom = jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1e-30)
     v = jnp.where(kv_valid[None, :, :, None], v, 0.0)  # 0 * NaN would still be NaN
-    out = jnp.einsum("bkgts,kbsd->btkgd", weights / denom, v)
-    return out.reshape(b, t, nh, d).astype(q.dtype)
+    probs = weights / denom
+    out = jnp.einsum("bkgts,kbsd->btkgd", probs, v)
+    out = out.reshape(b, t, nh, d).astype(q.dtype)
+    if not with_mass:
+        return out
+    # Padding query rows (past the sequence's length) must not vote.
+    q_valid = (q_positions < lengths[:, None]).astype(jnp.float32)  # [b, t]
+    return out, jnp.einsum("bkgts,bt->bks", probs, q_valid)
 
 
 def paged_attention(q: jax.Array, seg: Segment, layer: jax.Array, page_table: jax.Array,
                     lengths: jax.Array, q_positions: jax.Array,
-                    window_slots: jax.Array | None = None, impl: str = "xla") -> jax.Array:
+                    window_slots: jax.Array | None = None, impl: str = "xla",
+                    page_pos: jax.Array | None = None, inv_freq: jax.Array | None = None
+                    ) -> jax.Array:
     """Attention of q [batch, tokens, num_heads, head_dim] over one layer of a cache segment.
 
     impl "pallas": decode steps (one token, the sequence's last) run the Pallas kernel
     (kvjax/pallas_kernels: Triton on GPU, Mosaic on TPU, interpret mode on CPU), reading the
     compressed pages directly; multi-token chunks (prefill) and formats without a kernel (polar)
-    keep this XLA path."""
+    keep this XLA path, and so do steps after an eviction (`page_pos` given: the kernels do not
+    re-rotate keys yet) and steps that accumulate H2O mass (`seg.mass`).
+
+    page_pos: [batch, max_pages] absolute position of each page's first token, with inv_freq
+    [head_dim / 2]: keys are re-rotated to positions within the cache (`rerotate_keys`).
+    """
+    return paged_attention_step(q, seg, layer, page_table, lengths, q_positions, window_slots,
+                                impl, page_pos, inv_freq)[0]
+
+
+def paged_attention_step(q: jax.Array, seg: Segment, layer: jax.Array, page_table: jax.Array,
+                         lengths: jax.Array, q_positions: jax.Array,
+                         window_slots: jax.Array | None = None, impl: str = "xla",
+                         page_pos: jax.Array | None = None, inv_freq: jax.Array | None = None
+                         ) -> tuple[jax.Array, Segment]:
+    """`paged_attention` that also returns the segment, with this step's attention mass added
+    to `seg.mass` when the segment tracks it (H2O; otherwise the segment is returned as is)."""
     if impl not in ("xla", "pallas"):
         raise ValueError(f"attention impl must be 'xla' or 'pallas', got {impl!r}")
-    if impl == "pallas" and q.shape[1] == 1:
+    if impl == "pallas" and q.shape[1] == 1 and page_pos is None and seg.mass is None:
         from kvjax import pallas_kernels
 
         if pallas_kernels.supports(seg):
             return pallas_kernels.paged_attention(q, seg, layer, page_table, lengths,
-                                                  window_slots if seg.window else None)
-    k, v = gather_kv(seg, layer, page_table, lengths, window_slots)
-    return attend(q, k, v, lengths, q_positions)
+                                                  window_slots if seg.window else None), seg
+    if seg.window and window_slots is None:
+        window_slots = jnp.zeros(page_table.shape[:1], jnp.int32)
+    k, v = gather_kv(seg, layer, page_table, lengths, window_slots, page_pos)
+    if page_pos is not None:
+        if inv_freq is None:
+            raise ValueError("page_pos needs the model's RoPE inv_freq")
+        k = rerotate_keys(k, page_pos, q_positions, inv_freq)
+    if seg.mass is None:
+        return attend(q, k, v, lengths, q_positions), seg
+    out, mass = attend(q, k, v, lengths, q_positions, with_mass=True)
+    ps = seg.k_spec.page_size
+    b, kvh, max_len = mass.shape
+    pages = jnp.repeat(page_table, ps, axis=1)  # [b, max_len]; unowned columns: the null page
+    slots = jnp.broadcast_to(jnp.arange(max_len) % ps, (b, max_len))
+    added = seg.mass.at[pages, :, slots].add(jnp.moveaxis(mass, 1, 2), mode="promise_in_bounds")
+    return out, seg.replace(mass=added)

@@ -19,6 +19,7 @@ from flax import nnx
 import models
 from kvjax import sharding
 from kvjax.cache import PageAllocator, bytes_per_token, init_cache, window_bytes_per_sequence
+from kvjax.cache.paged import reset_window_slot
 from kvjax.config import Config
 from kvjax.quant import weights
 
@@ -84,7 +85,11 @@ class Runner:
         if seq_id not in self.window_slot:
             if not self._free_slots:
                 raise ValueError(f"more than {len(self.window_slot)} sequences at once")
-            self.window_slot[seq_id] = self._free_slots.pop()
+            self.window_slot[seq_id] = slot = self._free_slots.pop()
+            if window_bytes_per_sequence(self.cfg.model, self.cfg.cache):
+                # The slot's ring still holds its previous occupant's K/V: untag it, so this
+                # sequence reads only ring entries it writes (kvjax/cache/paged.py).
+                self.cache = reset_window_slot(self.cache, jnp.int32(slot))
         return self.window_slot[seq_id]
 
     def step(self, seq_ids: list[int], chunks: list[list[int]]) -> jax.Array:
@@ -137,17 +142,18 @@ class Runner:
         return np.array([0 if s is None else self._slot(s) for s in seq_ids], np.int32)
 
     def run(self, tokens: np.ndarray, positions: np.ndarray, page_table: np.ndarray,
-            lengths: np.ndarray, slots: np.ndarray, logits_index: np.ndarray) -> jax.Array:
+            lengths: np.ndarray, slots: np.ndarray, logits_index: np.ndarray,
+            page_pos: np.ndarray | None = None) -> jax.Array:
         """One forward of a prepared batch (tokens, positions: [batch, t]; page_table: [batch,
         width]; lengths, slots, logits_index: [batch]) -> logits [batch, vocab] at each row's
         `logits_index`, left on device. The cache is updated in place. The engine and generate
         both step through here (with `compile` warming the shapes first)."""
         exe = self._compiled.get((*tokens.shape, page_table.shape[1]))
-        if exe is None:  # not warmed up: jit compiles it once
+        if exe is None or page_pos is not None:  # not warmed up: jit compiles it once
             logits, self.cache = self.forward(
                 self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(positions),
                 self.cache, jnp.asarray(page_table), jnp.asarray(lengths), jnp.asarray(slots),
-                jnp.asarray(logits_index))
+                jnp.asarray(logits_index), None if page_pos is None else jnp.asarray(page_pos))
             return logits
         put = jnp.asarray if self.mesh is None else functools.partial(sharding.put_batch,
                                                                       self.mesh)
@@ -176,7 +182,8 @@ class Runner:
                 spec(batch, width), spec(batch), spec(batch), spec(batch)).compile()
 
     def forward_batch(self, seq_ids: list[int | None], tokens: np.ndarray, positions: np.ndarray,
-                      page_table: np.ndarray, lengths: np.ndarray) -> jax.Array:
+                      page_table: np.ndarray, lengths: np.ndarray,
+                      page_pos: np.ndarray | None = None) -> jax.Array:
         """One forward over a page table managed outside the runner (the serving engine's block
         manager, kvjax/engine). Row i is sequence `seq_ids[i]` (None: a padding row, length 0);
         tokens, positions: [batch, t]; page_table: [batch, max_pages]; lengths: [batch]. The
@@ -185,7 +192,8 @@ class Runner:
         slots = np.array([0 if s is None else self._slot(s) for s in seq_ids], np.int32)
         logits, self.cache = self.forward(
             self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(positions), self.cache,
-            jnp.asarray(page_table), jnp.asarray(lengths), jnp.asarray(slots))
+            jnp.asarray(page_table), jnp.asarray(lengths), jnp.asarray(slots), None,
+            None if page_pos is None else jnp.asarray(page_pos))
         return logits
 
     def warmup(self, chunk_lens: tuple[int, ...] = CHUNK_BUCKETS, batch: int = 1) -> None:

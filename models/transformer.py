@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kvjax.attention import paged_attention
-from kvjax.cache.paged import KVCache, write_layer
+from kvjax.attention import paged_attention, paged_attention_step
+from kvjax.cache.paged import KVCache, absolute_positions, write_layer
 from kvjax.config import ModelConfig
 from kvjax.sharding import active_mesh, shard_attention
 from models.layers import (
@@ -88,10 +88,13 @@ class Transformer(nnx.Module):
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache,
                  page_table: jax.Array, lengths: jax.Array,
                  window_slots: jax.Array | None = None,
-                 logits_index: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+                 logits_index: jax.Array | None = None,
+                 page_pos: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
         """tokens, positions: [batch, tokens]; page_table: [batch, max_pages]; lengths: [batch];
         window_slots: [batch] ring slot per row (caches with a full-precision window);
-        logits_index: [batch] the one position per row whose logits are wanted (None: all).
+        logits_index: [batch] the one position per row whose logits are wanted (None: all);
+        page_pos: [batch, max_pages] absolute position of each page's first token, after an
+        eviction (RoPE at absolute positions; attention scores at positions within the cache).
 
         Returns logits [batch, tokens, vocab] (f32), or [batch, vocab] with logits_index, and the
         cache with this chunk written.
@@ -104,6 +107,7 @@ class Transformer(nnx.Module):
         layer_params = {k: v[...] for k, v in self.layers.items()}
         if window_slots is None:
             window_slots = jnp.zeros(tokens.shape[:1], jnp.int32)
+        rope_positions = absolute_positions(page_pos, positions, cache.page_size)
 
         def layer(carry, index):
             x, seg = carry
@@ -123,14 +127,20 @@ class Transformer(nnx.Module):
                 q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
                 k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
             # YaRN scales cos/sin of q and k; all of it on q leaves the cached keys plain RoPE.
-            q = apply_rope(q, positions, inv_freq, rope_attention_factor(cfg) ** 2)
-            k = apply_rope(k, positions, inv_freq)
-            seg = write_layer(seg, index, k, v, positions, lengths, page_table, window_slots)
+            q = apply_rope(q, rope_positions, inv_freq, rope_attention_factor(cfg) ** 2)
+            k = apply_rope(k, rope_positions, inv_freq)
+            seg = write_layer(seg, index, k, v, positions, lengths, page_table, window_slots,
+                              rope_positions)
             attention = functools.partial(paged_attention, impl=self.attention_impl)
             mesh = active_mesh()
             if mesh is not None and self.attention_impl != "xla":  # kernels: one per device
                 attention = shard_attention(attention, mesh, cfg, b)
-            o = attention(q, seg, index, page_table, lengths, positions, window_slots)
+            if page_pos is not None or seg.mass is not None:  # eviction / H2O: the XLA path
+                o, seg = paged_attention_step(q, seg, index, page_table, lengths, positions,
+                                              window_slots, self.attention_impl, page_pos,
+                                              inv_freq)
+            else:
+                o = attention(q, seg, index, page_table, lengths, positions, window_slots)
             x = x + linear(o.reshape(b, t, -1), p["wo"])
             h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
             x = x + swiglu(h, p["w_gate"], p["w_up"], p["w_down"])
@@ -157,13 +167,15 @@ class Transformer(nnx.Module):
 def forward(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, positions: jax.Array,
             cache: KVCache, page_table: jax.Array, lengths: jax.Array,
             window_slots: jax.Array | None = None,
-            logits_index: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+            logits_index: jax.Array | None = None,
+            page_pos: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
     """The pure, jitted forward: (params, tokens, positions, cache, page table, lengths) ->
     (logits [batch, tokens, vocab] or [batch, vocab] at logits_index, cache). The input cache
     buffer is donated and updated in place.
     """
     model = nnx.merge(graphdef, params)
-    return model(tokens, positions, cache, page_table, lengths, window_slots, logits_index)
+    return model(tokens, positions, cache, page_table, lengths, window_slots, logits_index,
+                 page_pos)
 
 
 def random_params(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32) -> dict[str, jax.Array]:

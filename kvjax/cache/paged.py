@@ -15,12 +15,30 @@ in a small dense ring buffer `[layers, kv_heads, num_slots + 1, window, head_dim
 running sequence (the extra slot takes padding writes). Attention reads positions within the
 window from the ring and older ones from the compressed pages (KIVI's residual; for TurboQuant it
 recovers most of the quantization loss, see quality-baselines.md).
+
+Ring entries are indexed by a token's *absolute* position (`abs % window`), which eviction never
+changes (cache positions shift down when pages are dropped), and each entry is tagged with the
+absolute position it holds (`wpos`, -1 = nothing). Attention reads an entry only when its tag
+matches, so a sequence never reads ring entries it did not write (a prefix hit whose first chunk
+is shorter than the window, a slot's previous occupant, another tenant): such positions fall back
+to the sequence's own pages. `reset_window_slot` clears a slot's tags when a sequence takes it.
+
+Absolute positions: without eviction they equal cache positions. After eviction the caller passes
+`page_pos` [batch, max_pages], the absolute position of each page's first token; RoPE, the ring
+and the key re-rotation in kvjax/attention.py (StreamingLLM's positions within the cache) use it.
+
+H2O: a segment may carry `mass` [num_pages, kv_heads, page_size] f32, the softmax mass each
+cached token received, summed over layers, query rows and the query heads of each KV head
+(kvjax/attention.py accumulates it; a token's entry is zeroed when it is written).
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from kvjax.cache.layout import PoolSpec
@@ -41,6 +59,8 @@ class Segment:
     v_spec: PoolSpec = struct.field(pytree_node=False)
     start: int = struct.field(pytree_node=False)
     num_layers: int = struct.field(pytree_node=False)
+    wpos: jax.Array | None = None  # ring tags [num_layers, num_slots + 1, window] int32 (-1: none)
+    mass: jax.Array | None = None  # H2O attention mass [num_pages, kv_heads, page_size] f32
 
     @property
     def window(self) -> int:
@@ -72,13 +92,23 @@ def _segments(mc: ModelConfig, cc: CacheConfig) -> list[tuple[int, int, str]]:
     return runs
 
 
-def pool_specs(mc: ModelConfig, cc: CacheConfig, fmt: str) -> tuple[PoolSpec, PoolSpec]:
+def pool_specs(mc: ModelConfig, cc: CacheConfig, fmt: str, start: int = 0
+               ) -> tuple[PoolSpec, PoolSpec]:
+    """K and V layouts of the segment whose first layer is `start`."""
     from kvjax.config import KV_CACHE_DTYPES
 
     k_method, v_method = KV_CACHE_DTYPES[fmt]
+    cal = None
+    if cc.calibration and fmt not in ("bf16", "f32"):
+        from kvjax.calibrate import cached_calibration
+
+        cal = cached_calibration(cc.calibration)
+        cal.check(mc.num_layers, mc.num_kv_heads, mc.head_dim)
     # Distinct seeds for K and V: their rotations and sketches must be independent.
-    return (PoolSpec(k_method, "key", mc.head_dim, cc.page_size, seed=cc.seed),
-            PoolSpec(v_method, "value", mc.head_dim, cc.page_size, seed=cc.seed + 1))
+    return (PoolSpec(k_method, "key", mc.head_dim, cc.page_size, seed=cc.seed,
+                     calibration=cal, first_layer=start),
+            PoolSpec(v_method, "value", mc.head_dim, cc.page_size, seed=cc.seed + 1,
+                     calibration=cal, first_layer=start))
 
 
 def init_cache(mc: ModelConfig, cc: CacheConfig, num_pages: int, num_slots: int = 1) -> KVCache:
@@ -86,7 +116,7 @@ def init_cache(mc: ModelConfig, cc: CacheConfig, num_pages: int, num_slots: int 
     window, ring buffers for `num_slots` concurrent sequences."""
     segments = []
     for start, n, fmt in _segments(mc, cc):
-        k_spec, v_spec = pool_specs(mc, cc, fmt)
+        k_spec, v_spec = pool_specs(mc, cc, fmt, start)
         window = cc.window_for(fmt)
         ring = None
         if window:
@@ -96,16 +126,49 @@ def init_cache(mc: ModelConfig, cc: CacheConfig, num_pages: int, num_slots: int 
             k=k_spec.init(n, mc.num_kv_heads, num_pages), v=v_spec.init(n, mc.num_kv_heads,
                                                                         num_pages),
             wk=ring, wv=None if ring is None else jnp.zeros_like(ring),
-            k_spec=k_spec, v_spec=v_spec, start=start, num_layers=n))
+            k_spec=k_spec, v_spec=v_spec, start=start, num_layers=n,
+            wpos=None if ring is None else jnp.full((n, num_slots + 1, window), -1, jnp.int32)))
     return KVCache(segments=tuple(segments), page_size=cc.page_size)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def reset_window_slot(cache: KVCache, slot: jax.Array) -> KVCache:
+    """Forget what ring slot `slot` holds (its tags), for a sequence that takes the slot."""
+    return cache.replace(segments=tuple(
+        seg if seg.wpos is None else seg.replace(wpos=seg.wpos.at[:, slot].set(-1))
+        for seg in cache.segments))
+
+
+def with_attention_mass(cache: KVCache) -> KVCache:
+    """The cache with H2O's per-token attention-mass accumulators (zeros); a static switch: a
+    cache without them compiles attention without the extra reduction."""
+    return cache.replace(segments=tuple(
+        seg if seg.mass is not None else seg.replace(mass=jnp.zeros(
+            (seg.k[0].shape[2], seg.k[0].shape[1], cache.page_size), jnp.float32))
+        for seg in cache.segments))
+
+
+def attention_mass(cache: KVCache, pages: list[int] | np.ndarray) -> np.ndarray:
+    """Accumulated mass of these pages' tokens, per KV head: [len(pages), kv_heads, page_size]."""
+    idx = jnp.asarray(np.asarray(pages, np.int32))
+    return np.asarray(sum(seg.mass[idx] for seg in cache.segments if seg.mass is not None))
+
+
+def absolute_positions(page_pos: jax.Array | None, positions: jax.Array, page_size: int
+                       ) -> jax.Array:
+    """Cache positions [batch, n] -> absolute positions (identity without `page_pos`)."""
+    if page_pos is None:
+        return positions
+    idx = jnp.clip(positions // page_size, 0, page_pos.shape[1] - 1)
+    return jnp.take_along_axis(page_pos, idx, axis=1) + positions % page_size
 
 
 def bytes_per_token(mc: ModelConfig, cc: CacheConfig) -> float:
     """Page bytes one token takes over all layers, K and V, metadata included (the window is a
     per-sequence constant, see `window_bytes_per_sequence`)."""
     total = 0.0
-    for _, n, fmt in _segments(mc, cc):
-        k_spec, v_spec = pool_specs(mc, cc, fmt)
+    for start, n, fmt in _segments(mc, cc):
+        k_spec, v_spec = pool_specs(mc, cc, fmt, start)
         total += n * mc.num_kv_heads * (k_spec.bytes_per_token() + v_spec.bytes_per_token())
     return total
 
@@ -132,36 +195,54 @@ def slot_mapping(page_table: jax.Array, positions: jax.Array, lengths: jax.Array
 
 def write_layer(seg: Segment, layer: jax.Array, k: jax.Array, v: jax.Array,
                 positions: jax.Array, lengths: jax.Array, page_table: jax.Array,
-                window_slots: jax.Array | None) -> Segment:
+                window_slots: jax.Array | None, abs_positions: jax.Array | None = None
+                ) -> Segment:
     """Quantize and write one layer's new keys and values into the segment, in place under jit.
 
     layer: index within the segment; k, v: [batch, tokens, kv_heads, head_dim];
-    positions: [batch, tokens]; lengths: [batch] tokens valid after this step;
-    page_table: [batch, max_pages]; window_slots: [batch] ring slot of each row (or None).
+    positions: [batch, tokens] cache positions; lengths: [batch] tokens valid after this step;
+    page_table: [batch, max_pages]; window_slots: [batch] ring slot of each row (or None);
+    abs_positions: [batch, tokens] absolute positions (index and tag the ring; default: cache).
     """
+    abs_positions = positions if abs_positions is None else abs_positions
     pages, slots = slot_mapping(page_table, positions, lengths, seg.k_spec.page_size)
     new = {}
+    if seg.window:
+        slot, idx = _window_targets(seg.window, seg.wk.shape[2] - 1, positions, abs_positions,
+                                    lengths, window_slots)
+    if seg.mass is not None:  # a newly written token starts with no attention mass
+        m = seg.mass[pages, :, slots]  # [b, t, kv_heads]
+        new["mass"] = seg.mass.at[pages, :, slots].set(jnp.where(layer == 0, 0.0, m))
     for name, x, spec, ring in (("k", k, seg.k_spec, seg.wk), ("v", v, seg.v_spec, seg.wv)):
         pool = getattr(seg, name)
         if spec.group == 1:
             pool = spec.write_tokens(pool, layer, x, pages, slots)
         else:
             pool = _seal_pages(spec, pool, layer, x, positions, lengths, pages, ring,
-                               window_slots)
+                               window_slots, abs_positions)
         new[name] = pool
         if ring is not None:
-            new["w" + name] = _write_window(ring, layer, x, positions, lengths, window_slots)
+            new["w" + name] = _write_window(ring, layer, x, slot, idx)
+    if seg.wpos is not None:
+        tags = jnp.where(slot < seg.wpos.shape[1] - 1, abs_positions, -1)
+        new["wpos"] = seg.wpos.at[layer, slot.reshape(-1), idx.reshape(-1)].set(
+            tags.reshape(-1), mode="promise_in_bounds")
     return seg.replace(**new)
 
 
-def _write_window(ring: jax.Array, layer: jax.Array, x: jax.Array, positions: jax.Array,
-                  lengths: jax.Array, window_slots: jax.Array) -> jax.Array:
-    """Tokens among the last W of their sequence go to ring entry position % W of their slot;
-    the rest (older tokens of a long chunk, padding) go to the spare last slot."""
-    w, trash = ring.shape[3], ring.shape[2] - 1
+def _window_targets(w: int, trash: int, positions: jax.Array, abs_positions: jax.Array,
+                    lengths: jax.Array, window_slots: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(ring slot, entry) [batch, tokens] of each new token: tokens among the last W of their
+    sequence go to entry abs_position % W of their slot; the rest (older tokens of a long chunk,
+    padding) go to the spare last slot."""
     keep = (positions < lengths[:, None]) & (positions >= (lengths - w)[:, None])
     slot = jnp.where(keep, window_slots[:, None], trash)
-    idx = jnp.where(keep, positions % w, 0)
+    idx = jnp.where(keep, abs_positions % w, 0)
+    return slot, idx
+
+
+def _write_window(ring: jax.Array, layer: jax.Array, x: jax.Array, slot: jax.Array,
+                  idx: jax.Array) -> jax.Array:
     b, t, h, d = x.shape
     words = jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)
     return ring.at[layer, :, slot.reshape(-1), idx.reshape(-1)].set(
@@ -170,7 +251,7 @@ def _write_window(ring: jax.Array, layer: jax.Array, x: jax.Array, positions: ja
 
 def _seal_pages(spec: PoolSpec, pool: tuple[jax.Array, ...], layer: jax.Array, x: jax.Array,
                 positions: jax.Array, lengths: jax.Array, pages: jax.Array, ring: jax.Array,
-                window_slots: jax.Array) -> tuple[jax.Array, ...]:
+                window_slots: jax.Array, abs_positions: jax.Array) -> tuple[jax.Array, ...]:
     """Grouped methods (KIVI keys): a token that fills the last slot of its page seals the page:
     the page's tokens (from this chunk, or from the ring for tokens of earlier steps) are
     quantized together and written at once. Runs before the ring is overwritten."""
@@ -187,7 +268,10 @@ def _seal_pages(spec: PoolSpec, pool: tuple[jax.Array, ...], layer: jax.Array, x
     chunk_vals = jnp.take_along_axis(x, chunk_idx[:, :, None, None], axis=1)
     w = ring.shape[3]
     per_seq = ring[layer, :, window_slots]  # [b, kv_heads, W, d] (bf16 bits)
-    ring_vals = jnp.take_along_axis(per_seq, (member % w).reshape(b, 1, t * s, 1), axis=2)
+    # Pages are whole in absolute positions too (eviction drops whole pages): the ring entry of
+    # a member is its absolute position % W.
+    abs_member = member + (abs_positions - positions)[:, :, None]
+    ring_vals = jnp.take_along_axis(per_seq, (abs_member % w).reshape(b, 1, t * s, 1), axis=2)
     ring_vals = jnp.moveaxis(
         jax.lax.bitcast_convert_type(ring_vals, jnp.bfloat16).astype(jnp.float32), 1, 2)
     vals = jnp.where(from_chunk.reshape(b, t * s, 1, 1), chunk_vals, ring_vals)

@@ -79,6 +79,10 @@ class BlockManager:
         self.tables: dict[int, list[int]] = {}  # sequence id -> pages in token order
         self._committed: dict[int, int] = {}  # sequence id -> leading pages already hashed
         self._last_hash: dict[int, bytes] = {}  # sequence id -> hash of its last committed page
+        # Eviction: tokens dropped so far and the absolute position of each kept page's first
+        # token (pages past the list continue the tail: index * page_size + evicted).
+        self._evicted: dict[int, int] = {}
+        self._page_pos: dict[int, list[int]] = {}
         # Counters (tokens, like vLLM's prefix_cache_queries / prefix_cache_hits).
         self.prefix_queries = 0
         self.prefix_hits = 0
@@ -147,6 +151,8 @@ class BlockManager:
             self._unref(page)
         self._committed.pop(seq_id, None)
         self._last_hash.pop(seq_id, None)
+        self._evicted.pop(seq_id, None)
+        self._page_pos.pop(seq_id, None)
 
     def fork(self, parent: int, child: int, num_tokens: int) -> None:
         """`child` shares the full pages of `parent`'s first `num_tokens` tokens by reference."""
@@ -171,8 +177,12 @@ class BlockManager:
         table = self.tables[seq_id]
         drop = sorted(set(indices), reverse=True)
         released = [table[i] for i in drop]
+        pos = self._positions(seq_id, len(table))
         for i in drop:
             del table[i]
+            del pos[i]
+        self._page_pos[seq_id] = pos
+        self._evicted[seq_id] = self._evicted.get(seq_id, 0) + len(drop) * self.page_size
         for page in released:
             self._unref(page)
         self._committed[seq_id] = -1  # never commit again
@@ -243,6 +253,28 @@ class BlockManager:
     # ---- views ---------------------------------------------------------------------------------
     def page_table(self, seq_ids: list[int], max_pages: int) -> np.ndarray:
         return page_table(self.pages, seq_ids, max_pages)
+
+    def evicted(self, seq_id: int) -> int:
+        """Tokens evicted from `seq_id` so far."""
+        return self._evicted.get(seq_id, 0)
+
+    def _positions(self, seq_id: int, n: int) -> list[int]:
+        """Absolute position of the first token of each of the first n table entries."""
+        known = list(self._page_pos.get(seq_id, []))
+        e = self._evicted.get(seq_id, 0)
+        return known[:n] + [j * self.page_size + e for j in range(len(known), n)]
+
+    def page_positions(self, seq_ids: list[int | None], max_pages: int) -> np.ndarray | None:
+        """[len(seq_ids), max_pages] int32 absolute position of each table entry's first token,
+        for a forward after an eviction (RoPE and ring positions); None when no row has evicted
+        anything (positions are cache positions: the forward skips the re-rotation)."""
+        if not any(s is not None and self._evicted.get(s) for s in seq_ids):
+            return None
+        out = np.tile(np.arange(max_pages, dtype=np.int32) * self.page_size, (len(seq_ids), 1))
+        for row, sid in enumerate(seq_ids):
+            if sid is not None and self._evicted.get(sid):
+                out[row] = self._positions(sid, max_pages)
+        return out
 
     def check(self) -> None:
         """Assert the invariants: refcounts equal table references, every page in exactly one

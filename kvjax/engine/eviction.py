@@ -6,23 +6,25 @@ any page size >= 4) and the most recent `window` tokens, and drop *whole compute
 between, so a page is either fully kept or fully released to the block manager; nothing is copied
 on the device.
 
-Positions (a deliberate choice, see the engine's docstring too): the cache stores keys after RoPE,
-and the model applies RoPE and picks cache slots from one `positions` input. After an eviction the
-engine feeds new tokens at their *cache index* (tokens held before them), so positions never grow
-past sinks + window + one chunk and the session is unbounded. Keys already in the cache keep the
-rotation they were written with (no re-rotation), which is StreamingLLM's "positions within the
-cache" for the newest tokens and an approximation for older window tokens (their distance to new
-queries shrinks by the evicted amount). Exact StreamingLLM needs pre-RoPE keys in the cache or a
-forward that takes RoPE positions apart from cache positions (`rope_positions`): a model change.
+Positions within the cache (StreamingLLM's rule): keys are stored rotated for their absolute
+position and never rewritten (so compressed pages stay as written). After an eviction the engine
+passes each page's absolute start (`BlockManager.page_positions`); attention re-rotates each page's
+keys by the number of evicted tokens after it (kvjax/attention.py `rerotate_keys`), so every
+query-key pair is scored at its distance in the cache: for StreamingLLM only the sink pages turn
+(the window sits after every evicted page), for H2O each kept page by what was evicted after it.
+Cache positions (page table, lengths, masks) stay compact, so a session is unbounded; the ring of
+a compressed cache's bf16 window is indexed by absolute position, which eviction never changes,
+and the eviction window must cover the ring window so evicted pages never hold ring tokens.
 
-H2O needs, per sequence and key, the attention mass the key has received. The model does not
-return attention weights today; the engine feeds `observe(...)` when a runner exposes them (see
-`Runner.attention_mass`, not there yet) and otherwise every score stays 0, so H2O evicts the oldest
-middle page, exactly like StreamingLLM.
+H2O's heavy-hitter scores are the attention mass each cached token received, accumulated on
+device by the XLA attention path (`Segment.mass`, per page, token and KV head, summed over layers,
+query rows and the query heads of a KV head) and read for the pages of a sequence only when it has
+pages to drop. Pages are scored by the sum of their tokens' mass over KV heads (`page_scores`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,11 +55,12 @@ class EvictionConfig:
 
 
 def pages_to_drop(cfg: EvictionConfig, num_computed: int, page_size: int,
-                  page_scores: np.ndarray | None = None) -> list[int]:
+                  page_scores: np.ndarray | Callable[[], np.ndarray] | None = None) -> list[int]:
     """Indices (into the sequence's block table) of computed pages to release now.
 
     num_computed: tokens written to the cache; only its full pages are candidates. page_scores:
-    accumulated attention mass per page of the table (H2O), or None.
+    accumulated attention mass per page of the table (H2O), a callable returning it (read only
+    when something is to be dropped: it may cost a device transfer), or None.
     """
     if not cfg.enabled:
         return []
@@ -71,13 +74,28 @@ def pages_to_drop(cfg: EvictionConfig, num_computed: int, page_size: int,
         return []
     if cfg.policy == "streaming" or page_scores is None:
         return middle[:excess]
+    if callable(page_scores):
+        page_scores = page_scores()
     scores = np.asarray(page_scores, np.float64)[middle]
     order = np.argsort(scores, kind="stable")  # lowest mass first; ties -> oldest first
     return sorted(middle[i] for i in order[:excess])
 
 
+def page_scores(mass: np.ndarray, reduce: str = "sum") -> np.ndarray:
+    """Per-page H2O scores from accumulated mass [pages, kv_heads, page_size]: the pages' tokens
+    summed, over KV heads by `reduce` ("sum": all heads; "max": the head that uses the page most,
+    so a page one head depends on is kept even when the others ignore it)."""
+    per_head = np.asarray(mass, np.float64).sum(axis=2)  # [pages, kv_heads]
+    if reduce == "sum":
+        return per_head.sum(axis=1)
+    if reduce == "max":
+        return per_head.max(axis=1)
+    raise ValueError(f"reduce must be sum or max, got {reduce!r}")
+
+
 class H2OScores:
-    """Accumulated attention mass per cached token of one sequence, kept page-aligned."""
+    """Accumulated attention mass per cached token of one sequence, kept page-aligned, on the
+    host (for callers that observe attention themselves; the engine reads `Segment.mass`)."""
 
     def __init__(self, page_size: int):
         self.page_size = page_size

@@ -149,6 +149,14 @@ class Choice:
                 yield out, pending, None
                 pending = []
 
+    def _lp(self, i: int) -> float | None:
+        lps = self.req.output_logprobs
+        return lps[i] if i < len(lps) else None  # an engine that did not record it
+
+    def _top(self, i: int) -> list[tuple[int, float]]:
+        tops = self.req.top_logprobs
+        return tops[i][: self.req.params.logprobs] if i < len(tops) else []
+
     def completion_logprobs(self, idx: list[int], offset: int) -> dict:
         tok, req = self.st.tokenizer, self.req
         toks = [_token_text(tok, req.output_ids[i]) for i in idx]
@@ -158,21 +166,21 @@ class Choice:
             o += len(t)
         top = None
         if req.params.logprobs:
-            top = [{_token_text(tok, t): lp for t, lp in req.top_logprobs[i]} for i in idx]
-        return {"tokens": toks, "token_logprobs": [req.output_logprobs[i] for i in idx],
+            top = [{_token_text(tok, t): lp for t, lp in self._top(i)} for i in idx]
+        return {"tokens": toks, "token_logprobs": [self._lp(i) for i in idx],
                 "top_logprobs": top, "text_offset": offs}
 
     def chat_logprobs(self, idx: list[int]) -> dict:
         tok, req = self.st.tokenizer, self.req
 
-        def entry(t: int, lp: float) -> dict:
+        def entry(t: int, lp: float | None) -> dict:
             s = _token_text(tok, t)
-            return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+            return {"token": s, "logprob": -9999.0 if lp is None else lp,
+                    "bytes": list(s.encode())}
 
         return {"content": [
-            {**entry(req.output_ids[i], req.output_logprobs[i]),
-             "top_logprobs": [entry(t, lp) for t, lp in req.top_logprobs[i]]
-             if req.params.logprobs else []} for i in idx]}
+            {**entry(req.output_ids[i], self._lp(i)),
+             "top_logprobs": [entry(t, lp) for t, lp in self._top(i)]} for i in idx]}
 
 
 def _usage(requests, prompts: list[list[int]]) -> dict:
@@ -246,6 +254,18 @@ def create_app(state: State) -> FastAPI:
     async def chat(body: P.ChatCompletionRequest, request: Request):
         return await _generate(state, body, request, chat=True)
 
+    def openapi() -> dict:
+        """FastAPI's schema, with `model` narrowed to the one served model (so a schema-driven
+        client, or schemathesis, sends requests this server can run)."""
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            for name in ("CompletionRequest", "ChatCompletionRequest"):
+                schema["components"]["schemas"][name]["properties"]["model"]["enum"] = [
+                    state.model_name]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
 
 

@@ -105,16 +105,12 @@ class Gate:
         await self.app(scope, receive, send)
 
 
-def _token_text(tok: Tokenizer, t: int) -> str:
-    return tok.decode([t], skip_special=False)
-
-
 class Choice:
     """One engine request's output as it streams: text pieces (stop strings cut, held back while
     they could still start one) and the token ids behind each piece, for logprobs."""
 
-    def __init__(self, st: State, req, stop: list[str]):
-        self.st, self.req, self.stop = st, req, stop
+    def __init__(self, st: State, req, stop: list[str], as_ids: bool = False):
+        self.st, self.req, self.stop, self.as_ids = st, req, stop, as_ids
         self.dec = StreamDecoder(st.tokenizer)
         self.held, self.n_seen = "", 0
         self.hold = max((len(s) for s in stop), default=1) - 1
@@ -131,7 +127,9 @@ class Choice:
             if token is not None:
                 pending.append(self.n_seen)
                 self.n_seen += 1
-                if not (reason == "stop" and token in eng.eos_ids):
+                # The token that stopped the request is not part of the text (as in vLLM).
+                if not (reason == "stop" and (token in eng.eos_ids
+                                              or token in req.params.stop_token_ids)):
                     self.held += self.dec.push(token)
             if self.stop:
                 cut = min((i for i in (self.held.find(s) for s in self.stop) if i >= 0),
@@ -149,6 +147,10 @@ class Choice:
                 yield out, pending, None
                 pending = []
 
+    def text(self, t: int) -> str:
+        """A token as logprobs show it: its text, or vLLM's "token_id:N" when asked."""
+        return f"token_id:{t}" if self.as_ids else self.st.tokenizer.decode([t], skip_special=False)
+
     def _lp(self, i: int) -> float | None:
         lps = self.req.output_logprobs
         return lps[i] if i < len(lps) else None  # an engine that did not record it
@@ -158,23 +160,23 @@ class Choice:
         return tops[i][: self.req.params.logprobs] if i < len(tops) else []
 
     def completion_logprobs(self, idx: list[int], offset: int) -> dict:
-        tok, req = self.st.tokenizer, self.req
-        toks = [_token_text(tok, req.output_ids[i]) for i in idx]
+        req = self.req
+        toks = [self.text(req.output_ids[i]) for i in idx]
         offs, o = [], offset
         for t in toks:
             offs.append(o)
             o += len(t)
         top = None
         if req.params.logprobs:
-            top = [{_token_text(tok, t): lp for t, lp in self._top(i)} for i in idx]
+            top = [{self.text(t): lp for t, lp in self._top(i)} for i in idx]
         return {"tokens": toks, "token_logprobs": [self._lp(i) for i in idx],
                 "top_logprobs": top, "text_offset": offs}
 
     def chat_logprobs(self, idx: list[int]) -> dict:
-        tok, req = self.st.tokenizer, self.req
+        req = self.req
 
         def entry(t: int, lp: float | None) -> dict:
-            s = _token_text(tok, t)
+            s = self.text(t)
             return {"token": s, "logprob": -9999.0 if lp is None else lp,
                     "bytes": list(s.encode())}
 
@@ -280,7 +282,7 @@ async def _generate(st: State, body, request: Request, chat: bool):
     loop = asyncio.get_running_loop()
     for r in reqs:
         r.out = Sink(loop)
-    choices = [Choice(st, r, p.stop) for r in reqs]
+    choices = [Choice(st, r, p.stop, body.return_tokens_as_token_ids) for r in reqs]
     for r in reqs:
         eng.add_request(r)
     if body.stream:

@@ -75,6 +75,7 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     cache_salt: str | None = None
+    return_tokens_as_token_ids: bool = False  # vLLM's: logprobs tokens as "token_id:N"
     kv_precision: Literal["auto", "full", "default"] = "auto"
     kv_eviction: Literal["none", "streaming", "h2o"] | KvEviction | None = None
 

@@ -28,6 +28,9 @@ import numpy as np
 from kvjax.config import ConfigError, ModelConfig
 
 GROUP = 32  # int4 group size along the input dim (llama.cpp's Q4 block)
+# int4 scales and mins: f32, not f16 (exact for GGUF's f16 values either way): XLA's CPU backend
+# converts f16 slowly, and the conversion sits in every dequantizing fusion.
+SCALE_DTYPE = np.float32
 QUANTIZED = ("layers.wq", "layers.wk", "layers.wv", "layers.wo", "layers.w_gate", "layers.w_up",
              "layers.w_down")
 
@@ -54,7 +57,7 @@ class Int8Weight:
 @dataclasses.dataclass(frozen=True)
 class Int4Weight:
     """packed: uint8 [..., in/2, out] (row r low nibble, row r + in/2 high nibble);
-    scale, min: f16 [..., in/GROUP, out]. w = code * scale + min per group of GROUP rows."""
+    scale, min: f32 [..., in/GROUP, out]. w = code * scale + min per group of GROUP rows."""
 
     packed: jax.Array
     scale: jax.Array
@@ -102,22 +105,20 @@ def pack_int4(codes: np.ndarray, scale: np.ndarray, mn: np.ndarray) -> Int4Weigh
     half = codes.shape[-2] // 2
     lo, hi = codes[..., :half, :], codes[..., half:, :]
     packed = (lo | (hi << 4)).astype(np.uint8)
-    return Int4Weight(packed, np.asarray(scale, np.float16), np.asarray(mn, np.float16))
+    return Int4Weight(packed, np.asarray(scale, SCALE_DTYPE), np.asarray(mn, SCALE_DTYPE))
 
 
 def quantize_int4(w: np.ndarray, group: int = GROUP) -> Int4Weight:
     """w: [..., in, out] float -> 4-bit codes, scale and min per group of `group` input rows
-    (min-max, as llama.cpp's Q4_1). Scales are rounded to f16 before the codes are chosen, so the
-    codes are the best ones for the stored scales."""
+    (min-max, as llama.cpp's Q4_1)."""
     w = np.asarray(w, np.float32)
     _check_int4_shape(w.shape, group)
     g = w.reshape(*w.shape[:-2], w.shape[-2] // group, group, w.shape[-1])
     lo, hi = g.min(axis=-2), g.max(axis=-2)
-    scale = ((hi - lo) / 15.0).astype(np.float16)
-    mn = lo.astype(np.float16)
-    s32 = np.where(scale > 0, scale.astype(np.float32), 1.0)
-    codes = np.clip(np.rint((g - mn.astype(np.float32)[..., None, :]) / s32[..., None, :]), 0, 15)
-    return pack_int4(codes.astype(np.uint8).reshape(w.shape), scale, mn)
+    scale = ((hi - lo) / 15.0).astype(np.float32)
+    s = np.where(scale > 0, scale, 1.0)
+    codes = np.clip(np.rint((g - lo[..., None, :]) / s[..., None, :]), 0, 15)
+    return pack_int4(codes.astype(np.uint8).reshape(w.shape), scale, lo)
 
 
 def unpack_int4(w: Int4Weight) -> np.ndarray:
@@ -172,7 +173,7 @@ def prepare(params: dict, mc: ModelConfig, dtype) -> dict:
     return out
 
 
-def nbytes(params: dict) -> int:
+def nbytes(params) -> int:
     """Bytes the params occupy (quantized weights at their packed size, scales included)."""
     return int(sum(np.dtype(a.dtype).itemsize * int(np.prod(a.shape))
                    for a in jax.tree_util.tree_leaves(params)))
@@ -180,11 +181,11 @@ def nbytes(params: dict) -> int:
 
 def bytes_per_weight(weight_dtype: str, float_bytes: float, fan_in: int = 4096) -> float:
     """Stored bytes per projection weight, scales included: int8 one f32 scale per column of
-    `fan_in` weights; int4 half a byte plus an f16 scale and min per GROUP."""
+    `fan_in` weights; int4 half a byte plus an f32 scale and min per GROUP."""
     if weight_dtype == "int8":
         return 1.0 + 4.0 / fan_in
     if weight_dtype == "int4":
-        return 0.5 + 4.0 / GROUP
+        return 0.5 + 8.0 / GROUP
     return float(float_bytes)
 
 

@@ -9,17 +9,30 @@ p50, preemptions, and the maximum concurrency that fits the budget: budget / (wh
 request + the per-sequence full-precision window some layouts keep). The engine is driven in
 process (no HTTP), so the numbers are the scheduler's and the model's, not the JSON layer's.
 Compilation is excluded: an untimed round with the same shapes runs first.
+
+`--mode http` measures the whole server instead, as vLLM's benchmark_serving does: per dtype it
+starts `python -m kvjax.serve` (timing its startup to a 200 from /health), then for each level of
+`--concurrency-sweep` streams max(--min-requests, 2 x concurrency) completions of random prompt
+token ids over aiohttp (kvjax/bench/loadgen.py) and prints output and total tok/s, requests/s,
+TTFT p50/p99, ITL p50/p99 and end-to-end p50 per (dtype, concurrency).
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
+import os
+import re
+import subprocess
+import sys
 import time
+import urllib.request
 
 import numpy as np
 from absl import flags
 
 from kvjax import cli
+from kvjax.bench import loadgen
 from kvjax.cache import bytes_per_token, window_bytes_per_sequence
 from kvjax.config import KV_CACHE_DTYPES
 from kvjax.engine import Engine, EngineConfig, SamplingParams
@@ -40,6 +53,16 @@ def define_flags() -> None:
     flags.DEFINE_integer("output_len", 64, "Output tokens per request.", lower_bound=1)
     flags.DEFINE_float("kv_budget_mib", 256.0, "KV page budget shared by every dtype (MiB).")
     flags.DEFINE_integer("max_num_batched_tokens", 512, "Tokens per engine step.", lower_bound=1)
+    flags.DEFINE_enum("mode", "engine", ["engine", "http"], "engine: drive the engine in "
+                      "process; http: start `kvjax.serve` and load it over HTTP.")
+    flags.DEFINE_list("concurrency_sweep", ["1", "4", "8", "16", "32", "64"],
+                      "HTTP mode: concurrency levels.")
+    flags.DEFINE_integer("min_requests", 4, "HTTP mode: fewest requests per level.",
+                         lower_bound=1)
+    flags.DEFINE_integer("startup_timeout", 1800, "HTTP mode: seconds to wait for /health.",
+                         lower_bound=1)
+    flags.DEFINE_list("server_args", [], "HTTP mode: extra flags for kvjax.serve "
+                      "(e.g. --attention-impl=pallas).")
 
 
 def run_load(eng: Engine, prompts: list[list[int]], output_len: int, concurrency: int,
@@ -100,9 +123,119 @@ def bench_dtype(cfg, params, dtype: str, rng: np.random.Generator) -> str:
             f"{preempt} |")
 
 
+def _wait_ready(proc: subprocess.Popen, timeout: float) -> tuple[str, float | None]:
+    """Read the server's log until /health answers 200; returns its URL and logged startup s."""
+    url, startup, deadline = None, None, time.time() + timeout
+    log_lines: list[str] = []
+    while time.time() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            raise RuntimeError("the server exited:\n" + "".join(log_lines[-20:]))
+        log_lines.append(line)
+        m = re.search(r"startup took ([0-9.]+) s", line)
+        if m:
+            startup = float(m.group(1))
+        if "Serving" in line and " on " in line:
+            url = line.split(" on ")[1].split()[0]
+            with urllib.request.urlopen(url + "/health", timeout=30) as r:
+                if r.status == 200:
+                    return url, startup
+    raise RuntimeError(f"the server did not answer /health within {timeout:.0f} s")
+
+
+def bench_http(cfg, dtype: str, rng: np.random.Generator) -> list[str]:
+    levels = sorted(int(c) for c in FLAGS.concurrency_sweep)
+    max_len = FLAGS.prompt_len + FLAGS.output_len + 16
+    cmd = [sys.executable, "-m", "kvjax.serve", "--config", FLAGS.config, "--port", "0",
+           "--kv-cache-dtype", dtype, "--max-num-seqs", str(max(levels)),
+           "--max-model-len", str(max_len),
+           "--max-num-batched-tokens", str(FLAGS.max_num_batched_tokens), *FLAGS.server_args]
+    if FLAGS.weights:
+        cmd += ["--weights", FLAGS.weights]
+    if FLAGS.random_weights:
+        cmd += ["--random-weights"]
+    if FLAGS.num_layers:
+        cmd += ["--num-layers", str(FLAGS.num_layers)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env=env)
+    rows = []
+    try:
+        url, logged = _wait_ready(proc, FLAGS.startup_timeout)
+        ready = time.perf_counter() - t0
+        threading_drain(proc)
+        model = json_get(url + "/v1/models")["data"][0]["id"]
+        vocab = cfg.model.vocab_size
+        print(f"# {dtype}: ready in {ready:.1f} s (server log: startup took "
+              f"{logged if logged is not None else float('nan'):.1f} s)", flush=True)
+        for c in levels:
+            n = max(FLAGS.min_requests, 2 * c)
+            warm = [rng.integers(0, vocab, FLAGS.prompt_len).tolist() for _ in range(c)]
+            asyncio.run(loadgen.run(url, model, warm, 4, c))  # untimed: shapes, connections
+            prompts = [rng.integers(0, vocab, FLAGS.prompt_len).tolist() for _ in range(n)]
+            r = loadgen.summarize(*asyncio.run(loadgen.run(url, model, prompts,
+                                                           FLAGS.output_len, c)))
+            row = (f"| {dtype} | {c} | {r['completed']}/{n} | {r['out_tps']:.1f} | "
+                   f"{r['total_tps']:.1f} | {r['req_s']:.2f} | {r['ttft_p50']:.0f} | "
+                   f"{r['ttft_p99']:.0f} | {r['itl_p50']:.1f} | {r['itl_p99']:.1f} | "
+                   f"{r['e2e_p50']:.1f} | {ready:.0f} |")
+            if r["errors"]:
+                row += f" errors: {'; '.join(r['errors'])}"
+            print(row, flush=True)
+            rows.append(row)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return rows
+
+
+def threading_drain(proc: subprocess.Popen) -> None:
+    """Keep reading the server's stderr so a full pipe never blocks it."""
+    import threading
+
+    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
+
+
+def json_get(url: str) -> dict:
+    import json
+
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def main_http(cfg, dtypes: list[str]) -> int:
+    print(f"config {cfg.name}, HTTP (kvjax.serve + aiohttp, streaming): {FLAGS.prompt_len} "
+          f"prompt + {FLAGS.output_len} output tokens per request (ignore_eos, greedy), "
+          f"max(2 x concurrency, {FLAGS.min_requests}) requests per level")
+    print("| dtype | concurrency | requests | out tok/s | total tok/s | req/s | TTFT p50 ms | "
+          "TTFT p99 ms | ITL p50 ms | ITL p99 ms | E2E p50 s | startup s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    for dtype in dtypes:
+        try:
+            bench_http(cfg, dtype, rng)
+        except RuntimeError as e:
+            print(f"| {dtype} | error: {str(e).splitlines()[0]} |", flush=True)
+    return 0
+
+
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if FLAGS.mode == "http":
+        cfg = cli.config_from_flags()
+        dtypes = [d for d in FLAGS.dtypes if d in KV_CACHE_DTYPES]
+        try:
+            levels = [int(c) for c in FLAGS.concurrency_sweep]
+        except ValueError:
+            raise cli.UsageError("--concurrency-sweep takes integers") from None
+        if not levels or min(levels) < 1:
+            raise cli.UsageError("--concurrency-sweep takes integers >= 1")
+        return main_http(cfg, dtypes)
     from kvjax.generate import load_model
 
     cfg = cli.config_from_flags()

@@ -54,11 +54,16 @@ MASK = -1e30
 BACKENDS = ("auto", "triton", "tpu", "interpret", "interpret_tpu", "mosaic_gpu")
 
 
+# backend "auto": the lowering is chosen per platform when the step is lowered
+# (lax.platform_dependent), not from jax.default_backend(): a step traced on a CPU host for a TPU
+# or GPU target (AOT compile, kvjax.bench.compile) must hold the Mosaic / Triton call.
+AUTO_BACKENDS = {"cuda": "triton", "rocm": "triton", "tpu": "tpu", "cpu": "interpret"}
+
+
 def resolve_backend(backend: str) -> str:
+    """Validate an explicit backend; "auto" stays "auto" (resolved per platform in decode)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown Pallas backend {backend!r}; valid: {', '.join(BACKENDS)}")
-    if backend == "auto":
-        return {"gpu": "triton", "tpu": "tpu"}.get(jax.default_backend(), "interpret")
     if backend == "mosaic_gpu":
         raise NotImplementedError(
             "the Mosaic GPU paged kernels are not written yet; use backend='triton' on GPU "
@@ -91,11 +96,49 @@ def dot_nn(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def bits_to(x: jax.Array, dtype) -> jax.Array:
-    """Raw storage words (uint8/uint16) -> their float of the same width, as f32."""
+    """Raw storage words (uint8/uint16) -> their float of the same width, as f32 (native casts:
+    Triton and the interpreters)."""
     dtype = jnp.dtype(dtype)
     if x.dtype != dtype:
         x = jax.lax.bitcast_convert_type(x, dtype)
     return x.astype(jnp.float32)
+
+
+# (exponent bits, mantissa bits, has inf) of the narrow floats the pools store as raw bits.
+_FLOAT_BITS = {"float16": (5, 10, True), "float8_e5m2": (5, 2, True),
+               "float8_e4m3fn": (4, 3, False)}
+
+
+def int_bits_to(x: jax.Array, dtype) -> jax.Array:
+    """bits_to with 32-bit integer arithmetic only: Mosaic has no f16 / fp8 vector registers on
+    v5e/v6e (a bitcast of i16 lanes to f16 fails with "Invalid vector register cast"). Exact for
+    every value, subnormals, infinities and NaNs included."""
+    name = jnp.dtype(dtype).name
+    w = x.astype(jnp.int32) & ((1 << (8 * x.dtype.itemsize)) - 1)
+    if name == "float32":
+        return jax.lax.bitcast_convert_type(w, jnp.float32)
+    if name == "bfloat16":
+        return jax.lax.bitcast_convert_type(w << 16, jnp.float32)
+    if name not in _FLOAT_BITS:
+        raise NotImplementedError(f"no integer decoding of {name}")
+    eb, mb, has_inf = _FLOAT_BITS[name]
+    bias = (1 << (eb - 1)) - 1
+    top = 1 + eb + mb
+    sign = (w >> (top - 1)) & 1
+    e = (w >> mb) & ((1 << eb) - 1)
+    m = w & ((1 << mb) - 1)
+    normal = (sign << 31) | ((e + (127 - bias)) << 23) | (m << (23 - mb))
+    emax = (1 << eb) - 1
+    nan_bits = jnp.int32(0x7FC00000)
+    if has_inf:  # IEEE: exponent all ones is inf (m == 0) or NaN
+        special = (sign << 31) | jnp.int32(0x7F800000) | (m << (23 - mb))
+        normal = jnp.where(e == emax, special, normal)
+    else:  # e4m3fn: only all-ones exponent and mantissa is NaN, no infinities
+        normal = jnp.where((e == emax) & (m == (1 << mb) - 1), nan_bits, normal)
+    val = jax.lax.bitcast_convert_type(normal, jnp.float32)
+    sub = m.astype(jnp.float32) * jnp.float32(2.0 ** (1 - bias - mb))
+    sub = jnp.where(sign == 1, -sub, sub)
+    return jnp.where(e == 0, sub, val)
 
 
 def phases_of(bits: int) -> int:
@@ -122,17 +165,19 @@ class Loader:
     """Fetches tiles of the current block of pages from a tuple of leaf refs.
 
     ``tile(i, start, size, stride)`` -> leaf i's lanes offset+start, +stride, ... (size of them)
-    for every row of the block: [rows_in_block, size], raw storage dtype."""
+    for every row of the block: [rows_in_block, size], raw storage dtype. ``floats`` decodes
+    raw float bits to f32, with integer ops only when ``int_floats`` (Mosaic)."""
 
     def __init__(self, refs: Sequence[Any], fetch: Callable[[Any, Any], jax.Array],
-                 offset: int = 0):
+                 offset: int = 0, int_floats: bool = False):
         self.refs = refs
         self.fetch = fetch
         self.offset = offset
+        self.int_floats = int_floats
 
     def shifted(self, offset: int) -> Loader:
         """The same tiles with every lane index moved right by a static offset."""
-        return Loader(self.refs, self.fetch, self.offset + offset)
+        return Loader(self.refs, self.fetch, self.offset + offset, self.int_floats)
 
     def tile(self, i: int, start: int = 0, size: int | None = None, stride: int = 1):
         ref = self.refs[i]
@@ -140,6 +185,14 @@ class Loader:
             size = (ref.shape[-1] - start + stride - 1) // stride
         start += self.offset
         return self.fetch(ref, pl.ds(start, size, stride) if stride != 1 else pl.ds(start, size))
+
+    def floats(self, i: int, dtype, start: int = 0, size: int | None = None,
+               stride: int = 1) -> jax.Array:
+        """tile() decoded from raw float bits to f32."""
+        return self.convert(self.tile(i, start, size, stride), dtype)
+
+    def convert(self, x: jax.Array, dtype) -> jax.Array:
+        return int_bits_to(x, dtype) if self.int_floats else bits_to(x, dtype)
 
 
 def unpack_phases(ld: Loader, i: int, bits: int, n: int, signed: bool = False) -> list[jax.Array]:
@@ -188,8 +241,10 @@ class ValueFormat:
     def acc_shapes(self, gp: int) -> tuple[tuple[int, ...], ...]:
         raise NotImplementedError
 
-    def accumulate(self, p: jax.Array, valid: jax.Array, ld: Loader) -> tuple[jax.Array, ...]:
-        """p [Gp, T] f32 (zero where invalid), valid [1, T] -> contributions (acc_shapes)."""
+    def accumulate(self, p: jax.Array, valid_col: jax.Array,
+                   ld: Loader) -> tuple[jax.Array, ...]:
+        """p [Gp, T] f32 (zero where invalid), valid_col [T, 1] bool (from an iota: Mosaic
+        cannot reshape a [1, T] mask) -> contributions (acc_shapes)."""
         raise NotImplementedError
 
     def finalize(self, accs: tuple[jax.Array, ...]) -> jax.Array:
@@ -225,19 +280,32 @@ def _online(carry, s, valid, accumulate):
     return m_new, l_new, accs
 
 
-def _window_update(carry, qw, wk, wv, length, w):
-    """Attend the ring entries [W, D] (bf16 bits) of one sequence: entry j holds the position p
-    in [length - W, length) with p % W == j; entries with p < 0 are empty."""
+WINDOW_CHUNK = 32  # ring tokens attended at once: a whole 128 x 128 ring tile spills on H100
+
+
+def _window_update(carry, qw, fetch, length, w, convert):
+    """Attend the ring entries [W, D] (bf16 bits) of one sequence, WINDOW_CHUNK at a time
+    (fetch(start, size) -> (keys, values) raw [size, D]): entry j holds the position p in
+    [length - W, length) with p % W == j; entries with p < 0 are empty."""
     lo = length - w
     lo_mod = jax.lax.rem(jax.lax.rem(lo, w) + w, w)
-    j = jax.lax.broadcasted_iota(jnp.int32, (1, w), 1)
-    pos = lo + jax.lax.rem(j - lo_mod + w, w)
-    valid = pos >= 0
-    kt = bits_to(wk, jnp.bfloat16)
-    vt = bits_to(wv, jnp.bfloat16)
-    s = dot_nt(qw, jnp.where(jnp.swapaxes(valid, 0, 1), kt, 0.0))
-    vt = jnp.where(jnp.swapaxes(valid, 0, 1), vt, 0.0)
-    m, den, (acc,) = _online(carry, s, valid, lambda p: (dot_nn(p, vt),))
+    c = min(w, WINDOW_CHUNK)
+
+    def positions(j0, shape, dim):
+        j = j0 + jax.lax.broadcasted_iota(jnp.int32, shape, dim)
+        return lo + jax.lax.rem(j - lo_mod + w, w)
+
+    def body(i, carry):
+        j0 = i * c
+        valid = positions(j0, (1, c), 1) >= 0
+        valid_col = positions(j0, (c, 1), 0) >= 0  # an iota, not a reshape of valid (Mosaic)
+        wk, wv = fetch(j0, c)
+        kt = jnp.where(valid_col, convert(wk, jnp.bfloat16), 0.0)
+        vt = jnp.where(valid_col, convert(wv, jnp.bfloat16), 0.0)
+        m, den, (acc,) = _online(carry, dot_nt(qw, kt), valid, lambda p: (dot_nn(p, vt),))
+        return m, den, (acc,)
+
+    m, den, (acc,) = jax.lax.fori_loop(0, w // c, body, carry)
     return m, den, acc
 
 
@@ -297,9 +365,9 @@ def _gather_kernel(*refs, plan: Plan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: i
 
         ldk, ldv = Loader(k_refs, fetch), Loader(v_refs, fetch)
         sc = kfmt.score(qs, ldk)
-        pos = j0 * s + jax.lax.broadcasted_iota(jnp.int32, (1, ppb * s), 1)
-        valid = pos < limit
-        return _online(carry, sc, valid, lambda p: vfmt.accumulate(p, valid, ldv))
+        valid = j0 * s + jax.lax.broadcasted_iota(jnp.int32, (1, ppb * s), 1) < limit
+        valid_col = j0 * s + jax.lax.broadcasted_iota(jnp.int32, (ppb * s, 1), 0) < limit
+        return _online(carry, sc, valid, lambda p: vfmt.accumulate(p, valid_col, ldv))
 
     m, den, accs = jax.lax.fori_loop(0, nblocks, body, _init_state(plan, vfmt))
     for r, a in zip(acc_refs, accs, strict=True):
@@ -315,8 +383,11 @@ def _gather_kernel(*refs, plan: Plan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: i
             ridx = (layer * plan.kv_heads + h) * plan.ring_slots + slot_ref[0]
             m0, l0, _ = _init_state(plan, vfmt)
             carry = (m0, l0, (jnp.zeros((plan.gp, plan.head_dim), jnp.float32),))
-            mw, lw, accw = _window_update(carry, qw_ref[...], wk_ref[ridx], wv_ref[ridx],
-                                          length, plan.window)
+            def fetch(j0, c):
+                return wk_ref[ridx, pl.ds(j0, c), :], wv_ref[ridx, pl.ds(j0, c), :]
+
+            mw, lw, accw = _window_update(carry, qw_ref[...], fetch, length, plan.window,
+                                          bits_to)
             accw_ref[...] = accw
             mw_ref[...] = mw
             lw_ref[...] = lw
@@ -356,13 +427,14 @@ def _tpu_kernel(*refs, plan: Plan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: int)
         def fetch(ref, lanes):
             return ref[:, lanes]
 
-        ldk, ldv = Loader(k_refs, fetch), Loader(v_refs, fetch)
+        ldk = Loader(k_refs, fetch, int_floats=True)
+        ldv = Loader(v_refs, fetch, int_floats=True)
         qs = tuple(r[...] for r in q_refs)
         sc = kfmt.score(qs, ldk)
-        pos = j * s + jax.lax.broadcasted_iota(jnp.int32, (1, s), 1)
-        valid = pos < limit
+        valid = j * s + jax.lax.broadcasted_iota(jnp.int32, (1, s), 1) < limit
+        valid_col = j * s + jax.lax.broadcasted_iota(jnp.int32, (s, 1), 0) < limit
         carry = (m_sc[...], l_sc[...], tuple(a[...] for a in acc_sc))
-        m, den, accs = _online(carry, sc, valid, lambda p: vfmt.accumulate(p, valid, ldv))
+        m, den, accs = _online(carry, sc, valid, lambda p: vfmt.accumulate(p, valid_col, ldv))
         m_sc[...] = m
         l_sc[...] = den
         for r, a in zip(acc_sc, accs, strict=True):
@@ -380,8 +452,11 @@ def _tpu_kernel(*refs, plan: Plan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: int)
         def _():
             m0, l0, _ = _init_state(plan, vfmt)
             carry = (m0, l0, (jnp.zeros((plan.gp, plan.head_dim), jnp.float32),))
-            mw, lw, accw = _window_update(carry, qw_ref[...], wk_ref[...], wv_ref[...],
-                                          length, plan.window)
+            def fetch(j0, c):
+                return wk_ref[pl.ds(j0, c), :], wv_ref[pl.ds(j0, c), :]
+
+            mw, lw, accw = _window_update(carry, qw_ref[...], fetch, length, plan.window,
+                                          int_bits_to)
             accw_ref[...] = accw
             mw_ref[...] = mw
             lw_ref[...] = lw
@@ -527,6 +602,10 @@ def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+def _triton_ok(q: jax.Array, seg) -> bool:
+    return all(_pow2(v) for v in (seg.k_spec.page_size, q.shape[-1], seg.window or 1))
+
+
 def decode(q: jax.Array, seg, layer: jax.Array, page_table: jax.Array, lengths: jax.Array,
            window_slots: jax.Array | None, kfmt: KeyFormat, vfmt: ValueFormat, *,
            backend: str = "auto", k_splits: int = 8, pages_per_block: int = 0,
@@ -539,6 +618,20 @@ def decode(q: jax.Array, seg, layer: jax.Array, page_table: jax.Array, lengths: 
     (segments with a window). Returns [batch, 1, num_heads, head_dim] in q's dtype.
     """
     backend = resolve_backend(backend)
+    if backend == "auto":
+        def branch(name):
+            if name == "triton" and not _triton_ok(q, seg):
+                name = "interpret"  # non-power-of-two shapes: Triton cannot tile them
+
+            def run(*a):
+                return decode(*a, kfmt, vfmt, backend=name, k_splits=k_splits,
+                              pages_per_block=pages_per_block, num_warps=num_warps,
+                              num_stages=num_stages)
+            return run
+
+        branches = {p: branch(b) for p, b in AUTO_BACKENDS.items()}
+        return jax.lax.platform_dependent(q, seg, layer, page_table, lengths, window_slots,
+                                          default=branches["cpu"], **branches)
     if q.ndim != 4 or q.shape[1] != 1:
         raise ValueError(f"q must be [batch, 1, num_heads, head_dim] (one decode token), got "
                          f"{q.shape}; multi-token chunks go through the XLA path")

@@ -30,7 +30,6 @@ from kvjax.pallas_kernels import _core
 from kvjax.pallas_kernels._core import (
     KeyFormat,
     ValueFormat,
-    bits_to,
     dot_nn,
     dot_nt,
     from_phases,
@@ -64,8 +63,8 @@ class KiviKey(KeyFormat):
         codes = unpack_phases(ld, 0, self.bits, self.head_dim)
         s = 0.0
         for r, (qr, c) in enumerate(zip(qs, codes, strict=True)):
-            sc = _per_token(bits_to(ld.tile(1, r, n, p), jnp.float16), self.group)
-            zr = _per_token(bits_to(ld.tile(2, r, n, p), jnp.float16), self.group)
+            sc = _per_token(ld.floats(1, jnp.float16, r, n, p), self.group)
+            zr = _per_token(ld.floats(2, jnp.float16, r, n, p), self.group)
             s = s + dot_nt(qr, c.astype(jnp.float32) * sc + zr)
         return s
 
@@ -85,17 +84,15 @@ class KiviValue(ValueFormat):
         p = phases_of(self.bits)
         return ((gp, self.group // p),) * (p * self.n_groups)
 
-    def accumulate(self, p, valid, ld):
-        col = valid.reshape(valid.shape[1], 1)
+    def accumulate(self, p, valid_col, ld):
         gbytes = self.group * self.bits // 8
         out = []
         for gi in range(self.n_groups):
-            sc = jnp.where(col, bits_to(ld.tile(1, gi, 1), jnp.float16), 0.0)  # [T, 1]
-            zr = jnp.where(col, bits_to(ld.tile(2, gi, 1), jnp.float16), 0.0)
-            ps = p * sc.reshape(1, -1)
-            pz = dot_nn(p, zr)  # [Gp, 1]
+            sc = ld.floats(1, jnp.float16, gi, 1)  # [T, 1]
+            zr = ld.floats(2, jnp.float16, gi, 1)
             for c in unpack_phases(ld.shifted(gi * gbytes), 0, self.bits, self.group):
-                out.append(dot_nn(ps, c.astype(jnp.float32)) + pz)
+                # dequantized in registers (a column multiply-add; no [T,1] -> [1,T] reshape)
+                out.append(dot_nn(p, jnp.where(valid_col, c.astype(jnp.float32) * sc + zr, 0.0)))
         return tuple(out)
 
     def finalize(self, accs):

@@ -28,7 +28,6 @@ from kvjax.pallas_kernels._core import (
     KeyFormat,
     Loader,
     ValueFormat,
-    bits_to,
     dot_nn,
     dot_nt,
     from_phases,
@@ -59,12 +58,13 @@ class Dense:
         t = ld.tile(0)
         if jnp.issubdtype(jnp.dtype(self.dtype), jnp.integer):
             return t.astype(jnp.float32)
-        return bits_to(t, self.dtype)
+        return ld.convert(t, self.dtype)
 
-    def scale_row(self, ld: Loader) -> jax.Array:
-        """Per-token f16 scale [T, 1] -> [1, T] f32."""
-        s = bits_to(ld.tile(1), jnp.float16)
-        return s.reshape(1, s.shape[0])
+    def scaled(self, ld: Loader) -> jax.Array:
+        """Codes [T, D] f32, times the per-token scale column [T, 1] when there is one (a column
+        multiply: Mosaic cannot turn the [T, 1] scales into a [1, T] row)."""
+        c = self.codes(ld)
+        return c * ld.floats(1, jnp.float16) if self.has_scale else c
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +73,7 @@ class DenseKey(Dense, KeyFormat):
         return (q * self.static_scale,)
 
     def score(self, qs, ld):
-        s = dot_nt(qs[0], self.codes(ld))
-        return s * self.scale_row(ld) if self.has_scale else s
+        return dot_nt(qs[0], self.scaled(ld))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,11 +83,8 @@ class DenseValue(Dense, ValueFormat):
     def acc_shapes(self, gp):
         return ((gp, self.head_dim),)
 
-    def accumulate(self, p, valid, ld):
-        c = sanitize(self.codes(ld), valid.reshape(valid.shape[1], 1))
-        if self.has_scale:
-            p = p * jnp.where(valid, self.scale_row(ld), 0.0)
-        return (dot_nn(p, c),)
+    def accumulate(self, p, valid_col, ld):
+        return (dot_nn(p, sanitize(self.scaled(ld), valid_col)),)
 
     def finalize(self, accs):
         return accs[0] * self.static_scale
@@ -107,12 +103,10 @@ class PackedInt:
         return (1 << (self.bits - 1)) - 1
 
     def phase_codes(self, ld: Loader) -> list[jax.Array]:
-        return [(c - self.qmax).astype(jnp.float32)
+        """Per phase [T, D/P] f32 dequantized values (code - qmax) * scale."""
+        sc = ld.floats(1, jnp.float16)
+        return [(c - self.qmax).astype(jnp.float32) * sc
                 for c in unpack_phases(ld, 0, self.bits, self.head_dim)]
-
-    def scale_row(self, ld: Loader) -> jax.Array:
-        s = bits_to(ld.tile(1), jnp.float16)
-        return s.reshape(1, s.shape[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,8 +116,7 @@ class PackedIntKey(PackedInt, KeyFormat):
         return tuple(ph[..., r, :] for r in range(ph.shape[-2]))
 
     def score(self, qs, ld):
-        s = sum(dot_nt(qr, c) for qr, c in zip(qs, self.phase_codes(ld), strict=True))
-        return s * self.scale_row(ld)
+        return sum(dot_nt(qr, c) for qr, c in zip(qs, self.phase_codes(ld), strict=True))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,9 +125,8 @@ class PackedIntValue(PackedInt, ValueFormat):
         p = phases_of(self.bits)
         return ((gp, self.head_dim // p),) * p
 
-    def accumulate(self, p, valid, ld):
-        p = p * jnp.where(valid, self.scale_row(ld), 0.0)  # codes are finite ints: no sanitize
-        return tuple(dot_nn(p, c) for c in self.phase_codes(ld))
+    def accumulate(self, p, valid_col, ld):
+        return tuple(dot_nn(p, sanitize(c, valid_col)) for c in self.phase_codes(ld))
 
     def finalize(self, accs):
         return from_phases(jnp.stack(accs, axis=-2))

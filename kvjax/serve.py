@@ -25,6 +25,7 @@ fields it cannot honour (tools, response_format, ...) are 400s naming the field.
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import sys
 import threading
@@ -206,6 +207,11 @@ def main(argv: list[str]) -> int:
     engine.start()
     server.state.ready = True
     log.info("Serving %s on %s (OpenAI API at %s/v1)", engine.model_name, server.url, server.url)
+
+    def _terminate(*_) -> None:  # SIGTERM: the same clean stop as ^C (releases followers)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         while server._thread.is_alive():
             server._thread.join(timeout=1.0)

@@ -17,6 +17,7 @@ from absl import flags
 from kvjax import cli
 from kvjax.cache import bytes_per_token, window_bytes_per_sequence
 from kvjax.config import Config
+from kvjax.quant import weights as qweights
 
 GIB = 2**30
 _PARAM_BYTES = {"bf16": 2, "f32": 4}
@@ -37,7 +38,8 @@ def plan(cfg: Config, context: int, batch: int, device_memory_gib: float, device
          utilization: float = 0.9, activation_reserve_gib: float = 1.0) -> Plan:
     mc = cfg.model
     per_token = bytes_per_token(mc, cfg.cache)
-    weights = mc.num_params() * _PARAM_BYTES[cfg.param_dtype]
+    # Projections at --weight-dtype (int8 / int4 + their scales), the rest at param_dtype.
+    weights = qweights.weight_bytes(mc, _PARAM_BYTES[cfg.param_dtype])
     usable = int(device_memory_gib * GIB * devices * utilization)
     pool = max(usable - weights - int(activation_reserve_gib * GIB * devices), 0)
     # The pool holds whole pages: round the token count down to a page boundary.
@@ -66,7 +68,9 @@ def format_plan(cfg: Config, p: Plan, context: int, batch: int, device_memory_gi
         f"({p.bytes_per_request / 1e9:.2f} GB)",
         f"KV bytes for batch {batch} at {context:,} tokens: {batch * p.bytes_per_request:,} "
         f"({batch * p.bytes_per_request / 1e9:.2f} GB)",
-        f"weights: {mc.num_params():,} params, {p.weight_bytes / 1e9:.2f} GB in {cfg.param_dtype}",
+        f"weights: {mc.num_params():,} params, {p.weight_bytes / 1e9:.2f} GB in {cfg.param_dtype}"
+        + ("" if mc.weight_dtype == "auto" else f" with {mc.weight_dtype} projections "
+           f"({qweights.projection_params(mc):,} params)"),
         f"devices: {devices} x {device_memory_gib:g} GiB, {p.usable_bytes / 1e9:.2f} GB usable "
         "at 0.90 utilization",
         f"KV cache size: {p.kv_tokens:,} tokens",

@@ -38,7 +38,47 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=1, help="sequences decoded per step")
     p.add_argument("--cache-dtypes", default="bf16,turbo3.5")
     p.add_argument("--device-memory", type=float, default=80.0, help="GiB per device (H100: 80)")
+    p.add_argument("--weight-dtype", default="auto", choices=["auto", "int8", "int4"],
+                   help="projection weights: auto (param_dtype), int8 or int4")
     return p.parse_args(argv)
+
+
+def quantized_abstract(params: dict, mc, mesh) -> dict:
+    """The projections' ShapeDtypeStructs as int8/int4 weights (kvjax/quant/weights.py) with the
+    weight's sharding on every leaf; an axis a leaf cannot split evenly (int8's one-row scale) is
+    replicated."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from kvjax.quant import weights
+
+    if mc.weight_dtype == "auto":
+        return params
+
+    def sds(shape: tuple[int, ...], dtype, like: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+        spec = tuple(like.sharding.spec) + (None,) * (len(shape) - len(like.sharding.spec))
+
+        def size(ax) -> int:
+            return math.prod(mesh.shape[a] for a in (ax if isinstance(ax, tuple) else (ax,)))
+
+        spec = tuple(ax if ax is None or shape[i] % size(ax) == 0 else None
+                     for i, ax in enumerate(spec))
+        return jax.ShapeDtypeStruct(shape, dtype,
+                                    sharding=NamedSharding(mesh, PartitionSpec(*spec)))
+
+    out = dict(params)
+    for name in weights.QUANTIZED:
+        w = params[name]
+        n, i, o = w.shape
+        if mc.weight_dtype == "int8":
+            out[name] = weights.Int8Weight(sds((n, i, o), "int8", w),
+                                           sds((n, 1, o), "float32", w))
+        else:
+            g = (n, i // weights.GROUP, o)
+            out[name] = weights.Int4Weight(sds((n, i // 2, o), "uint8", w),
+                                           sds(g, weights.SCALE_DTYPE, w),
+                                           sds(g, weights.SCALE_DTYPE, w))
+    return out
 
 
 def compile_step(cfg, mesh, context: int, batch: int) -> dict:
@@ -54,7 +94,7 @@ def compile_step(cfg, mesh, context: int, batch: int) -> dict:
 
     mc = cfg.model
     pdt = jnp.bfloat16 if cfg.param_dtype == "bf16" else jnp.float32
-    params = sharding.abstract_params(mc, mesh, pdt)
+    params = quantized_abstract(sharding.abstract_params(mc, mesh, pdt), mc, mesh)
     graphdef, state = nnx.split(models.Transformer(mc, params))
     max_pages = math.ceil(context / cfg.cache.page_size)
     num_pages = batch * max_pages + 1
@@ -95,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     from kvjax.config import ConfigError, MeshConfig, load_config
 
     try:
-        base = load_config(a.config)
+        base = load_config(a.config).replace_model(weight_dtype=a.weight_dtype)
         devices = a.devices or base.mesh.data * base.mesh.tensor
         dtypes = [d.strip() for d in a.cache_dtypes.split(",") if d.strip()]
         cfgs = [base.replace_cache(dtype=d) for d in dtypes]
@@ -112,9 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     context = a.context or mc.max_position
     mesh = sharding.make_mesh(MeshConfig(data=1, tensor=devices))
     rules = sharding.axis_rules(mc, mesh)
-    print(f"{base.name}: {mc.num_params() / 1e9:.1f}B params in {base.param_dtype}, decode step "
-          f"of batch {a.batch} x {context:,} tokens on a 1 x {devices} (data x tensor) mesh of "
-          f"fake CPU devices (jax {jax.__version__})")
+    wd = "" if mc.weight_dtype == "auto" else f" ({mc.weight_dtype} projections)"
+    print(f"{base.name}: {mc.num_params() / 1e9:.1f}B params in {base.param_dtype}{wd}, decode "
+          f"step of batch {a.batch} x {context:,} tokens on a 1 x {devices} (data x tensor) "
+          f"mesh of fake CPU devices (jax {jax.__version__})")
     print("tensor axis: " + ", ".join(k for k, v in rules.items() if v == sharding.TENSOR)
           + "; replicated: " + ", ".join(k for k, v in rules.items() if v is None))
     cols = []

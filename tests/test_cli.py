@@ -44,6 +44,10 @@ def runs(tmp_path_factory) -> dict[str, Future]:
                   "--temperature", "0"],
         "tiny_generate": [*TINY, "--prompt", "hi", "--max-new-tokens", "4", "--temperature", "0"],
         "memory_70b": ["-m", "kvjax.memory", "--config", "llama70b_bf16", "--context", "131072"],
+        "plan70b_int4": ["-m", "kvjax.plan70b", "--weight-dtype", "int4", "--context", "8192",
+                         "--cache-dtypes", "turbo3.5"],
+        "memory_70b_int4": ["-m", "kvjax.memory", "--config", "llama70b_turbo", "--weight-dtype",
+                            "int4", "--context", "131072"],
         "unknown_config": [*GEN, "--config", "nope", "--prompt", "hi"],
         "missing_weights": [*GEN, "--config", "tiny_llama", "--weights",
                             str(tmp / "no-such-file.gguf"), "--prompt", "hi"],
@@ -112,6 +116,35 @@ def test_memory_plan_llama70b_bf16(runs):
     per_request = per_token * 131_072
     line = next(s for s in r.stdout.splitlines() if s.startswith("KV bytes per request"))
     assert f"{per_request:,}" in line and "(42.95 GB)" in line, line
+
+
+def test_memory_plan_llama70b_int4_weights(runs):
+    """Projections at 0.5 byte + an f32 scale and min per 32 weights, the rest bf16; the
+    concurrency is what is left of 8 x 80 GiB x 0.9 after them and 1 GiB per device."""
+    r = runs["memory_70b_int4"].result()
+    assert r.returncode == 0, r.stderr
+    proj = 80 * (8192 * 128 * (64 * 2 + 8 * 2) + 3 * 8192 * 28672)
+    weights = proj * (0.5 + 8 / 32) + (70_553_706_496 - proj) * 2
+    assert f"{weights / 1e9:.2f} GB in bf16 with int4 projections ({proj:,} params)" in r.stdout
+    lines = r.stdout.splitlines()
+    per_request = int(next(s for s in lines if s.startswith("KV bytes per request"))
+                      .split(": ")[1].split()[0].replace(",", ""))
+    pool = 80 * 2**30 * 8 * 0.9 - weights - 8 * 2**30
+    assert f"Maximum concurrency for 131,072 tokens per request: {pool / per_request:.2f}x" in (
+        r.stdout)
+
+
+def test_plan70b_int4_compiled_weights_equal_planner(runs):
+    """The 70B decode step compiled for 8 fake devices with int4 weights holds per device what
+    the planner counts (weights / devices)."""
+    r = runs["plan70b_int4"].result()
+    assert r.returncode == 0, r.stderr[-2000:]
+    def row(label: str) -> float:
+        return float(next(s for s in r.stdout.splitlines() if s.startswith(label)).split()[-1])
+
+    compiled, planned = row("weights (compiled arguments)"), row("planner: weights / devices")
+    assert abs(compiled / planned - 1) < 0.01, (compiled, planned)
+    assert 6.5 < compiled < 7.5  # vs 17.6 GB of bf16 weights per device
 
 
 def test_generate_tiny_random_weights(runs):

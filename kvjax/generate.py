@@ -16,7 +16,7 @@ from absl import flags
 from kvjax import cli, launch, memory, sampling, sharding
 from kvjax.config import Config
 from kvjax.engine.request import SamplingParams
-from kvjax.engine.step import compile_sampler, execute, fetch, prepare
+from kvjax.engine.step import compile_sampler, enable_compile_cache, execute, fetch, prepare
 from kvjax.loaders import StreamDecoder, Tokenizer, load
 from kvjax.loaders.tokenizer import byte_tokenizer
 from kvjax.runner import CHUNK_BUCKETS, Runner
@@ -153,6 +153,7 @@ def main(argv: list[str]) -> int:
     del params
     sp = SamplingParams(temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k)
     seed = sampling.row_seed(FLAGS.seed, 0)
+    enable_compile_cache()
     warm_s = warm_decode(runner, len(ids), max_len, sp, seed)
     t0 = time.perf_counter()
     decoder = Decoder(runner, sp, seed)

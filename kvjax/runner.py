@@ -86,11 +86,15 @@ class Runner:
             if not self._free_slots:
                 raise ValueError(f"more than {len(self.window_slot)} sequences at once")
             self.window_slot[seq_id] = slot = self._free_slots.pop()
-            if window_bytes_per_sequence(self.cfg.model, self.cfg.cache):
-                # The slot's ring still holds its previous occupant's K/V: untag it, so this
-                # sequence reads only ring entries it writes (kvjax/cache/paged.py).
-                self.cache = reset_window_slot(self.cache, jnp.int32(slot))
+            self.untag_slot(slot)
         return self.window_slot[seq_id]
+
+    def untag_slot(self, slot: int) -> None:
+        """The slot's ring still holds its previous occupant's K/V: untag it, so the sequence
+        taking it reads only ring entries it writes (kvjax/cache/paged.py). The engine's other
+        processes call it for the slots process 0 hands out (StepBatch.fresh)."""
+        if window_bytes_per_sequence(self.cfg.model, self.cfg.cache):
+            self.cache = reset_window_slot(self.cache, jnp.int32(slot))
 
     def step(self, seq_ids: list[int], chunks: list[list[int]]) -> jax.Array:
         """Append `chunks[i]` to sequence `seq_ids[i]`; returns logits [batch, chunk_len, vocab]
@@ -148,8 +152,11 @@ class Runner:
         width]; lengths, slots, logits_index: [batch]) -> logits [batch, vocab] at each row's
         `logits_index`, left on device. The cache is updated in place. The engine and generate
         both step through here (with `compile` warming the shapes first)."""
-        exe = self._compiled.get((*tokens.shape, page_table.shape[1]))
-        if exe is None or page_pos is not None:  # not warmed up: jit compiles it once
+        key = (*tokens.shape, page_table.shape[1])
+        if key not in self._compiled and page_pos is None:  # not warmed up: compile it now
+            self.compile(*key)
+        exe = self._compiled.get(key)
+        if exe is None or page_pos is not None:
             logits, self.cache = self.forward(
                 self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(positions),
                 self.cache, jnp.asarray(page_table), jnp.asarray(lengths), jnp.asarray(slots),

@@ -15,35 +15,51 @@ import jax
 import numpy as np
 from absl import flags
 
-from kvjax import cli
-from kvjax.generate import load_model
-from kvjax.runner import CHUNK_BUCKETS, Runner
+from kvjax import cli, sampling
+from kvjax.engine.request import SamplingParams
+from kvjax.engine.step import count_compiles, execute, fetch, prepare
+from kvjax.generate import Decoder, load_model, warm_decode
+from kvjax.runner import Runner
 
 FLAGS = flags.FLAGS
 
 
+def decode_step(runner: Runner, seqs: list[int], tokens: list[int], sb, flags) -> list[int]:
+    """One decode step of every sequence, sampled on device; returns the new ids."""
+    step = prepare(runner, seqs, [[t] for t in tokens])
+    step.sample, step.flags = sb, flags
+    return fetch(execute(runner, step), flags)[0].tolist()
+
+
 def bench(cfg, params, context: int, batch_sizes: list[int], steps: int) -> list[str]:
+    """Decode through the engine's step (kvjax.engine.step): logits at the last position only,
+    greedy sampling on device, one transfer of the ids per step; every shape compiled first."""
     rng = np.random.default_rng(0)
     vocab = cfg.model.vocab_size
     rows = []
     weight_bytes = sum(np.asarray(v).nbytes for v in params.values())
+    greedy = SamplingParams()
     for batch in batch_sizes:
-        runner = Runner(cfg, params, max_seq_len=context + steps + 1, max_batch=batch)
-        runner.warmup((1, CHUNK_BUCKETS[-1]), batch=1)
-        runner.warmup((1,), batch=batch)
+        runner = Runner(cfg, params, max_seq_len=context + steps + 2, max_batch=batch)
+        warm_decode(runner, context, context + steps + 2, greedy, 0)  # batch-1 prefill shapes
+        warm_decode(runner, context, context + steps + 2, greedy, 0, batch=batch)
         prompts = [rng.integers(0, vocab, context).tolist() for _ in range(batch)]
         t0 = time.perf_counter()
         for sid, prompt in enumerate(prompts):
-            runner.prefill(sid, prompt).block_until_ready()
+            Decoder(runner, greedy, 0, seq_id=sid).prefill(prompt)
         prefill_tps = batch * context / (time.perf_counter() - t0)
         seqs = list(range(batch))
-        tokens = [[int(t)] for t in rng.integers(0, vocab, batch)]
-        runner.step(seqs, tokens).block_until_ready()  # first step at this batch shape
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            logits = runner.step(seqs, tokens)
-        logits.block_until_ready()
-        dt = time.perf_counter() - t0
+        tokens = rng.integers(0, vocab, batch).tolist()
+        sb, flags = sampling.pack([greedy] * batch, batch, [0] * batch, [0] * batch)
+
+        tokens = decode_step(runner, seqs, tokens, sb, flags)  # first step at this shape
+        with count_compiles() as compiles:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                tokens = decode_step(runner, seqs, tokens, sb, flags)
+            dt = time.perf_counter() - t0
+        if compiles():
+            print(f"warning: {compiles()} compiles during the timed steps (batch {batch})")
         decode_tps = batch * steps / dt
         kv_read = (context + steps) * runner.kv_bytes_per_token
         moved = weight_bytes / batch + kv_read

@@ -47,7 +47,14 @@ from kvjax.engine.eviction import EvictionConfig, H2OScores, pages_to_drop
 from kvjax.engine.metrics import Metrics
 from kvjax.engine.planner import kv_split, size_pool
 from kvjax.engine.request import Request, SamplingParams
-from kvjax.engine.step import Channel, StepBatch, compile_sampler, execute, fetch
+from kvjax.engine.step import (
+    Channel,
+    StepBatch,
+    compile_sampler,
+    enable_compile_cache,
+    execute,
+    fetch,
+)
 from kvjax.runner import CHUNK_BUCKETS, Runner, param_dtype
 
 log = logging.getLogger("kvjax.engine")
@@ -146,6 +153,10 @@ class Engine:
                 sharding.abstract_params(cfg.model, mesh, dtype))
             params = sharding.shard_params(params, cfg.model, mesh, dtype)
         num_pages, memory_line = size_pool(cfg, ecfg, self.max_model_len, int(weight_bytes), mesh)
+        if jax.process_count() > 1:  # every process must build the same cache: process 0's size
+            from jax.experimental import multihost_utils
+
+            num_pages = int(multihost_utils.broadcast_one_to_all(np.int32(num_pages)))
         self.pools: dict[str, Pool] = {}
         self.pools["default"] = Pool("default", cfg, params, num_pages, self.max_model_len, ecfg,
                                      mesh)
@@ -183,6 +194,7 @@ class Engine:
         self._stop = False
         self.channel = Channel(cfg.model.vocab_size)  # process 0 -> the others, per step
         self.warmup_done = threading.Event()
+        self._warmup_thread: threading.Thread | None = None
         self.steps = 0
 
     # ---- requests ------------------------------------------------------------------------------
@@ -429,8 +441,11 @@ class Engine:
         width = pool.runner.table_width(max(int(lengths.max()), held))
         page_table = np.zeros((b, width), np.int32)
         page_table[: len(group)] = pool.bm.page_table(seq_ids, width)
+        fresh = np.zeros((b,), np.int32)  # rows whose ring slot is handed out now
+        fresh[: len(group)] = [s not in pool.runner.window_slot for s in seq_ids]
         slots = pool.runner.slots_for(seq_ids + [None] * (b - len(group)))
-        step = StepBatch(index, tokens, positions, page_table, lengths, slots, logits_index)
+        step = StepBatch(index, tokens, positions, page_table, lengths, slots, logits_index,
+                         fresh=fresh)
         if any(wants):
             step.sample, step.flags = self._sampling(group, wants, b)
         return step, wants
@@ -537,6 +552,9 @@ class Engine:
         """Stop the loop; in a multi-process run this also releases the followers."""
         self._stop = True
         self._wake.set()
+        if self._warmup_thread is not None:  # let an in-flight compile finish before exit
+            self._warmup_thread.join(timeout=120)
+            self._warmup_thread = None
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
@@ -565,6 +583,8 @@ class Engine:
         runners = [p.runner for p in self.pools.values()]
         while (step := self.channel.recv()) is not None:
             try:
+                for slot in step.slots[step.fresh.astype(bool)]:  # as process 0's _slot did
+                    runners[step.pool].untag_slot(int(slot))
                 out = execute(runners[step.pool], step)
                 if out is not None:
                     jax.block_until_ready(out)
@@ -597,24 +617,28 @@ class Engine:
                max_len: int | None = None) -> float:
         """Compile (without running) every step shape: the (batch, chunk) shapes of
         `warmup_shapes` x the page-table widths up to max_len tokens (max_model_len), and the
-        greedy sampler per batch bucket. The narrowest width (short sequences) is compiled now;
-        with background=True the wider ones compile on a thread while the engine already serves
-        (a step that needs one first compiles it itself), else now. Returns the seconds spent
-        here; `warmup_done` is set when every shape is compiled."""
+        greedy sampler per batch bucket. One-row decode and prefill shapes at the narrowest
+        width compile now; with background=True the others compile on a thread while the engine
+        already serves (a step that needs one first compiles it itself), else now. Compiles go
+        through JAX's persistent cache (`enable_compile_cache`), so a restart mostly loads them.
+        Returns the seconds spent here; `warmup_done` is set when every shape is compiled."""
         t0 = time.perf_counter()
+        enable_compile_cache()
         shapes = self.warmup_shapes(max_batch)
         jobs = []
         for pool in self.pools.values():
             r = pool.runner
             for i, w in enumerate(r.widths(max_len)):
                 jobs += [(i, r, b, t, w) for b, t in shapes]
-        first = [j for j in jobs if j[0] == 0]
-        rest = [j for j in jobs if j[0] > 0]
+        # Now: one request's shapes at the narrowest width (decode and each prefill chunk),
+        # so the server answers at once; the rest by width, narrowest first, decode first.
+        first = [j for j in jobs if j[0] == 0 and j[2] == 1]
+        rest = sorted((j for j in jobs if j not in first), key=lambda j: (j[0], j[3], j[2]))
         for _, r, b, t, w in first:
             r.compile(b, t, w)
-        for b in sorted({b for b, _ in shapes}):
-            for pool in self.pools.values():
-                compile_sampler(pool.runner, b, sampling.SamplerFlags(), self.cfg.model.vocab_size)
+        vocab = self.cfg.model.vocab_size
+        for pool in self.pools.values():
+            compile_sampler(pool.runner, 1, sampling.SamplerFlags(), vocab)
         spent = time.perf_counter() - t0
         log.info("warmup: compiled %d step shapes in %.1f s%s", len(first), spent,
                  f"; {len(rest)} wider ones compile in the background" if rest and background
@@ -622,6 +646,11 @@ class Engine:
 
         def compile_rest() -> None:
             t1 = time.perf_counter()
+            for b in sorted({b for b, _ in shapes}):  # greedy, then the usual client knobs
+                for flags in (sampling.SamplerFlags(), sampling.SamplerFlags(stochastic=True),
+                              sampling.SamplerFlags(stochastic=True, truncate=True)):
+                    for pool in self.pools.values():
+                        compile_sampler(pool.runner, b, flags, vocab)
             for _, r, b, t, w in rest:
                 if self._stop:
                     return
@@ -631,7 +660,9 @@ class Engine:
             self.warmup_done.set()
 
         if background and rest:
-            threading.Thread(target=compile_rest, name="kvjax-warmup", daemon=True).start()
+            self._warmup_thread = threading.Thread(target=compile_rest, name="kvjax-warmup",
+                                                   daemon=True)
+            self._warmup_thread.start()
         else:
             compile_rest()
             spent = time.perf_counter() - t0

@@ -11,6 +11,7 @@ sampled ids (and logprobs when asked): one transfer per step, whatever the vocab
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import jax
@@ -40,6 +41,7 @@ class StepBatch:
     logits_index: np.ndarray
     sample: SamplingBatch | None = None  # numpy fields; None: no row samples this step
     flags: SamplerFlags = SamplerFlags()
+    fresh: np.ndarray | None = None  # [b] 1 where the row's window slot was just handed out
 
 
 def execute(runner: Runner, step: StepBatch) -> SampleOutput | None:
@@ -118,6 +120,22 @@ def compile_sampler(runner: Runner, b: int, flags: sampling.SamplerFlags, vocab:
             sampling.SamplingBatch(*(abstract(x) for x in sb)), flags=flags).compile()
 
 
+def enable_compile_cache() -> str | None:
+    """Point JAX's persistent compilation cache at $KVJAX_COMPILE_CACHE (default
+    ~/.cache/kvjax/xla; "0" turns it off) unless the user configured one: a restart then loads the
+    step executables instead of compiling them (measured on tiny_llama: 3.9 s -> 0.5 s a shape).
+    Returns the directory in use."""
+    current = jax.config.jax_compilation_cache_dir
+    if current:
+        return current
+    path = os.environ.get("KVJAX_COMPILE_CACHE", os.path.expanduser("~/.cache/kvjax/xla"))
+    if path == "0":
+        return None
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return path
+
+
 @contextlib.contextmanager
 def count_compiles():
     """`with count_compiles() as n:` ... `n()`: XLA compilations inside the block (the check that
@@ -148,7 +166,8 @@ def _layout(h: np.ndarray, vocab: int) -> list[tuple[str, tuple[int, ...], str]]
     """(field, shape, 'i' | 'f') of every array a step carries, derived from its header."""
     b, t, w, has_sample = int(h[2]), int(h[3]), int(h[4]), bool(h[5])
     out = [("tokens", (b, t), "i"), ("positions", (b, t), "i"), ("page_table", (b, w), "i"),
-           ("lengths", (b,), "i"), ("slots", (b,), "i"), ("logits_index", (b,), "i")]
+           ("lengths", (b,), "i"), ("slots", (b,), "i"), ("logits_index", (b,), "i"),
+           ("fresh", (b,), "i")]
     if has_sample:
         f = _flags(h)
         out += [(k, (b,), "i") for k in _SAMPLE_I32] + [(k, (b,), "f") for k in _SAMPLE_F32]
@@ -203,6 +222,8 @@ class Channel:
         h = _header(step)
         _broadcast(h)
         fields = {**vars(step), **({} if step.sample is None else step.sample._asdict())}
+        if step.fresh is None:
+            fields["fresh"] = np.zeros(step.lengths.shape, np.int32)
         ints, floats = [], []
         for name, _, kind in _layout(h, self.vocab):
             x = np.asarray(fields[name])
@@ -248,4 +269,5 @@ class Channel:
                 got["prompt_mask"] = got["prompt_mask"].astype(bool)
             sample = SamplingBatch(**{k: got.get(k) for k in SamplingBatch._fields})
         return StepBatch(int(h[1]), got["tokens"], got["positions"], got["page_table"],
-                         got["lengths"], got["slots"], got["logits_index"], sample, _flags(h))
+                         got["lengths"], got["slots"], got["logits_index"], sample, _flags(h),
+                         got["fresh"])

@@ -51,7 +51,7 @@ def supports(seg) -> bool:
                                              "num_warps", "num_stages"))
 def paged_attention(q, seg, layer, page_table, lengths, window_slots=None, *,
                     backend: str = "auto", k_splits: int = 8, pages_per_block: int = 0,
-                    num_warps: int = 4, num_stages: int = 2):
+                    num_warps: int = 0, num_stages: int = 2):
     """Decode attention of q [batch, 1, num_heads, head_dim] over one layer of any supported
     cache segment; see _core.decode for the arguments. Returns [batch, 1, num_heads, head_dim]."""
     fmts = formats_for(seg)

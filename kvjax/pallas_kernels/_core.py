@@ -114,7 +114,10 @@ def int_bits_to(x: jax.Array, dtype) -> jax.Array:
     v5e/v6e (a bitcast of i16 lanes to f16 fails with "Invalid vector register cast"). Exact for
     every value, subnormals, infinities and NaNs included."""
     name = jnp.dtype(dtype).name
-    w = x.astype(jnp.int32) & ((1 << (8 * x.dtype.itemsize)) - 1)
+    width = 8 * jnp.dtype(dtype).itemsize  # x may be the raw words or int32 holding them
+    w = x.astype(jnp.int32)
+    if width < 32:
+        w = w & ((1 << width) - 1)
     if name == "float32":
         return jax.lax.bitcast_convert_type(w, jnp.float32)
     if name == "bfloat16":
@@ -184,7 +187,24 @@ class Loader:
         if size is None:
             size = (ref.shape[-1] - start + stride - 1) // stride
         start += self.offset
-        return self.fetch(ref, pl.ds(start, size, stride) if stride != 1 else pl.ds(start, size))
+        if stride == 1:
+            return self.fetch(ref, pl.ds(start, size))
+        if not self.int_floats or ref.dtype.itemsize == 4:
+            return self.fetch(ref, pl.ds(start, size, stride))
+        # Mosaic: no strided loads of 8/16-bit lanes. Load the span contiguously and pick every
+        # stride-th lane with one-hot matmuls, a byte at a time (bytes are exact in bf16, and
+        # each output sums one nonzero term); returns int32 words.
+        span = (size - 1) * stride + 1
+        raw = self.fetch(ref, pl.ds(start, span)).astype(jnp.int32)
+        rows = jax.lax.broadcasted_iota(jnp.int32, (span, size), 0)
+        cols = jax.lax.broadcasted_iota(jnp.int32, (span, size), 1)
+        pick = (rows == stride * cols).astype(jnp.bfloat16)
+        out = 0
+        for b in range(ref.dtype.itemsize):
+            byte = ((raw >> (8 * b)) & 255).astype(jnp.float32).astype(jnp.bfloat16)
+            got = jnp.dot(byte, pick, preferred_element_type=jnp.float32).astype(jnp.int32)
+            out = out | (got << (8 * b)) if b else got
+        return out
 
     def floats(self, i: int, dtype, start: int = 0, size: int | None = None,
                stride: int = 1) -> jax.Array:
@@ -473,7 +493,7 @@ def launch(plan: Plan, kfmt: KeyFormat, vfmt: ValueFormat, qs: tuple[jax.Array, 
            k_leaves: tuple[jax.Array, ...], v_leaves: tuple[jax.Array, ...],
            ring: tuple[jax.Array, jax.Array, jax.Array] | None, layer: jax.Array,
            lengths: jax.Array, slots: jax.Array, page_table: jax.Array, *, backend: str,
-           num_warps: int = 4, num_stages: int = 2):
+           num_warps: int = 0, num_stages: int = 2):
     """Run the kernel; returns (accs, m, den, window): accs each [B, Hkv, splits', *acc_shape],
     m, den [B, Hkv, splits', Gp, 1], window (acc [B, Hkv, Gp, D], m, den [B, Hkv, Gp, 1]) or None.
     k_leaves/v_leaves are flat pools [layers * Hkv * pages, rows, n]; ring = (q_win
@@ -598,6 +618,16 @@ def combine(vfmt: ValueFormat, accs, m, den, window) -> jax.Array:
     return out / jnp.maximum(denom, 1e-30)
 
 
+def triton_tuning(kfmt: KeyFormat, vfmt: ValueFormat, head_dim: int) -> tuple[int, int]:
+    """(tokens per block, num_warps) for the Triton kernel, from `python -m kvjax.bench.compile
+    --target h100` (ptxas registers and spills; 255 registers is the cap): TurboQuant tiles hold
+    a code, a centroid select chain and (keys) 8 sign phases per channel, so they take 16 tokens
+    over 8 warps; head_dim 128 takes 32 tokens, 64 takes 64."""
+    if "Turbo" in type(kfmt).__name__ or "Turbo" in type(vfmt).__name__:
+        return 16, 8
+    return (64 if head_dim <= 64 else 32), 4
+
+
 def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
@@ -609,7 +639,7 @@ def _triton_ok(q: jax.Array, seg) -> bool:
 def decode(q: jax.Array, seg, layer: jax.Array, page_table: jax.Array, lengths: jax.Array,
            window_slots: jax.Array | None, kfmt: KeyFormat, vfmt: ValueFormat, *,
            backend: str = "auto", k_splits: int = 8, pages_per_block: int = 0,
-           num_warps: int = 4, num_stages: int = 2) -> jax.Array:
+           num_warps: int = 0, num_stages: int = 2) -> jax.Array:
     """One decode step of attention over one layer of a cache segment (kvjax/cache/paged.py).
 
     q: [batch, 1, num_heads, head_dim]; layer: int32 scalar (index within the segment);
@@ -659,7 +689,9 @@ def decode(q: jax.Array, seg, layer: jax.Array, page_table: jax.Array, lengths: 
     if backend in ("tpu", "interpret_tpu"):
         ppb = 1
     else:
-        ppb = pages_per_block or max(1, 64 // s)
+        tokens, warps = triton_tuning(kfmt, vfmt, d)
+        ppb = pages_per_block or max(1, tokens // s)
+        num_warps = num_warps or warps
         ppb = min(ppb, 1 << (mp - 1).bit_length())
     splits = max(1, min(k_splits, -(-mp // ppb)))
     pps = -(-mp // (splits * ppb)) * ppb

@@ -115,7 +115,7 @@ def formats(spec: PoolSpec) -> tuple[KeyFormat | None, ValueFormat | None] | Non
                                              "num_warps", "num_stages"))
 def kivi_decode_attention(q, seg, layer, page_table, lengths, window_slots=None, *,
                           backend: str = "auto", k_splits: int = 8, pages_per_block: int = 0,
-                          num_warps: int = 4, num_stages: int = 2):
+                          num_warps: int = 0, num_stages: int = 2):
     """Decode attention over one layer of a KIVI segment (kivi2 / kivi4 keys and values).
 
     q: [batch, 1, num_heads, head_dim]; seg: kvjax.cache.paged.Segment with KIVI pools and a

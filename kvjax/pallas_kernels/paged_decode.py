@@ -156,7 +156,7 @@ def formats(spec: PoolSpec) -> tuple[KeyFormat, ValueFormat] | None:
                                              "num_warps", "num_stages"))
 def paged_decode_attention(q, seg, layer, page_table, lengths, window_slots=None, *,
                            backend: str = "auto", k_splits: int = 8, pages_per_block: int = 0,
-                           num_warps: int = 4, num_stages: int = 2):
+                           num_warps: int = 0, num_stages: int = 2):
     """Decode attention over one layer of a bf16/f32/fp8/int8/int4 cache segment.
 
     q: [batch, 1, num_heads, head_dim]; seg: kvjax.cache.paged.Segment; layer: int32 scalar

@@ -195,7 +195,7 @@ def formats(spec: PoolSpec) -> tuple[KeyFormat | None, ValueFormat | None] | Non
                                              "num_warps", "num_stages"))
 def turboquant_decode_attention(q, seg, layer, page_table, lengths, window_slots=None, *,
                                 backend: str = "auto", k_splits: int = 8,
-                                pages_per_block: int = 0, num_warps: int = 4,
+                                pages_per_block: int = 0, num_warps: int = 0,
                                 num_stages: int = 2):
     """Decode attention over one layer of a TurboQuant segment (turbo2.5 ... turbo4: prod keys,
     mse values; fractional widths as channel splits).

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 from absl import flags
 
 from kvjax import cli, launch, memory, sampling, sharding
@@ -56,7 +57,12 @@ def load_model(cfg: Config, weights: str | None, random_weights: bool, seed: int
     if random_weights:
         from kvjax.runner import param_dtype
 
-        params = models.random_params(cfg.model, seed=seed, dtype=param_dtype(cfg))
+        dtype = param_dtype(cfg)
+        # One jitted draw for every layout (the same values on one device and on a mesh); on a
+        # mesh straight into each device's shards, so no device or host holds a full copy.
+        shardings = None if mesh is None else sharding.param_shardings(cfg.model, mesh)
+        params = jax.jit(lambda: models.random_params(cfg.model, seed=seed, dtype=dtype),
+                         out_shardings=shardings)()
         return params, byte_tokenizer()
     if mesh is not None:
         from kvjax.runner import param_dtype

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import jax
@@ -30,7 +31,7 @@ def size_pool(cfg: Config, ecfg: EngineConfig, max_model_len: int, weight_bytes:
 
     On an accelerator: device memory x utilization - weights - an activation reserve (vLLM's
     recipe without the profiling run). On CPU, where "device memory" is the host's, the default is
-    what max_num_seqs requests of max_model_len tokens need, capped by available RAM. On a mesh
+    what max_num_seqs requests of max_model_len tokens need, capped at 4 GiB and by free RAM. On a mesh
     every byte figure is one device's (weight_bytes: its shards; a page: its KV-head share), and
     the pool is one data-parallel replica's (each replica holds the whole pool, sharding.py).
     """
@@ -43,8 +44,8 @@ def size_pool(cfg: Config, ecfg: EngineConfig, max_model_len: int, weight_bytes:
         return ecfg.num_pages, f"KV cache pages: {ecfg.num_pages} (set by --num-kv-pages)"
     dev = jax.local_devices()[0]
     stats = dev.memory_stats() if dev.platform != "cpu" else None
-    # Activations: logits of one full step in f32 (x2 for the gather) plus 1 GiB of headroom.
-    reserve = ecfg.max_num_batched_tokens * mc.vocab_size * 4 * 2 + GIB
+    # Activations: the sampled rows' logits in f32 (x2 for the sampler's sort) plus 1 GiB.
+    reserve = ecfg.max_num_seqs * mc.vocab_size * 4 * 2 + GIB
     if stats and "bytes_limit" in stats:
         avail = (int(stats["bytes_limit"] * ecfg.gpu_memory_utilization) - weight_bytes - reserve
                  - window_bytes)
@@ -52,13 +53,19 @@ def size_pool(cfg: Config, ecfg: EngineConfig, max_model_len: int, weight_bytes:
             raise ValueError("No available memory for the cache blocks. Try increasing "
                              "--gpu-memory-utilization or --num-kv-pages")
         return avail // page_bytes, f"Available KV cache memory: {avail / GIB:.2f} GiB"
-    want = ecfg.max_num_seqs * -(-max_model_len // cfg.cache.page_size) + 1
+    per_req = -(-max_model_len // cfg.cache.page_size)
+    want = ecfg.max_num_seqs * per_req + 1
+    # Fake CPU devices of one process share its RAM: count every local device's share. Like
+    # vLLM's CPU backend (VLLM_CPU_KVCACHE_SPACE), the host pool defaults to at most 4 GiB
+    # (KVJAX_CPU_KVCACHE_SPACE, GiB) but always holds one max_model_len request.
+    host_page = page_bytes * jax.local_device_count()
+    space = float(os.environ.get("KVJAX_CPU_KVCACHE_SPACE", "4")) * GIB
+    want = min(want, max(int(space // host_page), per_req + 1))
     try:
         import psutil
 
-        # Fake CPU devices of one process share its RAM: count every local device's share.
         ram = int(psutil.virtual_memory().available * ecfg.gpu_memory_utilization) - reserve
-        want = max(min(want, ram // (page_bytes * jax.local_device_count())), 2)
+        want = max(min(want, ram // host_page), 2)
     except ImportError:
         pass
     return want, f"Available KV cache memory: {want * page_bytes / GIB:.2f} GiB (host)"

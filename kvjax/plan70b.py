@@ -45,8 +45,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def quantized_abstract(params: dict, mc, mesh) -> dict:
     """The projections' ShapeDtypeStructs as int8/int4 weights (kvjax/quant/weights.py) with the
-    weight's sharding on every leaf; an axis a leaf cannot split evenly (int8's one-row scale) is
-    replicated."""
+    weight's sharding on every leaf; an axis a leaf cannot split evenly is replicated."""
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
@@ -72,7 +71,7 @@ def quantized_abstract(params: dict, mc, mesh) -> dict:
         n, i, o = w.shape
         if mc.weight_dtype == "int8":
             out[name] = weights.Int8Weight(sds((n, i, o), "int8", w),
-                                           sds((n, 1, o), "float32", w))
+                                           sds((n, i // weights.GROUP, o), "float32", w))
         else:
             g = (n, i // weights.GROUP, o)
             out[name] = weights.Int4Weight(sds((n, i // 2, o), "uint8", w),

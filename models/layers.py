@@ -101,8 +101,11 @@ def linear(x: jax.Array, w) -> jax.Array:
     weight (kvjax/quant/weights.py); quantized ones are dequantized inside the dot's operand so
     that XLA fuses the conversion into a matrix-vector dot and reads the narrow codes."""
     c = x.dtype
-    if isinstance(w, Int8Weight):  # per-output-channel scale: applied after the dot
-        return jnp.einsum("...i,io->...o", x, w.q.astype(c)) * w.scale[0].astype(c)
+    if isinstance(w, Int8Weight):
+        if w.scale.shape[0] == 1:  # per output channel: the scale applies after the dot
+            return jnp.einsum("...i,io->...o", x, w.q.astype(c)) * w.scale[0].astype(c)
+        scale = jnp.repeat(w.scale.astype(c), w.q.shape[0] // w.scale.shape[0], axis=0)
+        return jnp.einsum("...i,io->...o", x, w.q.astype(c) * scale)
     if isinstance(w, Int4Weight):  # one dot per nibble half (a concatenate breaks the fusion)
         half, groups = w.packed.shape[0], w.scale.shape[0] // 2
         group = 2 * half // w.scale.shape[0]

@@ -30,13 +30,16 @@ def rng():
     return np.random.default_rng(seed)
 
 
-def test_int8_per_channel_codes(rng):
+@pytest.mark.parametrize("group", [32, None])
+def test_int8_codes(rng, group):
     w = rng.standard_normal((3, 96, 40)).astype(np.float32) * rng.uniform(0.1, 3, (1, 1, 40))
-    q = weights.quantize_int8(w)
-    assert q.q.dtype == np.int8 and q.scale.shape == (3, 1, 40) and q.shape == w.shape
-    np.testing.assert_allclose(q.scale[:, 0], np.abs(w).max(axis=1) / 127, rtol=1e-6)
+    q = weights.quantize_int8(w, group)
+    n = 96 // (group or 96)
+    assert q.q.dtype == np.int8 and q.scale.shape == (3, n, 40) and q.shape == w.shape
+    g = w.reshape(3, n, 96 // n, 40)
+    np.testing.assert_allclose(q.scale, np.abs(g).max(axis=2) / 127, rtol=1e-6)
     err = np.abs(weights.dequantize(q) - w)
-    assert np.all(err <= q.scale / 2 * (1 + 1e-5))
+    assert np.all(err <= np.repeat(q.scale, 96 // n, axis=1) / 2 * (1 + 1e-5))
 
 
 def test_int4_group_codes_and_packing(rng):
@@ -57,11 +60,11 @@ def test_int4_group_codes_and_packing(rng):
         weights.quantize_int4(w[:, :96])
 
 
-@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("kind", ["int8", "int8_channel", "int4"])
 @pytest.mark.parametrize("lead", [(1, 1), (2, 3)])
 def test_linear_equals_dot_with_dequantized(rng, kind, lead):
     w = rng.standard_normal((192, 48)).astype(np.float32)
-    q = weights.quantize(w, kind)
+    q = weights.quantize_int8(w, None) if kind == "int8_channel" else weights.quantize(w, kind)
     x = rng.standard_normal((*lead, 192)).astype(np.float32)
     got = np.asarray(linear(jnp.asarray(x), jax_tree(q)))
     want = x.astype(np.float64) @ weights.dequantize(q).astype(np.float64)
@@ -75,20 +78,23 @@ def jax_tree(q):
     return type(q)(*(jnp.asarray(getattr(q, f.name)) for f in dataclasses.fields(q)))
 
 
-@pytest.mark.parametrize("qt", [QT.Q4_0, QT.Q4_1])
-def test_gguf_q4_blocks_bit_for_bit(rng, qt):
+@pytest.mark.parametrize("qt", [QT.Q4_0, QT.Q4_1, QT.Q8_0])
+def test_gguf_blocks_bit_for_bit(rng, qt):
     w = (rng.standard_normal((48, 128)) * rng.uniform(0.1, 2, (48, 1))).astype(np.float32)
     raw = gguf.quants.quantize(w, qt)
     want = gguf.quants.dequantize(raw, qt).reshape(48, 128)
-    q = weights.from_gguf_q4(raw, qt.name, (48, 128))
+    q = (weights.from_gguf_q8_0(raw, (48, 128)) if qt == QT.Q8_0
+         else weights.from_gguf_q4(raw, qt.name, (48, 128)))
     assert q.shape == (128, 48)
     np.testing.assert_array_equal(weights.dequantize(q).T, want)
 
 
-def test_gguf_int4_load_keeps_blocks_and_model_matches(tmp_path, rng):
-    """A GGUF with Q4_0/Q4_1/Q8_0 projections loads with --weight-dtype int4 into Int4Weights
-    (Q4 exactly, with llama's permuted Q/K rows undone: write_gguf permutes them); the model on
-    them gives the logits of the model on the f32 dequantized GGUF."""
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_gguf_load_keeps_blocks_and_model_matches(tmp_path, rng, kind):
+    """A GGUF with Q4_0/Q4_1/Q8_0 projections loads with --weight-dtype int4 (int8) into
+    Int4Weights (Int8Weights): Q4 (Q8_0) blocks exactly, with llama's permuted Q/K rows undone
+    (write_gguf permutes them), the others requantized; the model on them gives the logits of
+    the model on their dequantized values."""
     mc = TINY["tiny_llama"]
     params = random_params(mc, rng)
     qtypes = {}
@@ -97,17 +103,19 @@ def test_gguf_int4_load_keeps_blocks_and_model_matches(tmp_path, rng):
             qtypes[f"blk.{i}.{n}.weight"] = (QT.Q4_0, QT.Q4_1, QT.Q8_0)[(i + j) % 3]
     path = str(write_gguf(tmp_path / "q.gguf", mc, params, qtypes=qtypes))
     f32, _ = loaders.load(path, mc)
-    q4, _ = loaders.load(path, dataclasses.replace(mc, weight_dtype="int4"))
+    q4, _ = loaders.load(path, dataclasses.replace(mc, weight_dtype=kind))
+    exact = (QT.Q8_0,) if kind == "int8" else (QT.Q4_0, QT.Q4_1)
+    cls = weights.Int8Weight if kind == "int8" else weights.Int4Weight
     r = gguf.GGUFReader(path)
     raw = {t.name: t for t in r.tensors}
     for name in weights.QUANTIZED:
-        assert isinstance(q4[name], weights.Int4Weight), name
+        assert isinstance(q4[name], cls), name
         deq = weights.dequantize(q4[name])
         for i in range(mc.num_layers):
             gname = f"blk.{i}.{GGUF[name]}.weight"
-            if raw[gname].tensor_type in (QT.Q4_0, QT.Q4_1):
+            if raw[gname].tensor_type in exact:
                 np.testing.assert_array_equal(deq[i], f32[name][i], err_msg=gname)
-            else:  # Q8_0 requantized to int4: within half a step of its group
+            else:  # requantized: within half a step of its group
                 step = np.repeat(np.asarray(q4[name].scale[i]), 32, axis=0)
                 assert np.all(np.abs(deq[i] - f32[name][i]) <= step / 2 * 1.001), gname
 
@@ -116,7 +124,7 @@ def test_gguf_int4_load_keeps_blocks_and_model_matches(tmp_path, rng):
     deq_params = {k: weights.dequantize(v) if weights.is_quantized(v) else v
                   for k, v in q4.items()}
     want = np.asarray(Runner(cfg, deq_params, 24).step([0], [tokens])[0])
-    cfg4 = cfg.replace_model(weight_dtype="int4")
+    cfg4 = cfg.replace_model(weight_dtype=kind)
     got = np.asarray(Runner(cfg4, q4, 24).step([0], [tokens])[0])
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
 

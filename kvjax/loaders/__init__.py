@@ -91,7 +91,7 @@ def load(source: str, cfg: ModelConfig) -> tuple[dict[str, np.ndarray], Tokenize
     found = module.model_config(path)
     check_compatible(cfg, found, source)
     full = dataclasses.replace(cfg, num_layers=found.num_layers)
-    # GGUF Q4 blocks load straight into int4 weights; other formats are quantized by the Runner.
+    # GGUF Q4/Q8_0 blocks load straight into int4/int8 weights; other formats: by the Runner.
     params = (gguf_loader.load_params(path, full, cfg.weight_dtype) if fmt == "gguf"
               else module.load_params(path, full))
     params = {k: (weights.slice_layers(v, cfg.num_layers) if k.startswith("layers.") else v)

@@ -119,8 +119,8 @@ def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 def load_params(path: str, cfg: ModelConfig, weight_dtype: str = "auto") -> dict[str, np.ndarray]:
     """Params in our layout ([in, out] projections, layers stacked): dequantized f32, except
-    that with weight_dtype "int4" the projections become Int4Weights, Q4_0/Q4_1 tensors bit for bit
-    from their blocks and others quantized from f32."""
+    that with weight_dtype int4/int8 the projections become Int4Weights/Int8Weights (Q4_0/Q4_1
+    resp. Q8_0 tensors bit for bit from their blocks, others quantized from f32)."""
     from gguf import GGMLQuantizationType, quants
 
     r = _reader(path)
@@ -140,17 +140,21 @@ def load_params(path: str, cfg: ModelConfig, weight_dtype: str = "auto") -> dict
         except (ValueError, NotImplementedError) as e:  # truncated data, unknown quant type
             raise WeightsError(f"{path}: cannot read tensor {name} ({e})") from None
 
-    def get_int4(name: str, perm) -> weights.Int4Weight:
+    def get_quantized(name: str, perm):
+        """Q4_0/Q4_1 blocks into int4 and Q8_0 blocks into int8 as they are; anything else
+        dequantized to f32 and quantized to weight_dtype."""
         t = tensors.get(name)
-        if t is not None and t.tensor_type.name in ("Q4_0", "Q4_1"):
+        kind = None if t is None else t.tensor_type.name
+        if (weight_dtype, kind) in (("int4", "Q4_0"), ("int4", "Q4_1"), ("int8", "Q8_0")):
             out, inp = (int(d) for d in reversed(t.shape))
             try:
-                return weights.from_gguf_q4(np.asarray(t.data), t.tensor_type.name, (out, inp),
-                                            perm)
+                if kind == "Q8_0":
+                    return weights.from_gguf_q8_0(np.asarray(t.data), (out, inp), perm)
+                return weights.from_gguf_q4(np.asarray(t.data), kind, (out, inp), perm)
             except ValueError as e:
                 raise WeightsError(f"{path}: cannot read tensor {name} ({e})") from None
         w = get(name)
-        return weights.quantize_int4((w if perm is None else perm(w)).T)
+        return weights.quantize((w if perm is None else perm(w)).T, weight_dtype)
 
     params: dict[str, np.ndarray] = {}
     for ours, theirs in checkpoint_names(cfg, "gguf").items():
@@ -165,8 +169,8 @@ def load_params(path: str, cfg: ModelConfig, weight_dtype: str = "auto") -> dict
                 perm = functools.partial(_unpermute_rope_rows, n_heads=cfg.num_heads)
             elif cfg.arch == "llama" and ours in ("layers.wk", "layers.bk"):
                 perm = functools.partial(_unpermute_rope_rows, n_heads=cfg.num_kv_heads)
-            if weight_dtype == "int4" and ours in weights.QUANTIZED:
-                per_layer.append(get_int4(theirs.format(i=i), perm))
+            if weight_dtype != "auto" and ours in weights.QUANTIZED:
+                per_layer.append(get_quantized(theirs.format(i=i), perm))
                 continue
             w = get(theirs.format(i=i))
             w = w if perm is None else perm(w)

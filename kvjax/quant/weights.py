@@ -1,20 +1,25 @@
 """Quantized projection weights, kept quantized in memory and read quantized by the matmul.
 
-`--weight-dtype int8`: symmetric int8 per output channel (`Int8Weight`, q [..., in, out] with one
-f32 scale per out column). `--weight-dtype int4`: asymmetric 4-bit codes in groups of 32 along
-the input (`Int4Weight`): w = code * scale + min, llama.cpp's Q4_1 block, so a GGUF's Q4_0 and Q4_1
-tensors load into it bit for bit (`from_gguf`). Codes are packed two per byte with row r in the
-low nibble and row r + in/2 in the high nibble, so unpacking is one `&` and one `>>` per half,
-with no interleave.
+`--weight-dtype int8`: symmetric int8 with one f32 scale per 32 input rows of each output column
+(`Int8Weight`; llama.cpp's Q8_0 block, so GGUF Q8_0 tensors load bit for bit). Per output channel
+(one scale per column, `quantize_int8(w, group=None)`) measured +2.2% perplexity on SmolLM2 against
+-0.2% for groups of 32 (BENCHMARKS.md).
 
-Why these layouts: on XLA's CPU backend a matrix-vector dot whose weight operand is an elementwise
-function of an integer array fuses the conversion into the dot (measured, BENCHMARKS.md: a
-[1536x1536] x 24 layers scan reads int8 at 0.55x and int4 at 0.6x the f32 time at batch 1). The
-fusion breaks on non-elementwise producers (concatenating the two nibble halves, or a reshape to
-groups with a broadcast), so `models.layers.linear` runs one dot per nibble half and expands the
-group scales with `jnp.repeat`.
+`--weight-dtype int4`: asymmetric 4-bit codes in groups of 32 along the input (`Int4Weight`):
+w = code * scale + min, llama.cpp's Q4_1 block, so a GGUF's Q4_0 and Q4_1 tensors load into it bit
+for bit (`from_gguf_q4`). Codes are packed two per byte with row r in the low nibble and row
+r + in/2 in the high nibble, so unpacking is one `&` and one `>>` per half, with no interleave.
 
-Embeddings and lm_head stay float (see BENCHMARKS.md for why), as do norms and biases.
+What XLA makes of it on the CPU (read off the optimized HLO of a SmolLM2 decode step): the dot
+does not absorb the dequantization; one loop fusion per layer and projection reads the narrow
+codes (and scales) and writes that layer's weight in f32, which the dot then reads, while it is
+still in cache. The f32 path is not free of this either: it copies each layer's slice out of the
+stacked weights before its dot. So the int8/int4 step reads 1 or 0.75 bytes per weight from
+memory where f32 reads 4 (BENCHMARKS.md: decode speed). `models.layers.linear` keeps every
+dequantizing op elementwise (one dot per nibble half, scales expanded with `jnp.repeat`) so that it
+stays one fusion; f16 scales were slower than f32 ones (a software conversion in every fusion).
+
+Embeddings and lm_head stay float (their quantization is not implemented), as do norms and biases.
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ QUANTIZED = ("layers.wq", "layers.wk", "layers.wv", "layers.wo", "layers.w_gate"
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Int8Weight:
-    """q: int8 [..., in, out]; scale: f32 [..., 1, out]. w = q * scale."""
+    """q: int8 [..., in, out]; scale: f32 [..., in/group, out] (group = in: one scale per output
+    channel). w = q * scale of the row's group."""
 
     q: jax.Array
     scale: jax.Array
@@ -46,6 +52,10 @@ class Int8Weight:
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.q.shape)
+
+    @property
+    def group(self) -> int:
+        return self.shape[-2] // self.scale.shape[-2]
 
     def __getitem__(self, index):  # `param[...]` reads the value, as for a plain array
         if index is not Ellipsis:
@@ -85,13 +95,19 @@ def is_quantized(w) -> bool:
     return isinstance(w, Int8Weight | Int4Weight)
 
 
-def quantize_int8(w: np.ndarray) -> Int8Weight:
-    """w: [..., in, out] float -> per-output-channel symmetric int8."""
+def quantize_int8(w: np.ndarray, group: int | None = GROUP) -> Int8Weight:
+    """w: [..., in, out] float -> symmetric int8, one scale per `group` input rows of a column
+    (None: per output channel)."""
     w = np.asarray(w, np.float32)
-    amax = np.abs(w).max(axis=-2, keepdims=True)
+    group = group or w.shape[-2]
+    if w.shape[-2] % group:
+        raise ConfigError(f"int8 weights need the input dim ({w.shape[-2]}) to be a multiple of "
+                          f"{group}")
+    g = w.reshape(*w.shape[:-2], w.shape[-2] // group, group, w.shape[-1])
+    amax = np.abs(g).max(axis=-2)
     scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-    q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
-    return Int8Weight(q, scale)
+    q = np.clip(np.rint(g / scale[..., None, :]), -127, 127).astype(np.int8)
+    return Int8Weight(q.reshape(w.shape), scale)
 
 
 def _check_int4_shape(shape: tuple[int, ...], group: int, name: str = "weight") -> None:
@@ -130,7 +146,8 @@ def unpack_int4(w: Int4Weight) -> np.ndarray:
 def dequantize(w) -> np.ndarray:
     """The float weight [..., in, out] a quantized weight stands for (f32; plain arrays pass)."""
     if isinstance(w, Int8Weight):
-        return np.asarray(w.q, np.float32) * np.asarray(w.scale, np.float32)
+        return np.asarray(w.q, np.float32) * np.repeat(np.asarray(w.scale, np.float32), w.group,
+                                                       axis=-2)
     if isinstance(w, Int4Weight):
         codes = unpack_int4(w).astype(np.float32)
         rep = lambda a: np.repeat(np.asarray(a, np.float32), w.group, axis=-2)  # noqa: E731
@@ -180,10 +197,10 @@ def nbytes(params) -> int:
 
 
 def bytes_per_weight(weight_dtype: str, float_bytes: float, fan_in: int = 4096) -> float:
-    """Stored bytes per projection weight, scales included: int8 one f32 scale per column of
-    `fan_in` weights; int4 half a byte plus an f32 scale and min per GROUP."""
+    """Stored bytes per projection weight, scales included: int8 one f32 scale per GROUP; int4
+    half a byte plus an f32 scale and min per GROUP."""
     if weight_dtype == "int8":
-        return 1.0 + 4.0 / fan_in
+        return 1.0 + 4.0 / GROUP
     if weight_dtype == "int4":
         return 0.5 + 8.0 / GROUP
     return float(float_bytes)
@@ -201,6 +218,19 @@ def weight_bytes(mc: ModelConfig, float_bytes: float) -> int:
     rest = mc.num_params() - proj
     return int(proj * bytes_per_weight(mc.weight_dtype, float_bytes, mc.hidden_size)
                + rest * float_bytes)
+
+
+def from_gguf_q8_0(data: np.ndarray, shape_out_in: tuple[int, int], row_perm=None
+                   ) -> Int8Weight:
+    """A GGUF Q8_0 tensor ([out, in]; blocks of f16 d + 32 int8) as an Int8Weight [in, out] with
+    groups of 32, bit for bit."""
+    rows, cols = shape_out_in
+    blocks = np.ascontiguousarray(data, np.uint8).reshape(rows, cols // 32, 34)
+    d = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+    q = blocks[..., 2:].copy().view(np.int8).reshape(rows, cols)
+    if row_perm is not None:
+        q, d = row_perm(q), row_perm(d)
+    return Int8Weight(np.ascontiguousarray(q.T), np.ascontiguousarray(d.T))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from flax import nnx
 import models
 from kvjax import sharding
 from kvjax.cache import PageAllocator, bytes_per_token, init_cache, window_bytes_per_sequence
-from kvjax.cache.paged import reset_window_slot
+from kvjax.cache.paged import reset_window_slot, with_attention_mass
 from kvjax.config import Config
 from kvjax.quant import weights
 
@@ -144,6 +144,15 @@ class Runner:
     def slots_for(self, seq_ids: list[int | None]) -> np.ndarray:
         """[batch] window ring slot per row (0 for padding rows), assigned on first use."""
         return np.array([0 if s is None else self._slot(s) for s in seq_ids], np.int32)
+
+    def track_attention_mass(self) -> None:
+        """Accumulate H2O's per-token attention mass in the cache from now on (a static switch:
+        steps take the XLA attention path; the ahead-of-time executables, compiled for the cache
+        without it, are dropped and jit compiles the new shapes)."""
+        if all(seg.mass is not None for seg in self.cache.segments):
+            return
+        self.cache = with_attention_mass(self.cache)
+        self._compiled.clear()
 
     def run(self, tokens: np.ndarray, positions: np.ndarray, page_table: np.ndarray,
             lengths: np.ndarray, slots: np.ndarray, logits_index: np.ndarray,

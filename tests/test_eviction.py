@@ -2,6 +2,8 @@
 scored at their positions within the cache after pages are dropped (StreamingLLM), and a prefix
 hit never reads ring entries its sequence did not write (NaN-poisoned rings, two tenants)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -207,3 +209,191 @@ def test_prefix_hit_reads_only_ring_entries_it_wrote(first_chunk):
         assert err == 0
     else:  # int8 keys/values of < 128 positions for one chunk: well under a percent
         assert err < 1e-2, err
+
+
+# ---- a long generation under eviction equals a dense reference with the same evictions --------
+
+def _bf16(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, np.float32).astype(jnp.bfloat16).astype(np.float32)  # numpy, no jit
+
+
+def _rope(x: np.ndarray, pos: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
+    """models.layers.apply_rope in numpy: x [n, heads, d], pos [n]."""
+    ang = pos.astype(np.float64)[:, None, None] * inv_freq
+    x1, x2 = np.split(x, 2, axis=-1)
+    return np.concatenate([x1 * np.cos(ang) - x2 * np.sin(ang),
+                           x2 * np.cos(ang) + x1 * np.sin(ang)], axis=-1)
+
+
+def _rms(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+
+def _codes_roundtrip(spec, raw: np.ndarray) -> np.ndarray:
+    """What a page stores for `raw` [n, kv_heads, d], dequantized; KIVI keys: one sealed page
+    (quantized per channel over its G-token groups from bf16 values)."""
+    if spec.method == "f32":
+        return raw
+    if spec.method == "bf16":
+        return _bf16(raw)
+    if spec.group > 1:
+        g = jnp.asarray(_bf16(raw).transpose(1, 0, 2))
+        g = g.reshape(g.shape[0], len(raw) // spec.group, spec.group, -1)
+        return np.asarray(_roundtrip_fn(spec)(g)).reshape(-1, len(raw), raw.shape[-1]).transpose(
+            1, 0, 2)
+    return np.asarray(_roundtrip_fn(spec)(jnp.asarray(raw)))
+
+
+@functools.lru_cache
+def _roundtrip_fn(spec):
+    qz = spec.quantizer
+    return jax.jit(lambda x: qz.dequantize(qz.quantize(x)))
+
+
+class DenseEvictingModel:
+    """One sequence, no pages: every layer keeps its kept tokens' raw K (post-RoPE at the token's
+    absolute position) and V; each step dequantizes what the cache format would store, turns
+    keys to their *cache* positions and scores the queries at theirs (StreamingLLM), and adds
+    each key's softmax mass (H2O). Evictions follow `pages_to_drop` on the same counts."""
+
+    def __init__(self, cfg, params, ecfg):
+        from kvjax.cache.paged import pool_specs
+        self.cfg, self.mc, self.params, self.ecfg = cfg, cfg.model, params, ecfg
+        self.specs = pool_specs(cfg.model, cfg.cache, cfg.cache.dtype)
+        self.window = cfg.cache.window_for(cfg.cache.dtype)
+        self.ps = cfg.cache.page_size
+        self.inv_freq = rope_inv_freq(cfg.model).astype(np.float64)
+        n = cfg.model.num_layers
+        self.k = [np.zeros((0, cfg.model.num_kv_heads, cfg.model.head_dim), np.float32)] * n
+        self.v, self.kq, self.vq = list(self.k), list(self.k), list(self.k)  # raw and stored
+        self.abs = np.zeros(0, np.int64)  # absolute position of each kept token
+        self.mass = np.zeros(0)
+        self.tokens: list[int] = []
+        self.evicted = 0
+
+    def evict(self) -> None:
+        from kvjax.engine.eviction import pages_to_drop
+        ps = self.ps
+        npages = -(-len(self.abs) // ps)
+        scores = np.pad(self.mass, (0, npages * ps - len(self.mass))).reshape(npages, ps).sum(1)
+        drop = pages_to_drop(self.ecfg, len(self.abs), ps, scores)
+        keep = np.ones(len(self.abs), bool)
+        for i in drop:
+            keep[i * ps:(i + 1) * ps] = False
+        self.k, self.v = [k[keep] for k in self.k], [v[keep] for v in self.v]
+        self.kq, self.vq = [k[keep] for k in self.kq], [v[keep] for v in self.vq]
+        self.abs, self.mass = self.abs[keep], self.mass[keep]
+        self.tokens = [t for t, m in zip(self.tokens, keep, strict=True) if m]
+        self.evicted += int((~keep).sum())
+
+    def step(self, new: list[int]) -> np.ndarray:
+        """Append tokens; returns the logits [vocab] after the last one."""
+        mc, p_all = self.mc, self.params
+        c0, n = len(self.abs), len(new)
+        cpos = np.arange(c0, c0 + n)
+        apos = cpos + self.evicted
+        self.abs = np.concatenate([self.abs, apos])
+        self.mass = np.concatenate([self.mass, np.zeros(n)])
+        self.tokens += list(new)
+        L = len(self.abs)
+        x = p_all["embed"][np.asarray(new)].astype(np.float64)
+        g = mc.num_heads // mc.num_kv_heads
+        for i in range(mc.num_layers):
+            p = {k.split(".", 1)[1]: v[i] for k, v in p_all.items() if k.startswith("layers.")}
+            h = _rms(x, p["attn_norm"], mc.rms_norm_eps)
+            q = (h @ p["wq"]).reshape(n, mc.num_heads, mc.head_dim)
+            k = (h @ p["wk"]).reshape(n, mc.num_kv_heads, mc.head_dim)
+            v = (h @ p["wv"]).reshape(n, mc.num_kv_heads, mc.head_dim)
+            k = _rope(k, apos, self.inv_freq).astype(np.float32)
+            v = v.astype(np.float32)
+            q = _rope(q, cpos, self.inv_freq)  # the query at its cache position
+            self.k[i] = np.concatenate([self.k[i], k])
+            self.v[i] = np.concatenate([self.v[i], v])
+            ks, vs = self.specs
+            self.vq[i] = np.concatenate([self.vq[i], _codes_roundtrip(vs, v)])
+            if ks.group > 1:  # KIVI: a page of keys is stored once its last token arrives
+                kq = np.full_like(self.k[i], np.nan)
+                kq[: len(self.kq[i])] = self.kq[i]
+                for p0 in range(len(self.kq[i]) // self.ps * self.ps, L - self.ps + 1, self.ps):
+                    kq[p0:p0 + self.ps] = _codes_roundtrip(ks, self.k[i][p0:p0 + self.ps])
+                self.kq[i] = kq
+            else:
+                self.kq[i] = np.concatenate([self.kq[i], _codes_roundtrip(ks, k)])
+            in_window = (np.arange(L) >= L - self.window)[:, None, None]
+            k_hat = np.where(in_window, _bf16(self.k[i]), self.kq[i])
+            v_hat = np.where(in_window, _bf16(self.v[i]), self.vq[i])
+            # Keys stored at absolute positions, turned to their cache positions.
+            k_hat = _rope(k_hat, np.arange(L) - self.abs, self.inv_freq)
+            kk, vv = np.repeat(k_hat, g, axis=1), np.repeat(v_hat, g, axis=1)
+            att = np.einsum("qhd,khd->hqk", q, kk) / np.sqrt(mc.head_dim)
+            att = np.where(np.arange(L)[None, None] <= cpos[None, :, None], att, -np.inf)
+            att = _softmax(att)
+            self.mass += att.sum(axis=(0, 1))
+            o = np.einsum("hqk,khd->qhd", att, vv).reshape(n, -1)
+            x = x + o @ p["wo"]
+            h = _rms(x, p["mlp_norm"], mc.rms_norm_eps)
+            gate = h @ p["w_gate"]
+            x = x + (gate / (1 + np.exp(-gate)) * (h @ p["w_up"])) @ p["w_down"]
+        x = _rms(x[-1], p_all["final_norm"], mc.rms_norm_eps)
+        head = p_all["lm_head"] if "lm_head" in p_all else p_all["embed"].T
+        return x @ head
+
+
+def _np_params(mc: ModelConfig, seed: int) -> dict[str, np.ndarray]:
+    """models.random_params' scaling, drawn with numpy (no per-shape compiles)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in sorted(models.param_shapes(mc).items()):
+        if name.endswith("norm"):
+            out[name] = np.ones(shape, np.float32)
+        else:
+            std = 1.0 if name == "embed" else shape[-2] ** -0.5
+            out[name] = (std * rng.normal(size=shape)).astype(np.float32)
+    return out
+
+
+DTYPES = [("bf16", {}), ("fp8", {"window": 16}), ("kivi4", {"window": 32}),
+          ("turbo3.5", {"window": 16})]
+
+
+@pytest.mark.parametrize("dtype,extra", DTYPES, ids=[d for d, _ in DTYPES])
+def test_long_generation_under_eviction_equals_a_dense_reference(dtype, extra):
+    """StreamingLLM and H2O sessions (in one batch) several times longer than their budget: the
+    engine keeps exactly the reference's tokens, and each greedy token is the reference's argmax
+    (teacher-forced: the reference consumes the engine's tokens), with the same evictions."""
+    from kvjax.engine import Engine, EngineConfig, EvictionConfig, SamplingParams
+
+    kivi = dtype.startswith("kivi")
+    cfg = load_config("tiny_llama").replace_cache(dtype=dtype, page_size=32 if kivi else 8,
+                                                  **extra)
+    if kivi:  # values in 32-channel groups
+        cfg = cfg.replace_model(head_dim=32)
+    params = _np_params(cfg.model, seed=5)
+    ring = cfg.cache.window_for(dtype)
+    win = max(ring, 16)
+    policies = [EvictionConfig("streaming", 4, win), EvictionConfig("h2o", 4, win, win)]
+    eng = Engine(cfg, params, EngineConfig(max_model_len=256, num_pages=64, chunk_size=16,
+                                           max_num_batched_tokens=512))
+    rng = np.random.default_rng(6)
+    prompt = list(map(int, rng.integers(0, 256, 24)))
+    sp = SamplingParams(max_tokens=110 if kivi else 50, ignore_eos=True)
+    reqs = eng.generate([eng.make_request(e.policy, prompt, sp, eviction=e) for e in policies])
+    np_params = params
+    for req, ecfg in zip(reqs, policies, strict=True):
+        ref = DenseEvictingModel(cfg, np_params, ecfg)
+        logits = None
+        for i in range(0, len(prompt), 16):
+            ref.evict()
+            logits = ref.step(prompt[i:i + 16])
+        for t, tok in enumerate(req.output_ids):
+            top = float(logits.max())
+            # A rounding-boundary code flip moves a logit by < 1% of the scale (see
+            # test_cache_quantized); a wrong key, position or eviction by far more.
+            assert logits[tok] >= top - 0.01 * np.abs(logits).max(), (ecfg.policy, t)
+            if t + 1 < len(req.output_ids):
+                ref.evict()
+                logits = ref.step([tok])
+        assert ref.evicted == req.num_evicted > 0, ecfg.policy
+        assert ref.tokens == req.cache_tokens[:len(ref.tokens)], ecfg.policy
+    a, b = reqs
+    assert a.cache_tokens != b.cache_tokens  # H2O keeps other pages than StreamingLLM

@@ -151,7 +151,12 @@ def with_attention_mass(cache: KVCache) -> KVCache:
 def attention_mass(cache: KVCache, pages: list[int] | np.ndarray) -> np.ndarray:
     """Accumulated mass of these pages' tokens, per KV head: [len(pages), kv_heads, page_size]."""
     idx = jnp.asarray(np.asarray(pages, np.int32))
-    return np.asarray(sum(seg.mass[idx] for seg in cache.segments if seg.mass is not None))
+    seg0 = cache.segments[0]
+    total = np.zeros((len(idx), seg0.k[0].shape[1], cache.page_size), np.float32)
+    for seg in cache.segments:
+        if seg.mass is not None:
+            total += np.asarray(seg.mass[idx])
+    return total
 
 
 def absolute_positions(page_pos: jax.Array | None, positions: jax.Array, page_size: int

@@ -41,9 +41,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import sampling, sharding
+from kvjax.cache.paged import attention_mass
 from kvjax.config import Config
 from kvjax.engine.block_manager import BlockManager
-from kvjax.engine.eviction import EvictionConfig, H2OScores, pages_to_drop
+from kvjax.engine.eviction import EvictionConfig, H2OScores, page_scores, pages_to_drop
 from kvjax.engine.metrics import Metrics
 from kvjax.engine.planner import kv_split, size_pool
 from kvjax.engine.request import Request, SamplingParams
@@ -107,7 +108,8 @@ class Pool:
         # Layouts with a full-precision window read a sequence's last W tokens from its own ring
         # buffer. A prefix hit therefore stops W tokens short of the prompt's end, so prefill
         # writes them into the new sequence's ring (pages before that hold every token's codes;
-        # KIVI's are sealed). Eviction stays off for them: it shifts positions under the ring.
+        # KIVI's are sealed). The ring is indexed and tagged by absolute position, so eviction
+        # (whose window must cover the ring's) never corrupts it (kvjax/cache/paged.py).
         window = self.cfg.cache.window_for(self.cfg.cache.dtype)
         self.windowed = window > 0
         self.bm = BlockManager(num_pages, self.page_size, self.cfg.cache.dtype,
@@ -224,11 +226,10 @@ class Engine:
                 raise RequestError("eviction sinks + window + chunk exceed max_model_len")
         req = Request(request_id, list(prompt_ids), params, cache_salt, eviction, precision)
         pool = self._route(req)
-        if eviction.enabled and pool.windowed:
-            raise RequestError(f"eviction needs a cache without a full-precision window; the "
-                               f"{pool.cfg.cache.dtype} cache keeps the last "
-                               f"{pool.cfg.cache.window_for(pool.cfg.cache.dtype)} tokens in bf16 "
-                               "by position (serve with --kv-window 0; KIVI always keeps one)")
+        ring = pool.cfg.cache.window_for(pool.cfg.cache.dtype)
+        if eviction.enabled and eviction.window < ring:
+            raise RequestError(f"the eviction window ({eviction.window}) must cover the "
+                               f"{pool.cfg.cache.dtype} cache's {ring}-token bf16 window")
         req.pool = pool.name
         return req
 
@@ -314,11 +315,12 @@ class Engine:
 
     def _evict(self, pool: Pool, req: Request) -> None:
         ecfg = req.eviction
-        if not ecfg.enabled or pool.windowed:
+        if not ecfg.enabled:
             return
         scores = None
-        if ecfg.policy == "h2o" and req.h2o is not None:
-            scores = req.h2o.page_scores(len(pool.bm.pages(req.seq_id)))
+        if ecfg.policy == "h2o":  # attention mass accumulated on device, read only if needed
+            pages = list(pool.bm.pages(req.seq_id))
+            scores = lambda: page_scores(attention_mass(pool.runner.cache, pages))  # noqa: E731
         drop = pages_to_drop(ecfg, req.num_computed, pool.page_size, scores)
         if not drop:
             return
@@ -374,6 +376,8 @@ class Engine:
             req.num_computed = hit
             if req.eviction.policy == "h2o" and req.h2o is None:
                 req.h2o = H2OScores(pool.page_size)
+            if req.eviction.policy == "h2o":  # idempotent; a reset cache starts without it
+                pool.runner.track_attention_mass()
             pool.waiting.popleft()
             pool.running.append(req)
             rows.append((req, hit, n))
@@ -446,6 +450,7 @@ class Engine:
         slots = pool.runner.slots_for(seq_ids + [None] * (b - len(group)))
         step = StepBatch(index, tokens, positions, page_table, lengths, slots, logits_index,
                          fresh=fresh)
+        step.page_pos = pool.bm.page_positions(seq_ids + [None] * (b - len(group)), width)
         if any(wants):
             step.sample, step.flags = self._sampling(group, wants, b)
         return step, wants

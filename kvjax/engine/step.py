@@ -42,12 +42,15 @@ class StepBatch:
     sample: SamplingBatch | None = None  # numpy fields; None: no row samples this step
     flags: SamplerFlags = SamplerFlags()
     fresh: np.ndarray | None = None  # [b] 1 where the row's window slot was just handed out
+    # [b, w] absolute position of each page's first token, after an eviction (kvjax/engine/
+    # eviction.py); not broadcast to other processes yet: eviction is single-process.
+    page_pos: np.ndarray | None = None
 
 
 def execute(runner: Runner, step: StepBatch) -> SampleOutput | None:
     """Run the forward and the sampler; the result stays on device (no sync here)."""
     logits = runner.run(step.tokens, step.positions, step.page_table, step.lengths, step.slots,
-                        step.logits_index)
+                        step.logits_index, step.page_pos)
     if step.sample is None:
         return None
     sb = step.sample

@@ -1,7 +1,8 @@
 """`python -m kvjax.eval ppl --config NAME --text-file F [--max-tokens N] [--prefix N]`.
 
 Also `kl` (against the --reference cache, default bf16), `passkey` and `sweep` (every dtype
-through ppl, kl and passkey, written to --results): see kvjax/eval/sweep.py."""
+through ppl, kl and passkey, written to --results): see kvjax/eval/sweep.py; `longppl` (a text
+longer than the context under a --budget-token cache, per 1K bucket: kvjax/eval/longppl.py)."""
 
 from __future__ import annotations
 
@@ -16,13 +17,15 @@ from kvjax.generate import load_model
 from kvjax.runner import Runner
 
 FLAGS = flags.FLAGS
-COMMANDS = ("ppl", "kl", "passkey", "sweep")
+COMMANDS = ("ppl", "kl", "passkey", "sweep", "longppl")
 
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise cli.UsageError(f"usage: python -m kvjax.eval {{{','.join(COMMANDS)}}} [flags]")
     cfg = cli.config_from_flags()
+    if argv[1] == "longppl":
+        return _longppl(cfg)
     if argv[1] != "ppl":
         from kvjax.eval.sweep import COMMANDS as OTHERS
 
@@ -44,6 +47,24 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def _longppl(cfg) -> int:
+    """Per-1K-bucket perplexity of a long text under a bounded cache (kvjax/eval/longppl.py)."""
+    from kvjax.eval import longppl
+
+    if FLAGS.text_file is None:
+        raise cli.UsageError("pass --text-file FILE_OR_DIR")
+    bad = [m for m in FLAGS.methods if m not in longppl.METHODS]
+    if bad:
+        raise cli.UsageError(f"unknown --methods {bad}; choose from {longppl.METHODS}")
+    params, tokenizer = load_model(cfg, FLAGS.weights, FLAGS.random_weights)
+    ids = tokenizer.encode(longppl.read_text(FLAGS.text_file))[: FLAGS.max_tokens]
+    if len(ids) < 2:
+        raise cli.UsageError("the text has fewer than 2 tokens")
+    longppl.main(cfg, params, ids, FLAGS.methods, FLAGS.budget, FLAGS.chunk,
+                 FLAGS.longppl_results)
+    return 0
+
+
 if __name__ == "__main__":
     cli.define_config_flags()
     flags.DEFINE_string("text_file", None, "Text to score.")
@@ -55,6 +76,10 @@ if __name__ == "__main__":
                          lower_bound=1)
     flags.DEFINE_string("weights", None, "GGUF file, HF checkpoint dir or kvjax orbax dir.")
     flags.DEFINE_bool("random_weights", False, "Random weights with the config's real shapes.")
+    flags.DEFINE_integer("budget", 1024, "longppl: KV cache budget in tokens.", lower_bound=16)
+    flags.DEFINE_list("methods", ["window", "streaming", "h2o", "dense"],
+                      "longppl: dense, window (no sinks), streaming (4 sinks), h2o.")
+    flags.DEFINE_string("longppl_results", None, "longppl: write the buckets to this JSON file.")
     from kvjax.eval.sweep import define_flags
 
     define_flags()

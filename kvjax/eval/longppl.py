@@ -1,0 +1,170 @@
+"""Perplexity of a text longer than the model's context under a bounded cache, per 1K-token
+bucket, as in the StreamingLLM paper (Fig. 3 / Table 1): a sliding window without sinks,
+StreamingLLM (sinks + window), H2O (sinks + heavy hitters + window, same budget), and dense
+attention up to the model's context for reference.
+
+`python -m kvjax.eval longppl --text-file DIR_OR_FILE --budget 1024 [--methods ...]
+[--chunk 1] [--max-tokens N] [--results F.json]`
+
+Every method runs the engine's own machinery without the scheduler: a BlockManager holds the
+pages, `pages_to_drop` picks the pages to release before each chunk, `page_positions` gives the
+forward the pages' absolute positions (keys scored at their positions within the cache), and H2O
+reads the attention mass the XLA path accumulates on device. Eviction is page-granular, so a
+budget of B tokens holds between B and B + chunk tokens. With `--chunk 1` every token is scored
+exactly as in decoding; larger chunks trade that for speed (the tokens of a chunk also see the
+chunk's earlier tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax.config import Config
+from kvjax.engine.block_manager import BlockManager
+from kvjax.engine.eviction import EvictionConfig, page_scores, pages_to_drop
+from kvjax.runner import Runner
+
+METHODS = ("dense", "window", "streaming", "h2o")
+
+
+@dataclass(frozen=True)
+class LongPplResult:
+    method: str
+    nll: np.ndarray  # [scored tokens] nats; token i + 1 predicted from tokens <= i
+    kv_tokens_max: int  # most tokens the cache held at once
+    seconds: float
+
+    def buckets(self, size: int = 1000) -> list[float]:
+        """Perplexity of each `size`-token bucket of the text (by the scored token's index)."""
+        return [math.exp(float(self.nll[i:i + size].mean()))
+                for i in range(0, len(self.nll), size)]
+
+
+def read_text(path: str) -> str:
+    """A file, or every file of a directory concatenated in name order (e.g. the licenses)."""
+    p = Path(path)
+    if p.is_dir():
+        return "\n\n".join(f.read_text(errors="replace") for f in sorted(p.iterdir())
+                           if f.is_file())
+    return p.read_text(errors="replace")
+
+
+def eviction_for(method: str, budget: int, page_size: int, sinks: int = 4) -> EvictionConfig:
+    """The policy of a method at a cache budget of `budget` tokens (page-granular: StreamingLLM's
+    4 sinks occupy one page)."""
+    sink_pages = -(-sinks // page_size)
+    if method == "dense":
+        return EvictionConfig()
+    if method == "window":
+        return EvictionConfig("streaming", sink_tokens=0, window=budget)
+    rest = budget - sink_pages * page_size
+    if method == "streaming":
+        return EvictionConfig("streaming", sink_tokens=sinks, window=rest)
+    if method == "h2o":  # half heavy hitters, half recent (H2O's 10% + 10% split)
+        heavy = rest // 2 // page_size * page_size
+        return EvictionConfig("h2o", sink_tokens=sinks, window=rest - heavy, heavy_tokens=heavy)
+    raise ValueError(f"unknown method {method!r}; one of {', '.join(METHODS)}")
+
+
+@jax.jit
+def _nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
+
+
+def run_method(cfg: Config, params: dict, ids: list[int], method: str, budget: int,
+               chunk: int = 1, log_every: int = 0) -> LongPplResult:
+    """Teacher-forced NLL of ids[1:] under `method` (dense stops at the model's context)."""
+    ps = cfg.cache.page_size
+    ecfg = eviction_for(method, budget, ps)
+    if not ecfg.enabled:
+        ids = ids[: cfg.model.max_position]
+        cap = len(ids)
+    else:
+        cap = ecfg.max_cache_tokens(ps, chunk) + ps
+    runner = Runner(cfg, params, max_seq_len=cap, max_batch=1)
+    bm = BlockManager(runner.allocator.num_pages, ps, cfg.cache.dtype)
+    if ecfg.policy == "h2o":
+        runner.track_attention_mass()
+    sid, done, held, peak = 1, 0, 0, 0
+    nlls: list[np.ndarray] = []
+    last = None
+    t0 = time.perf_counter()
+    while done < len(ids):
+        if ecfg.enabled:
+            pages = list(bm.pages(sid))
+            drop = pages_to_drop(ecfg, held, ps,
+                                 lambda: page_scores(_mass(runner, pages)))  # noqa: B023
+            if drop:
+                bm.drop_pages(sid, drop)
+                held -= len(drop) * ps
+        piece = ids[done: done + chunk]
+        n = len(piece)
+        bm.ensure(sid, held + n)
+        width = runner.table_width(held + n)
+        tokens = np.zeros((1, chunk), np.int32)
+        tokens[0, :n] = piece
+        positions = (held + np.arange(chunk, dtype=np.int32))[None]
+        logits = runner.forward_batch([sid], tokens, positions, bm.page_table([sid], width),
+                                      np.array([held + n], np.int32),
+                                      bm.page_positions([sid], width))[0, :n]
+        pred = logits[:-1] if last is None else jnp.concatenate([last[None], logits[:-1]])
+        targets = piece[1:] if last is None else piece
+        if targets:
+            nlls.append(np.asarray(_nll(pred, jnp.asarray(targets, jnp.int32))))
+        last = logits[-1]
+        held += n
+        done += n
+        peak = max(peak, held)
+        if log_every and done // log_every != (done - n) // log_every:
+            so_far = np.concatenate(nlls)
+            print(f"  {method}: {done} tokens, ppl so far {math.exp(so_far.mean()):.3f}, "
+                  f"cache {held} tokens, {time.perf_counter() - t0:.0f}s", flush=True)
+    return LongPplResult(method, np.concatenate(nlls), peak, time.perf_counter() - t0)
+
+
+def _mass(runner: Runner, pages: list[int]) -> np.ndarray:
+    from kvjax.cache.paged import attention_mass
+
+    return attention_mass(runner.cache, pages)
+
+
+def table(results: list[LongPplResult], size: int = 1000) -> str:
+    """Markdown: one row per bucket, one column per method (blank past a method's end)."""
+    cols = [r.buckets(size) for r in results]
+    rows = max(len(c) for c in cols)
+    out = ["| tokens | " + " | ".join(r.method for r in results) + " |",
+           "|---" * (len(results) + 1) + "|"]
+    for i in range(rows):
+        cells = [f"{c[i]:.2f}" if i < len(c) else "" for c in cols]
+        out.append(f"| {i * size // 1000}K-{(i + 1) * size // 1000}K | " + " | ".join(cells)
+                   + " |")
+    out.append("| max KV tokens | " + " | ".join(str(r.kv_tokens_max) for r in results) + " |")
+    return "\n".join(out)
+
+
+def main(cfg: Config, params: dict, ids: list[int], methods: list[str], budget: int, chunk: int,
+         results_path: str | None = None) -> list[LongPplResult]:
+    results = []
+    for m in methods:
+        r = run_method(cfg, params, ids, m, budget, chunk, log_every=2000)
+        results.append(r)
+        print(f"{m}: ppl {math.exp(float(r.nll.mean())):.3f} over {len(r.nll)} tokens, "
+              f"max {r.kv_tokens_max} KV tokens, {r.seconds:.0f}s", flush=True)
+    print(f"\nkv {cfg.cache.dtype} | budget {budget} | chunk {chunk} | {len(ids)} tokens | "
+          f"config {cfg.name}")
+    print(table(results))
+    if results_path:
+        Path(results_path).write_text(json.dumps({
+            "kv": cfg.cache.dtype, "budget": budget, "chunk": chunk, "tokens": len(ids),
+            "methods": {r.method: {"buckets": r.buckets(), "kv_tokens_max": r.kv_tokens_max,
+                                   "seconds": r.seconds} for r in results}}, indent=1))
+    return results

@@ -73,6 +73,9 @@ def define_config_flags() -> None:
     flags.DEFINE_integer("kv_window", None, "Full-precision window: the most recent N tokens "
                          "of each sequence stay bf16 (default 128 for compressed dtypes; 0 gives "
                          "plain pages).", lower_bound=0)
+    flags.DEFINE_string("kv_calibration", None, "Directory written by python -m kvjax.calibrate "
+                        "(TurboQuant key means and outlier channels per layer/KV head); 'none' "
+                        "drops the config's default.")
     flags.DEFINE_integer("bf16_edge_layers", None, "Keep the first and last N layers' KV in bf16.",
                          lower_bound=0)
     flags.DEFINE_list("bf16_layers", None, "Keep these layers' KV in bf16 (comma-separated "
@@ -112,6 +115,8 @@ def config_from_flags():
         cache_kw["page_size"] = FLAGS.page_size
     if FLAGS.kv_window is not None:
         cache_kw["window"] = FLAGS.kv_window
+    if FLAGS.kv_calibration is not None:
+        cache_kw["calibration"] = "" if FLAGS.kv_calibration == "none" else FLAGS.kv_calibration
     if FLAGS.bf16_edge_layers is not None:
         cache_kw["bf16_edge_layers"] = FLAGS.bf16_edge_layers
     if FLAGS.bf16_layers is not None:

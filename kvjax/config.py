@@ -144,6 +144,9 @@ class CacheConfig:
     bf16_edge_layers: int = 0  # keep the first and last N layers in bf16 (vLLM's skip-layers)
     bf16_layers: tuple[int, ...] = ()  # and these layers too
     seed: int = 0  # seeds TurboQuant/PolarQuant rotations and sketches (constants of the config)
+    # Directory written by `python -m kvjax.calibrate` (per layer/KV head key means and outlier
+    # channels for TurboQuant dtypes); "" = none.
+    calibration: str = ""
 
     def __post_init__(self) -> None:
         if self.dtype == "auto":

@@ -79,7 +79,9 @@ def test_bad_name_lists_valid_names():
         make_quantizer("int8", 128, group_size=4)
     assert make_quantizer("turbo", 128, bits=3).bits == 3
     assert make_quantizer("turbo3", 128, role="value").bits == 3  # mse for values
-    assert make_quantizer("turbo3", 128).mse.bits == 2  # prod for keys: 2-bit mse + QJL
+    key = make_quantizer("turbo3", 128)  # keys: mse too (QJL measured worse), norm-corrected
+    assert key.bits == 3 and key.norm_correct
+    assert make_quantizer("turbo_prod3", 128).mse.bits == 2  # the QJL form: 2-bit mse + QJL
 
 
 def test_fp8_int_accuracy_and_static_scale(rng):

@@ -187,6 +187,22 @@ def test_fractional_widths_and_outlier_calibration(rng):
     np.testing.assert_allclose(s, np.sum(x[:3, None] * full[None, :50], -1), rtol=1e-4, atol=1e-3)
 
 
+def test_norm_correction_keeps_the_length(rng):
+    # The stored norm is |x| / |c[idx]|: the dequantized vector has x's length (to f16 rounding),
+    # where plain TurboQuant_mse shrinks it by about sqrt(1 - D_mse).
+    x = rng.standard_normal((256, D)).astype(np.float32) * 3.0
+    for b in (2, 4):
+        plain = TurboMse.build(D, b, seed=5)
+        nc = TurboMse.build(D, b, seed=5, norm_correct=True)
+        n_x = np.linalg.norm(x, axis=-1)
+        n_nc = np.linalg.norm(np.asarray(nc.dequantize(nc.quantize(x))), axis=-1)
+        n_plain = np.linalg.norm(np.asarray(plain.dequantize(plain.quantize(x))), axis=-1)
+        np.testing.assert_allclose(n_nc, n_x, rtol=2e-3)
+        assert np.mean(n_plain / n_x) < 1 - 0.3 * (0.117 if b == 2 else 0.0093)
+        # Same codes; only the stored norm differs.
+        np.testing.assert_array_equal(nc.quantize(x).idx, plain.quantize(x).idx)
+
+
 def test_polarquant_distortion(rng):
     qz = PolarQuantizer.build(D, seed=int(rng.integers(1 << 30)))
     got = float(_mse(qz, unit(rng, 10_000)))

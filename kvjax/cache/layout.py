@@ -12,7 +12,12 @@ widens bf16/f16/fp8 arrays around a scatter, which turned every cache write into
 whole pool (2.6 s per decode step at 2000 pages, against 0.03 ms as uint16).
 
 Per-token methods (bf16, fp8, int, TurboQuant, PolarQuant, KIVI values) are quantized as tokens
-are written. KIVI keys are quantized per channel over a group of G tokens, so a page of keys is
+are written. TurboQuant pools built with a KV calibration (kvjax/calibrate.py, per layer and KV
+head) first centre each key on the calibrated mean when that shortens it (the flag rides in the
+sign bit of the key's first stored norm, so it costs no byte) and, for fractional widths, order
+the channels outliers-first, so the split's first n channels are the measured outliers.
+
+KIVI keys are quantized per channel over a group of G tokens, so a page of keys is
 written ("sealed") only once its last token arrives; until then its tokens are read from the
 sequence's full-precision window (kvjax/cache/paged.py): KIVI needs window >= page size.
 """
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from kvjax.calibrate import KVCalibration
 from kvjax.quant import ChannelSplit, Quantizer, make_quantizer
 from kvjax.quant.plain import PlainQuantizer
 
@@ -75,6 +81,10 @@ class PoolSpec:
     head_dim: int
     page_size: int
     seed: int = 0
+    # Per layer / KV head statistics (TurboQuant methods only; others ignore it), indexed by
+    # first_layer + the layer index within the segment.
+    calibration: KVCalibration | None = None
+    first_layer: int = 0
 
     @functools.cached_property
     def quantizer(self) -> Quantizer:
@@ -82,10 +92,73 @@ class PoolSpec:
             return PlainQuantizer(head_dim=self.head_dim, dtype=_RAW[self.method])
         qz = make_quantizer(self.method, head_dim=self.head_dim, seed=self.seed, role=self.role)
         if isinstance(qz, ChannelSplit):
-            qz = qz.replace(hi_channels=low_frequency_channels(self.head_dim,
-                                                                len(qz.hi_channels)),
-                            calibrated=True)
+            # Calibrated: channels arrive outliers-first (see _pre), so the split takes the first
+            # n. Otherwise a guess fixed by the config: the lowest-frequency RoPE pairs.
+            hi = (tuple(range(len(qz.hi_channels))) if self.calibrated else
+                  low_frequency_channels(self.head_dim, len(qz.hi_channels)))
+            qz = qz.replace(hi_channels=hi, calibrated=True)
         return qz
+
+    @property
+    def calibrated(self) -> bool:
+        return self.calibration is not None and self.method.startswith("turbo")
+
+    @property
+    def centred(self) -> bool:
+        """Keys centred on the calibrated mean (per token, when that shortens the key)."""
+        return self.calibrated and self.role == "key"
+
+    @property
+    def reordered(self) -> bool:
+        """Channels reordered outliers-first per layer/head (fractional widths)."""
+        return self.calibrated and isinstance(self.quantizer, ChannelSplit)
+
+    @property
+    def transformed(self) -> bool:
+        """Codes hold centred and/or reordered vectors (a reader must undo it per layer/head)."""
+        return self.centred or self.reordered
+
+    def _order(self, layer: jax.Array) -> jax.Array:
+        cal = self.calibration
+        order = cal.k_order if self.role == "key" else cal.v_order
+        return jnp.asarray(order)[layer + self.first_layer]  # [kv_heads, head_dim]
+
+    def _pre(self, x: jax.Array, layer: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        """x [n, kv_heads, d] -> (what the quantizer sees, centred flag [n, kv_heads, 1])."""
+        flag = None
+        x = x.astype(jnp.float32)
+        if self.centred:
+            mu = jnp.asarray(self.calibration.k_mean)[layer + self.first_layer]  # [h, d]
+            xc = x - mu
+            # Sinks (short keys far from the mean) stay as they are: centring would lengthen
+            # them, and their error weighs on every query that parks its mass on them.
+            flag = jnp.sum(xc * xc, -1, keepdims=True) < jnp.sum(x * x, -1, keepdims=True)
+            x = jnp.where(flag, xc, x)
+        if self.reordered:
+            x = jnp.take_along_axis(x, jnp.broadcast_to(self._order(layer), x.shape), axis=-1)
+        return x, flag
+
+    def _post(self, x: jax.Array, flag: jax.Array | None, layer: jax.Array) -> jax.Array:
+        """Inverse of _pre on dequantized x [h, ..., d] (kv_heads first, as read() has it)."""
+        h, d = x.shape[0], x.shape[-1]
+        lead = (h,) + (1,) * (x.ndim - 2) + (d,)
+        if self.reordered:
+            inv = jnp.argsort(self._order(layer), axis=-1).reshape(lead)
+            x = jnp.take_along_axis(x, jnp.broadcast_to(inv, x.shape), axis=-1)
+        if flag is not None:
+            mu = jnp.asarray(self.calibration.k_mean)[layer + self.first_layer].reshape(lead)
+            x = x + jnp.where(flag, mu, 0.0)
+        return x
+
+    @functools.cached_property
+    def _flag_leaf(self) -> int:
+        """Index of the leaf whose sign bit carries the centred flag: the first stored norm."""
+        codes = jax.eval_shape(self.quantizer.quantize,
+                               jax.ShapeDtypeStruct((1, self.head_dim), jnp.float32))
+        for i, (path, _) in enumerate(jax.tree_util.tree_flatten_with_path(codes)[0]):
+            if getattr(path[-1], "name", None) == "norm":
+                return i
+        raise ValueError(f"{self.method} has no norm leaf to carry the centring flag")
 
     @property
     def group(self) -> int:
@@ -122,9 +195,15 @@ class PoolSpec:
                       storage_dtype(dt))
             for per_token, n, dt in info)
 
-    def _encode(self, x: jax.Array) -> list[jax.Array]:
-        codes = self.quantizer.quantize(x)
-        return [to_storage(leaf, storage_dtype(leaf.dtype)) for leaf in jax.tree.leaves(codes)]
+    def _encode(self, x: jax.Array, layer: jax.Array | None = None) -> list[jax.Array]:
+        flag = None
+        if self.calibrated:
+            x, flag = self._pre(x, layer)
+        leaves = jax.tree.leaves(self.quantizer.quantize(x))
+        if flag is not None:  # norms are >= 0: the sign bit is free (-0.0 keeps it too)
+            i = self._flag_leaf
+            leaves[i] = jnp.where(flag, -leaves[i], leaves[i])
+        return [to_storage(leaf, storage_dtype(leaf.dtype)) for leaf in leaves]
 
     def write_tokens(self, pool: tuple[jax.Array, ...], layer: jax.Array, x: jax.Array,
                      pages: jax.Array, slots: jax.Array) -> tuple[jax.Array, ...]:
@@ -133,7 +212,7 @@ class PoolSpec:
         x: [batch, tokens, kv_heads, head_dim]; pages, slots: [batch, tokens] (padding tokens are
         sent to the null page by the caller)."""
         b, t, h, d = x.shape
-        codes = self._encode(x.reshape(b * t, h, d))  # each [b*t, h, n]
+        codes = self._encode(x.reshape(b * t, h, d), layer)  # each [b*t, h, n]
         p, s = pages.reshape(-1), slots.reshape(-1)
         # Page ids come from the page table and slots are `% page_size`: always in bounds, and
         # saying so spares XLA a bounds-check select over the whole pool.
@@ -167,6 +246,13 @@ class PoolSpec:
             if g > 1 and per_token:
                 words = words.reshape(h, b, mp, rows // g, g, n)
             leaves.append(from_storage(words, dt))
+        flag = None
+        if self.centred:
+            i = self._flag_leaf
+            flag = jnp.signbit(leaves[i])  # [h, b, mp, rows, 1]
+            leaves[i] = jnp.abs(leaves[i])
         x = self.quantizer.dequantize(jax.tree.unflatten(treedef, leaves))
+        if self.calibrated:
+            x = self._post(x, flag, layer)
         h, b, mp = x.shape[:3]
         return x.reshape(h, b, -1, self.head_dim).astype(jnp.float32)

@@ -19,10 +19,11 @@ Names (``VALID_NAMES``):
                             adds the residual window.
   turbo_mseB                TurboQuant_mse, B in 1, 2, 2.5, 3, 3.5, 4
   turbo_prodB               TurboQuant_prod, B in 1, 2, 2.5, 3, 3.5, 4 ((B-1)-bit mse + 1-bit QJL)
-  turboB                    B in 2, 2.5, 3, 3.5, 4: TurboQuant_prod for ``role="key"`` (the
-                            default; unbiased scores, as NVIDIA kvpress, sglang and tonbistudio do)
-                            and TurboQuant_mse for ``role="value"`` (values are averaged, not dotted
-                            with q, so MSE is what matters). The paper does not say which it used.
+  turboB                    B in 2, 2.5, 3, 3.5, 4: TurboQuant_mse with norm correction for keys
+                            and values. QJL is off for keys: measured on SmolLM2 (decode-step KL
+                            vs bf16, turbo4) prod keys 0.0266 against 0.0144 for mse keys at fewer
+                            bytes, as vLLM and others found (BENCHMARKS.md lever table); norm
+                            correction 0.0144 -> 0.0124. ``turbo_prodB`` keeps the QJL form.
   qjl                       1-bit QJL sketch of keys (``sketch_dim``, default head_dim)
   polar                     PolarQuant, 4 levels, (4, 2, 2, 2) bits: 3.875 bits/coord
 
@@ -30,7 +31,8 @@ Fractional TurboQuant widths B split the channels: n_outliers = (B - floor B) * 
 at ceil(B) bits, the rest at floor(B), each set its own TurboQuant instance; call
 ``qz.calibrate(sample)`` to choose the outliers as the highest-energy channels (turboquant.py).
 Options: ``rotation`` ("haar" | "hadamard" | "hadamard1"), ``projection`` ("orthogonal" |
-"gaussian", the QJL sketch), ``n_outliers``, ``meta_dtype``.
+"gaussian", the QJL sketch), ``n_outliers``, ``norm_correct`` (mse stages; default on for turboB,
+off for turbo_mseB), ``meta_dtype``.
 
 Rotations and codebooks are deterministic in (seed, head_dim, bits): use different seeds for K and V
 (and per layer if desired); every host building the same quantizer gets identical constants.
@@ -133,13 +135,15 @@ def make_quantizer(
         _check_kw(name, kw, ("group_size",))
         qz = build_kivi(head_dim, int(name[4:]), role, kw.get("group_size", 32))
     elif name.startswith("turbo"):
-        _check_kw(name, kw, ("rotation", "projection", "n_outliers"))
+        _check_kw(name, kw, ("rotation", "projection", "n_outliers", "norm_correct"))
+        nc = kw.get("norm_correct", False)
         if name.startswith("turbo_mse"):
             variant, bits = "mse", float(name[len("turbo_mse") :])
         elif name.startswith("turbo_prod"):
             variant, bits = "prod", float(name[len("turbo_prod") :])
         else:
-            variant, bits = ("prod" if role == "key" else "mse"), float(name[len("turbo") :])
+            variant, bits = "mse", float(name[len("turbo") :])
+            nc = kw.get("norm_correct", True)
         qz = build_turbo(
             head_dim,
             bits,
@@ -148,6 +152,7 @@ def make_quantizer(
             rotation_kind=kw.get("rotation", "haar"),
             projection_kind=kw.get("projection", "orthogonal"),
             n_outliers=kw.get("n_outliers"),
+            norm_correct=nc,
         )
     elif name == "qjl":
         _check_kw(name, kw, ("sketch_dim", "projection"))

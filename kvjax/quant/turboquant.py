@@ -80,10 +80,15 @@ class TurboMse(Quantizer):
     head_dim: int = struct.field(pytree_node=False)
     bits: int = struct.field(pytree_node=False)
     meta_dtype: object = struct.field(pytree_node=False, default=META_DTYPE)
+    # Norm correction (vLLM's "nc"): store |x| / |c[idx]| instead of |x|, so the dequantized
+    # vector has exactly the input's length (undoes the (1 - D_mse) shrinkage of MSE codes).
+    # Only the stored number changes: dequantize, scores and the kernels read it as before.
+    norm_correct: bool = struct.field(pytree_node=False, default=False)
 
     @classmethod
     def build(
-        cls, head_dim: int, bits: int, seed: int = 0, rotation_kind: str = "haar"
+        cls, head_dim: int, bits: int, seed: int = 0, rotation_kind: str = "haar",
+        norm_correct: bool = False,
     ) -> TurboMse:
         cb = sphere_codebook(head_dim, bits)
         return cls(
@@ -92,6 +97,7 @@ class TurboMse(Quantizer):
             thresholds=cb.thresholds.astype(np.float32),
             head_dim=head_dim,
             bits=bits,
+            norm_correct=norm_correct,
         )
 
     def quantize_rotated(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -103,6 +109,9 @@ class TurboMse(Quantizer):
     def quantize(self, x: jax.Array) -> TurboMseCodes:
         """x: [..., head_dim] -> TurboMseCodes"""
         idx, _, nu = self.quantize_rotated(x)
+        if self.norm_correct:
+            c_norm = safe_norm(jnp.asarray(self.centroids)[idx])
+            nu = nu / jnp.where(c_norm > 0, c_norm, 1.0)
         return TurboMseCodes(idx=pack_bits(idx, self.bits), norm=to_meta(nu, self.meta_dtype))
 
     def rotated_values(self, codes: TurboMseCodes) -> jax.Array:
@@ -276,12 +285,14 @@ def build_turbo(
     rotation_kind: str = "haar",
     projection_kind: str = "orthogonal",
     n_outliers: int | None = None,
+    norm_correct: bool = False,
 ) -> Quantizer:
-    """TurboQuant_{variant} at ``bits`` (integer, or fractional via an outlier ChannelSplit)."""
+    """TurboQuant_{variant} at ``bits`` (integer, or fractional via an outlier ChannelSplit).
+    norm_correct applies to mse quantizers (prod keeps the unbiased |x|)."""
 
     def one(d: int, b: int, s: int) -> Quantizer:
         if variant == "mse":
-            return TurboMse.build(d, b, s, rotation_kind)
+            return TurboMse.build(d, b, s, rotation_kind, norm_correct)
         if variant == "prod":
             return TurboProd.build(d, b, s, rotation_kind, projection_kind)
         raise ValueError(f"unknown TurboQuant variant {variant!r}; valid: mse, prod")

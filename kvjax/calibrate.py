@@ -1,0 +1,202 @@
+"""KV-cache calibration: per layer and KV head statistics of a model's keys and values, measured
+once on a text and loaded with ``--kv-calibration DIR``.
+
+    python -m kvjax.calibrate --config smollm2 --text-file /usr/share/common-licenses/GPL-3 \\
+        --out kvjax/calibration/smollm2
+
+A name shipped under kvjax/calibration works from anywhere: ``--kv-calibration smollm2`` (measured
+on GPL-3, a text neither quality protocol scores).
+
+What is stored (``calibration.npz`` + ``calibration.json`` in DIR), per layer and KV head:
+  k_mean  [L, H, d] f32  the keys' per-channel mean. TurboQuant quantizes k - mean for every token
+                         whose centred key is shorter than the key itself (a per-token flag kept
+                         in the sign bit of its stored norm); attention sees exactly k_hat + mean.
+                         Attention sinks (a short key far from the mean, e.g. the first token of
+                         SmolLM2) stay uncentred, which is why the flag exists: centring every key
+                         made SmolLM2 worse (BENCHMARKS.md lever table).
+  k_order [L, H, d] i32  channels by decreasing centred energy E[(k - mean)^2]: the first n are the
+                         outlier channels of a fractional width (2.5 / 3.5 bits), which get their
+                         own rotation, norm and one more bit (the paper's outlier split).
+  v_order [L, H, d] i32  the same for values (energy E[v^2]).
+
+Statistics come from a dense f32 forward over the text (kvjax/bench/real_kv.py), post-RoPE keys:
+what the cache stores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+FILE_NPZ = "calibration.npz"
+FILE_JSON = "calibration.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True, eq=False)
+class KVCalibration:
+    """Per layer / KV head key and value statistics. Hashable by content (a digest), so it can sit
+    in the static PoolSpec that keys the jit cache."""
+
+    k_mean: np.ndarray  # [L, H, d] float32
+    k_order: np.ndarray  # [L, H, d] int32, a permutation of range(d) per (layer, head)
+    v_order: np.ndarray  # [L, H, d] int32
+    source: str = ""
+    digest: str = field(default="", init=False)
+
+    def __post_init__(self) -> None:
+        k_mean = np.ascontiguousarray(self.k_mean, np.float32)
+        k_order = np.ascontiguousarray(self.k_order, np.int32)
+        v_order = np.ascontiguousarray(self.v_order, np.int32)
+        if not (k_mean.shape == k_order.shape == v_order.shape) or k_mean.ndim != 3:
+            raise ValueError(f"calibration arrays must all be [layers, kv_heads, head_dim], got "
+                             f"{k_mean.shape}, {k_order.shape}, {v_order.shape}")
+        d = k_mean.shape[-1]
+        for name, order in (("k_order", k_order), ("v_order", v_order)):
+            if not np.array_equal(np.sort(order, axis=-1),
+                                  np.broadcast_to(np.arange(d), order.shape)):
+                raise ValueError(f"calibration {name} is not a permutation of the channels")
+        for name, a in (("k_mean", k_mean), ("k_order", k_order), ("v_order", v_order)):
+            a.setflags(write=False)
+            object.__setattr__(self, name, a)
+        h = hashlib.sha256()
+        for a in (k_mean, k_order, v_order):
+            h.update(a.tobytes())
+        object.__setattr__(self, "digest", h.hexdigest()[:16])
+
+    def __hash__(self) -> int:
+        return hash(self.digest)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, KVCalibration) and other.digest == self.digest
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.k_mean.shape)  # type: ignore[return-value]
+
+    def check(self, num_layers: int, kv_heads: int, head_dim: int) -> None:
+        want = (num_layers, kv_heads, head_dim)
+        if self.shape != want:
+            raise ValueError(f"KV calibration {self.source or ''} is for [layers, kv_heads, "
+                             f"head_dim] = {list(self.shape)}, the model has {list(want)}")
+
+    def save(self, out: str | Path) -> Path:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        np.savez(out / FILE_NPZ, k_mean=self.k_mean, k_order=self.k_order, v_order=self.v_order)
+        meta = {"format": FORMAT_VERSION, "source": self.source, "digest": self.digest,
+                "layers": self.shape[0], "kv_heads": self.shape[1], "head_dim": self.shape[2]}
+        (out / FILE_JSON).write_text(json.dumps(meta, indent=1) + "\n")
+        return out
+
+
+def load_calibration(path: str | Path) -> KVCalibration:
+    """Reads a directory written by ``python -m kvjax.calibrate`` (one-line errors on bad input)."""
+    path = Path(path)
+    npz, meta_file = path / FILE_NPZ, path / FILE_JSON
+    if not npz.is_file() or not meta_file.is_file():
+        raise FileNotFoundError(f"no KV calibration in {path} (want {FILE_NPZ} and {FILE_JSON}; "
+                                "write one with python -m kvjax.calibrate)")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{meta_file}: calibration format {meta.get('format')!r}, this kvjax "
+                         f"reads {FORMAT_VERSION}")
+    with np.load(npz) as z:
+        cal = KVCalibration(k_mean=z["k_mean"], k_order=z["k_order"], v_order=z["v_order"],
+                            source=str(meta.get("source", "")))
+    if meta.get("digest") and meta["digest"] != cal.digest:
+        raise ValueError(f"{path}: contents do not match the digest in {FILE_JSON}")
+    return cal
+
+
+_CACHE: dict[str, KVCalibration] = {}
+
+
+PACKAGED = Path(__file__).resolve().parent / "calibration"
+
+
+def resolve(path: str) -> Path:
+    """A directory, or the name of one shipped in kvjax/calibration ("smollm2")."""
+    p = Path(path)
+    if not p.exists() and (PACKAGED / path).is_dir():
+        return PACKAGED / path
+    return p
+
+
+def cached_calibration(path: str) -> KVCalibration:
+    """load_calibration, once per path per process (configs name a path; PoolSpecs share it)."""
+    key = str(resolve(path).resolve())
+    if key not in _CACHE:
+        _CACHE[key] = load_calibration(key)
+    return _CACHE[key]
+
+
+def channel_order(energy: np.ndarray) -> np.ndarray:
+    """Channels by decreasing energy (ties by index). energy: [..., d] -> int32 [..., d]"""
+    return np.argsort(-np.asarray(energy, np.float64), axis=-1, kind="stable").astype(np.int32)
+
+
+def from_samples(k: np.ndarray, v: np.ndarray, source: str = "") -> KVCalibration:
+    """Statistics of keys and values k, v: [layers, kv_heads, tokens, head_dim]."""
+    k = np.asarray(k, np.float64)
+    v = np.asarray(v, np.float64)
+    k_mean = k.mean(axis=2)
+    k_energy = np.square(k - k_mean[:, :, None]).mean(axis=2)
+    v_energy = np.square(v).mean(axis=2)
+    return KVCalibration(k_mean=k_mean.astype(np.float32), k_order=channel_order(k_energy),
+                         v_order=channel_order(v_energy), source=source)
+
+
+def measure(config_name: str, text: str, tokens: int = 1024, weights: str | None = None,
+            random_weights: bool = False) -> KVCalibration:
+    """Runs the model densely over the first `tokens` tokens of `text` and measures k and v."""
+    import jax.numpy as jnp
+
+    from kvjax.bench.real_kv import _capture
+    from kvjax.config import load_config
+    from kvjax.generate import load_model
+
+    cfg = load_config(config_name)
+    params, tokenizer = load_model(cfg, weights, random_weights)
+    ids = tokenizer.encode(text)[:tokens]
+    if len(ids) < 16:
+        raise ValueError(f"the calibration text has {len(ids)} tokens; need at least 16")
+    out = _capture(cfg.model, {k: jnp.asarray(v, jnp.float32) for k, v in params.items()},
+                   jnp.asarray(ids, jnp.int32))
+    return from_samples(np.asarray(out["k"]), np.asarray(out["v"]),
+                        source=f"{config_name}, {len(ids)} tokens")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m kvjax.calibrate", description=__doc__.split(
+        "\n")[0])
+    ap.add_argument("--config", default="smollm2")
+    ap.add_argument("--text-file", required=True)
+    ap.add_argument("--out", required=True, help="directory to write")
+    ap.add_argument("--tokens", type=int, default=1024, help="tokens of the text to measure")
+    ap.add_argument("--weights", default=None)
+    ap.add_argument("--random-weights", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        text = Path(args.text_file).read_text()
+        cal = measure(args.config, text, args.tokens, args.weights, args.random_weights)
+        cal = KVCalibration(cal.k_mean, cal.k_order, cal.v_order,
+                            source=f"{cal.source} of {Path(args.text_file).name}")
+        out = cal.save(args.out)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({cal.source}; layers x kv_heads x head_dim = {list(cal.shape)}, "
+          f"digest {cal.digest})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

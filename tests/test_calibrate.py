@@ -1,0 +1,167 @@
+"""KV calibration (kvjax/calibrate.py) and calibrated TurboQuant pools (kvjax/cache/layout.py)."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kvjax.cache.layout import PoolSpec
+from kvjax.calibrate import (
+    FILE_JSON,
+    KVCalibration,
+    channel_order,
+    from_samples,
+    load_calibration,
+)
+from kvjax.quant import stored_nbytes
+
+L, H, T, D = 2, 3, 256, 64
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+def _planted(rng, n_out: int):
+    """Keys/values [L, H, T, D] with n_out planted high-variance channels per (layer, head), and
+    a large constant offset on other channels (a mean, not an outlier once centred)."""
+    k = rng.standard_normal((L, H, T, D)).astype(np.float32)
+    v = rng.standard_normal((L, H, T, D)).astype(np.float32)
+    k_hi = np.zeros((L, H, n_out), np.int64)
+    v_hi = np.zeros((L, H, n_out), np.int64)
+    for li in range(L):
+        for h in range(H):
+            k_hi[li, h] = np.sort(rng.choice(D, n_out, replace=False))
+            v_hi[li, h] = np.sort(rng.choice(D, n_out, replace=False))
+            k[li, h, :, k_hi[li, h]] *= 8.0
+            v[li, h, :, v_hi[li, h]] *= 8.0
+            rest = np.setdiff1d(np.arange(D), k_hi[li, h])[:4]
+            k[li, h, :, rest] += 20.0  # energy 400 uncentred, 1 centred
+    return k, v, k_hi, v_hi
+
+
+def test_planted_outlier_channels_are_found(rng):
+    n_out = 16
+    k, v, k_hi, v_hi = _planted(rng, n_out)
+    cal = from_samples(k, v)
+    assert cal.shape == (L, H, D)
+    np.testing.assert_array_equal(np.sort(cal.k_order[..., :n_out], -1), k_hi)
+    np.testing.assert_array_equal(np.sort(cal.v_order[..., :n_out], -1), v_hi)
+    np.testing.assert_allclose(cal.k_mean, k.mean(2), atol=1e-5)
+    # Orders are permutations; ties go to the lower channel.
+    assert channel_order(np.array([1.0, 3.0, 3.0, 0.5])).tolist() == [1, 2, 0, 3]
+
+
+def test_round_trip_same_codes(rng, tmp_path):
+    k, v, _, _ = _planted(rng, 32)
+    cal = from_samples(k, v, source="planted")
+    cal.save(tmp_path / "cal")
+    back = load_calibration(tmp_path / "cal")
+    assert back == cal and hash(back) == hash(cal) and back.source == "planted"
+    for name in ("k_mean", "k_order", "v_order"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(cal, name))
+    x = jnp.asarray(k[1, :, :40].transpose(1, 0, 2))  # [40 tokens, H, D]
+    for method in ("turbo3.5", "turbo4"):
+        for role in ("key", "value"):
+            a = PoolSpec(method, role, D, 16, calibration=cal, first_layer=0)
+            b = PoolSpec(method, role, D, 16, calibration=back, first_layer=0)
+            assert a == b  # same jit cache entry
+            for ca, cb in zip(a._encode(x, jnp.int32(1)), b._encode(x, jnp.int32(1)),
+                              strict=True):
+                np.testing.assert_array_equal(np.asarray(ca), np.asarray(cb))
+    # Tampered or mismatched files fail with a message.
+    meta = json.loads((tmp_path / "cal" / FILE_JSON).read_text())
+    meta["digest"] = "0" * 16
+    (tmp_path / "cal" / FILE_JSON).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="digest"):
+        load_calibration(tmp_path / "cal")
+    with pytest.raises(FileNotFoundError, match="no KV calibration"):
+        load_calibration(tmp_path / "missing")
+    with pytest.raises(ValueError, match="layers"):
+        cal.check(30, H, D)
+    with pytest.raises(ValueError, match="permutation"):
+        KVCalibration(cal.k_mean, np.zeros_like(cal.k_order), cal.v_order)
+
+
+@pytest.mark.parametrize("method", ["turbo2.5", "turbo3", "turbo3.5", "turbo4"])
+def test_bytes_per_token_equals_stored_bytes(rng, method):
+    k, v, _, _ = _planted(rng, 16)
+    cal = from_samples(k, v)
+    x = jnp.asarray(rng.standard_normal((24, H, D)), jnp.float32)
+    for role in ("key", "value"):
+        spec = PoolSpec(method, role, D, 16, calibration=cal)
+        codes = spec._encode(x, jnp.int32(0))
+        assert stored_nbytes(codes) == spec.bytes_per_token() * 24 * H
+        # Calibration adds no per-token byte over the uncalibrated layout.
+        assert spec.bytes_per_token() == PoolSpec(method, role, D, 16).bytes_per_token()
+        pool = spec.init(L, H, 5)
+        assert stored_nbytes(pool) == spec.bytes_per_token() * L * H * 5 * 16
+
+
+def _write_read(spec: PoolSpec, x: np.ndarray, layer: int) -> np.ndarray:
+    """Write x [T, H, D] as one sequence into pages 1.. of a fresh pool and read it back."""
+    t = x.shape[0]
+    pages = -(-t // spec.page_size)
+    pool = spec.init(L, H, pages + 1)
+    pos = np.arange(t)
+    page_ids = jnp.asarray(1 + pos // spec.page_size)[None]
+    pool = spec.write_tokens(pool, jnp.int32(layer), jnp.asarray(x)[None], page_ids,
+                             jnp.asarray(pos % spec.page_size)[None])
+    table = jnp.arange(1, pages + 1, dtype=jnp.int32)[None]
+    out = spec.read(pool, jnp.int32(layer), table)  # [H, 1, pages * page_size, D]
+    return np.asarray(out[:, 0, :t]).transpose(1, 0, 2)
+
+
+def test_calibrated_read_equals_reference(rng):
+    k, v, _, _ = _planted(rng, 32)
+    cal = from_samples(k, v)
+    layer = 1
+    x = k[layer].transpose(1, 0, 2)[:48].copy()  # [48, H, D]
+    mu = cal.k_mean[layer]
+    x[0] = 0.05 * rng.standard_normal((H, D))  # a sink: short, far from the mean
+    for method in ("turbo3.5", "turbo4"):
+        spec = PoolSpec(method, "key", D, 16, calibration=cal, first_layer=0)
+        got = _write_read(spec, x, layer)
+        # Reference: centre where it shortens, order outliers-first, quantize, undo.
+        centred = np.sum((x - mu) ** 2, -1) < np.sum(x ** 2, -1)  # [T, H]
+        assert not centred[0].any() and centred[1:].mean() > 0.9
+        y = np.where(centred[..., None], x - mu, x)
+        qz = spec.quantizer
+        if spec.reordered:
+            order = cal.k_order[layer]
+            y = np.take_along_axis(y, np.broadcast_to(order, y.shape), -1)
+        want = np.asarray(qz.dequantize(qz.quantize(jnp.asarray(y))))
+        if spec.reordered:
+            want = np.take_along_axis(want, np.broadcast_to(np.argsort(order, -1), y.shape), -1)
+        want = np.where(centred[..., None], want + mu, want)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+        rel = np.sum((got - x) ** 2) / np.sum((x - mu) ** 2)
+        assert rel < (0.02 if method == "turbo4" else 0.06), (method, rel)
+
+
+def test_pool_specs_carry_the_calibration(tmp_path):
+    """--kv-calibration reaches every quantized segment with its first layer; bf16 segments and
+    the byte count are unaffected; a calibration for another model shape is refused."""
+    from kvjax.cache.paged import bytes_per_token, init_cache, pool_specs
+    from kvjax.config import CacheConfig, ModelConfig
+
+    mc = ModelConfig(arch="llama", vocab_size=64, hidden_size=64, intermediate_size=64,
+                     num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=1e4,
+                     max_position=256, rms_norm_eps=1e-5)
+    r = np.random.default_rng(0)
+    kk = r.standard_normal((3, 2, 64, 16)) + 3.0
+    cal = from_samples(kk, r.standard_normal((3, 2, 64, 16)))
+    cal.save(tmp_path / "c")
+    cc = CacheConfig("turbo3.5", calibration=str(tmp_path / "c"), bf16_layers=(1,))
+    specs = [pool_specs(mc, cc, "turbo3.5", start) for start in (0, 2)]
+    assert specs[1][0].first_layer == 2 and specs[0][0].calibration == cal
+    assert bytes_per_token(mc, cc) == bytes_per_token(mc, CacheConfig("turbo3.5",
+                                                                      bf16_layers=(1,)))
+    cache = init_cache(mc, cc, num_pages=4)
+    assert cache.segments[0].k_spec.transformed and not cache.segments[1].k_spec.calibrated
+    with pytest.raises(ValueError, match="layers"):
+        pool_specs(mc.__class__(**{**mc.__dict__, "num_layers": 5}), cc, "turbo3.5")

@@ -162,13 +162,13 @@ def _prefill(runner: Runner, bm: BlockManager, rows: list[tuple[int, list[int], 
     return np.stack(last)
 
 
-@pytest.mark.parametrize("first_chunk", [1, 7, 127])
+@pytest.mark.parametrize("first_chunk", [1, 7, 127, 128])
 def test_prefix_hit_reads_only_ring_entries_it_wrote(first_chunk):
     """Two tenants (different cache_salt) hit their own cached prefixes in one batch, the first
     chunk after the hit shorter than the 128-token window; the slots they take were used by
     other sequences and every ring entry starts as NaN. Their logits equal a cold prefill's up
     to the int8 error of the few window positions read from pages instead of the bf16 ring
-    (bitwise equal when the first chunk covers the window)."""
+    (bitwise equal when the first chunk covers the window: 128)."""
     cfg = load_config("tiny_llama").replace_cache(dtype="int8", page_size=16)
     params = models.random_params(cfg.model, seed=3)
     runner = Runner(cfg, params, max_seq_len=512, max_batch=4)

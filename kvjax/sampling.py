@@ -4,15 +4,16 @@
 every row, its log-probability and, when asked, the top-N log-probabilities. Every per-request
 knob is a per-row array (temperature, top_k, top_p, seed, penalties, logit_bias, min_tokens), so a
 new value never recompiles; `SamplerFlags` is the only static part and switches off, at trace
-time, the work no row of the batch needs (the sort for top-k/top-p, penalties, bias, min_tokens,
-logprobs). `pack` builds both from per-row parameters on the host.
+time, the work no row of the batch needs (top-k/top-p, penalties, bias, min_tokens, logprobs).
+`pack` builds both from per-row parameters on the host.
 
 Order (vLLM's v1 sampler): raw logprobs from the model's logits -> min_tokens (stop ids to -inf)
 -> logit_bias -> repetition, frequency and presence penalties -> greedy argmax for temperature 0
-rows -> temperature -> top-k -> top-p -> one draw. Penalties follow the OpenAI reference
-(`mu[j] - c[j] * frequency - (c[j] > 0) * presence`, c counting generated tokens) and vLLM's
-repetition penalty (HF/CTRL: a logit of a prompt or generated token is divided by r if > 0, else
-multiplied by r).
+rows -> temperature -> top-k (ties at the k-th value kept, as vLLM) -> top-p -> one draw.
+Penalties follow the OpenAI reference (`mu[j] - c[j] * frequency - (c[j] > 0) * presence`, c
+counting generated tokens) and vLLM's repetition penalty (HF/CTRL: a logit of a prompt or
+generated token is divided by r if > 0, else multiplied by r). Top-k and top-p find their
+thresholds by bisection over the float bits (no sort: XLA's CPU sort of [32, 49152] takes seconds).
 
 Draws: one uniform per row from `fold_in(key(seed), step)`, where `step` is how many tokens the
 request generated before, then inverse-CDF selection. The draw depends only on the row's own seed,
@@ -34,12 +35,14 @@ import numpy as np
 NEG_INF = float("-inf")
 TOP_LOGPROBS_MAX = 20  # OpenAI's bound on top_logprobs; the static width of the top-N output
 WIDTH_BUCKETS = (8, 32, 128, 512, 2048)  # static widths of logit_bias / stop-id arrays
+CANDIDATES = 256  # top values the top-k / top-p fast path looks at (else: exact bisection)
 
 
 class SamplerFlags(NamedTuple):
     """Static switches (hashable; a jit static argument). Each False skips its work entirely."""
     stochastic: bool = False  # some row has temperature > 0
-    truncate: bool = False  # some stochastic row has top_k > 0 or top_p < 1: one sort of [B, V]
+    truncate: bool = False  # some stochastic row has top_k > 0 or top_p < 1: ~62 passes over
+    # [B, V] (bisection for the top-k value and the nucleus threshold; no sort)
     penalties: bool = False  # some row has a presence/frequency/repetition penalty
     bias_width: int = 0  # columns of bias_ids / bias_values (0 = no logit_bias in the batch)
     stop_width: int = 0  # columns of stop_ids (0 = no row still below its min_tokens)
@@ -113,28 +116,87 @@ def _inverse_cdf(probs: jax.Array, u: jax.Array) -> jax.Array:
     return jnp.minimum(idx, probs.shape[-1] - 1).astype(jnp.int32)
 
 
+def _sortable(x: jax.Array) -> jax.Array:
+    """f32 -> u32 with the same order (the radix-sort key: flip negatives, set the sign bit of
+    non-negatives)."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _kth_largest_key(keys: jax.Array, k: jax.Array) -> jax.Array:
+    """u32[B, V], i32[B] -> u32[B]: the largest m with #(keys >= m) >= k, by bisection over the
+    32-bit key space (32 counting passes; no sort: XLA's CPU sort of [B, V] costs seconds)."""
+    lo = jnp.zeros(keys.shape[:1], jnp.uint32)
+    hi = jnp.full(keys.shape[:1], 0xFFFFFFFF, jnp.uint32)
+
+    def body(_, c):
+        lo, hi = c
+        mid = lo + (hi - lo) // 2
+        ok = jnp.sum(keys >= mid[:, None], axis=-1) >= k
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    return jax.lax.fori_loop(0, 32, body, (lo, hi))[0]
+
+
+def _nucleus_threshold(probs: jax.Array, top_p: jax.Array) -> jax.Array:
+    """f32[B, V] -> i32[B] bits of the largest probability q with mass(p >= q) >= top_p, by
+    bisection over the bits of non-negative floats (ordered like ints; 1.0 = 0x3F800000)."""
+    bits = jax.lax.bitcast_convert_type(probs, jnp.int32)
+    lo = jnp.zeros(probs.shape[:1], jnp.int32)
+    hi = jnp.full(probs.shape[:1], 0x3F800001, jnp.int32)
+
+    def body(_, c):
+        lo, hi = c
+        mid = lo + (hi - lo) // 2
+        ok = jnp.sum(jnp.where(bits >= mid[:, None], probs, 0.0), axis=-1) >= top_p
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    return jax.lax.fori_loop(0, 30, body, (lo, hi))[0]
+
+
 def _draw(x: jax.Array, batch: SamplingBatch, flags: SamplerFlags) -> jax.Array:
     b, v = x.shape
     t = jnp.maximum(batch.temperature, 1e-6)[:, None]
     scaled = x / t
     u = row_uniforms(batch.seed, batch.step)
-    # Rows without top-k/top-p draw over the vocabulary in id order, even in a batch that sorts
-    # for other rows, so a row's token never depends on its neighbours' settings.
+    # Every row draws over the vocabulary in id order (truncation only zeroes entries), so a
+    # row's token never depends on its neighbours' settings.
     plain = _inverse_cdf(jax.nn.softmax(scaled, axis=-1), u)
     if not flags.truncate:
         return plain
-    # Sort descending, ties by token id (stable), so the top-k set is exactly k tokens.
-    iota = jnp.broadcast_to(jnp.arange(v, dtype=jnp.int32), (b, v))
-    neg, order = jax.lax.sort((-scaled, iota), dimension=1, num_keys=1, is_stable=True)
-    srt = -neg
+    # Top-k as vLLM: keep every logit >= the k-th largest (ties at the k-th value stay).
+    # Fast path: the thresholds from the top CANDIDATES values (lax.top_k, a partial sort), exact
+    # whenever every row's top_k and nucleus fall inside them (peaked distributions: the usual
+    # case). Otherwise the whole batch takes the exact bisection path: a runtime branch, not a
+    # static flag, so every process of a multi-host run compiles the same program.
     k = jnp.where(batch.top_k > 0, jnp.minimum(batch.top_k, v), v)
-    srt = jnp.where(jnp.arange(v)[None, :] < k[:, None], srt, NEG_INF)
-    probs = jax.nn.softmax(srt, axis=-1)
-    # Nucleus: the smallest prefix whose mass reaches top_p (the first token always stays).
-    before = jnp.cumsum(probs, axis=-1) - probs
-    probs = jnp.where(before < batch.top_p[:, None], probs, 0.0)
-    cut = jnp.take_along_axis(order, _inverse_cdf(probs, u)[:, None], axis=-1)[:, 0]
-    return jnp.where((k < v) | (batch.top_p < 1), cut, plain)
+    c = min(CANDIDATES, v)
+    vals, idx = jax.lax.top_k(scaled, c)  # [B, c] descending
+    kth = jnp.take_along_axis(vals, jnp.minimum(k, c)[:, None] - 1, axis=-1)
+    kept_fast = jnp.where((k[:, None] < v) & (scaled < kth), NEG_INF, scaled)
+    probs_fast = jax.nn.softmax(kept_fast, axis=-1)
+    cand = jnp.take_along_axis(probs_fast, idx, axis=-1)  # the same floats the mask compares
+    cum = jnp.cumsum(cand, axis=-1)
+    enough = cum[:, -1] >= batch.top_p
+    # q: the candidate probability at which the cumulative mass first reaches top_p.
+    first = jnp.minimum(jnp.sum(cum < batch.top_p[:, None], axis=-1), c - 1)
+    q_fast = jnp.take_along_axis(cand, first[:, None], axis=-1)
+    fast_ok = jnp.all(((k <= c) | (k == v)) & (enough | (batch.top_p >= 1)))
+
+    def fast(_):
+        keep = (probs_fast >= q_fast) | (batch.top_p[:, None] >= 1)
+        return jnp.where(keep, probs_fast, 0.0)
+
+    def exact(_):
+        keys = _sortable(scaled)
+        kept = jnp.where(keys >= _kth_largest_key(keys, k)[:, None], scaled, NEG_INF)
+        p = jax.nn.softmax(kept, axis=-1)
+        q = _nucleus_threshold(p, batch.top_p)
+        keep = jax.lax.bitcast_convert_type(p, jnp.int32) >= q[:, None]
+        return jnp.where(keep | (batch.top_p[:, None] >= 1), p, 0.0)
+
+    probs = jax.lax.cond(fast_ok, fast, exact, None)
+    return jnp.where((k < v) | (batch.top_p < 1), _inverse_cdf(probs, u), plain)
 
 
 def sample_batch(logits: jax.Array, batch: SamplingBatch, flags: SamplerFlags) -> SampleOutput:

@@ -42,15 +42,19 @@ def ref_process(logits, p, counts, prompt, step, bans):
 
 
 def ref_allowed(x, p):
-    """The token set top-k then top-p keep, probabilities renormalised (float64)."""
+    """The token ids top-k then top-p keep (ascending), probabilities renormalised (float64).
+    Top-k keeps ties at the k-th value (vLLM); top-p the most probable tokens reaching top_p."""
     z = x / p.temperature
-    order = np.argsort(-z, kind="stable")
     k = p.top_k if 0 < p.top_k < len(z) else len(z)
-    keep = order[:k]
+    kth = np.sort(z)[::-1][k - 1]
+    keep = np.flatnonzero(z >= kth)
     pr = np.exp(z[keep] - z[keep].max())
     pr /= pr.sum()
-    before = np.cumsum(pr) - pr
-    keep, pr = keep[before < p.top_p], pr[before < p.top_p]
+    if p.top_p < 1:
+        order = np.argsort(-pr, kind="stable")
+        before = np.cumsum(pr[order]) - pr[order]
+        q = pr[order][before < p.top_p].min()  # the smallest probability the nucleus needs
+        keep, pr = keep[pr >= q], pr[pr >= q]
     return keep, pr / pr.sum()
 
 
@@ -104,26 +108,27 @@ def test_processed_logits_equal_reference_exactly():
                                                        0, ()), rtol=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (5, 1.0), (0, 0.6), (4, 0.5), (1, 1.0),
-                                         (V + 10, 0.9)])
-def test_draw_is_the_inverse_cdf_of_the_reference_set(top_k, top_p):
+# vocab 64 < CANDIDATES: the top-k fast path sees everything. vocab 1024: sigma 4 logits keep the
+# nucleus among the top 256 (fast path); sigma 0.3 logits need ~800 tokens for top_p 0.95, and
+# top_k 300 > 256, both only on the exact bisection path.
+@pytest.mark.parametrize("top_k,top_p,vocab,sigma", [
+    (0, 1.0, V, 2), (5, 1.0, V, 2), (0, 0.6, V, 2), (4, 0.5, V, 2), (1, 1.0, V, 2),
+    (V + 10, 0.9, V, 2), (40, 0.9, 1024, 4), (0, 0.95, 1024, 4), (0, 0.95, 1024, 0.3),
+    (300, 1.0, 1024, 0.3), (300, 0.9, 1024, 4)])
+def test_draw_is_the_inverse_cdf_of_the_reference_set(top_k, top_p, vocab, sigma):
     rng = np.random.default_rng(2)
     b = 16
-    logits = rng.normal(0, 2, (b, V)).astype(np.float32)
+    logits = rng.normal(0, sigma, (b, vocab)).astype(np.float32)
     p = params(temperature=0.8, top_k=top_k, top_p=top_p)
     seeds = [row_seed(i, 0) for i in range(b)]
     steps = list(range(b))
     out, _ = run([p] * b, logits, steps, seeds)
     u = np.asarray(row_uniforms(jnp.asarray(seeds, jnp.uint32), jnp.asarray(steps, jnp.int32)))
-    truncated = 0 < top_k < V or top_p < 1
     for i in range(b):
         keep, pr = ref_allowed(logits[i].astype(np.float64), p)
         tok = int(out.tokens[i])
         assert tok in set(keep.tolist()), (i, tok)
-        if not truncated:  # id order, as the sampler draws un-truncated rows
-            keep, pr = np.arange(V), np.exp(logits[i] / 0.8 - (logits[i] / 0.8).max())
-            pr /= pr.sum()
-        cum = np.cumsum(pr)
+        cum = np.cumsum(pr)  # the draw is in id order, truncated or not
         j = int(np.searchsorted(cum, u[i] * cum[-1]))
         if np.min(np.abs(cum - u[i] * cum[-1])) > 1e-5:  # not on a float boundary
             assert tok == int(keep[min(j, len(keep) - 1)]), i
@@ -216,3 +221,20 @@ def test_penalty_state_helpers():
                           jnp.asarray([True, True, False]))
     s = np.asarray(state)
     assert s[2, 6] == 1 and s[0, 1] == 1 and s.sum() == 2
+
+
+def test_top_k_keeps_ties_and_handles_banned_and_negative_logits():
+    x = np.full((1, V), -50.0, np.float32)
+    x[0, [3, 9, 20]] = 2.0  # a three-way tie at the top
+    x[0, 30] = 1.9
+    p = params(temperature=1.0, top_k=1, min_tokens=5)
+    drawn = set()
+    for step in range(0, 200, 1):
+        out, _ = run([p], x, [step % 4], [row_seed(1, step)], [[9]])  # 9 banned (min_tokens)
+        drawn.add(int(out.tokens[0]))
+    assert drawn == {3, 20}  # top_k=1 keeps both tied tokens (9 is banned), 30 is cut
+    # All logits negative, top_p with one dominant token: only it survives.
+    y = np.full((1, V), -30.0, np.float32)
+    y[0, 7] = -1.0
+    out, _ = run([params(temperature=1.0, top_p=0.5)], y, [0], [5])
+    assert int(out.tokens[0]) == 7

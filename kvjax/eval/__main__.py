@@ -78,7 +78,7 @@ if __name__ == "__main__":
     flags.DEFINE_bool("random_weights", False, "Random weights with the config's real shapes.")
     flags.DEFINE_integer("budget", 1024, "longppl: KV cache budget in tokens.", lower_bound=16)
     flags.DEFINE_list("methods", ["window", "streaming", "h2o", "dense"],
-                      "longppl: dense, window (no sinks), streaming (4 sinks), h2o.")
+                      "longppl: dense, window (no sinks), streaming (4 sinks), h2o, h2o-max.")
     flags.DEFINE_string("longppl_results", None, "longppl: write the buckets to this JSON file.")
     from kvjax.eval.sweep import define_flags
 

@@ -1,7 +1,8 @@
 """Perplexity of a text longer than the model's context under a bounded cache, per 1K-token
 bucket, as in the StreamingLLM paper (Fig. 3 / Table 1): a sliding window without sinks,
-StreamingLLM (sinks + window), H2O (sinks + heavy hitters + window, same budget), and dense
-attention up to the model's context for reference.
+StreamingLLM (sinks + window), H2O (sinks + heavy hitters + window, same budget; "h2o-max" scores
+a page by its most attentive KV head instead of all heads), and dense attention up to the model's
+context for reference.
 
 `python -m kvjax.eval longppl --text-file DIR_OR_FILE --budget 1024 [--methods ...]
 [--chunk 1] [--max-tokens N] [--results F.json]`
@@ -32,7 +33,7 @@ from kvjax.engine.block_manager import BlockManager
 from kvjax.engine.eviction import EvictionConfig, page_scores, pages_to_drop
 from kvjax.runner import Runner
 
-METHODS = ("dense", "window", "streaming", "h2o")
+METHODS = ("dense", "window", "streaming", "h2o", "h2o-max")
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def eviction_for(method: str, budget: int, page_size: int, sinks: int = 4) -> Ev
     rest = budget - sink_pages * page_size
     if method == "streaming":
         return EvictionConfig("streaming", sink_tokens=sinks, window=rest)
-    if method == "h2o":  # half heavy hitters, half recent (H2O's 10% + 10% split)
+    if method in ("h2o", "h2o-max"):  # half heavy hitters, half recent (H2O's 10% + 10%)
         heavy = rest // 2 // page_size * page_size
         return EvictionConfig("h2o", sink_tokens=sinks, window=rest - heavy, heavy_tokens=heavy)
     raise ValueError(f"unknown method {method!r}; one of {', '.join(METHODS)}")
@@ -85,6 +86,8 @@ def run_method(cfg: Config, params: dict, ids: list[int], method: str, budget: i
     """Teacher-forced NLL of ids[1:] under `method` (dense stops at the model's context)."""
     ps = cfg.cache.page_size
     ecfg = eviction_for(method, budget, ps)
+    # h2o: a page's score sums its mass over all heads; h2o-max: over the KV head that uses it most
+    reduce = "max" if method == "h2o-max" else "sum"
     if not ecfg.enabled:
         ids = ids[: cfg.model.max_position]
         cap = len(ids)
@@ -102,7 +105,7 @@ def run_method(cfg: Config, params: dict, ids: list[int], method: str, budget: i
         if ecfg.enabled:
             pages = list(bm.pages(sid))
             drop = pages_to_drop(ecfg, held, ps,
-                                 lambda: page_scores(_mass(runner, pages)))  # noqa: B023
+                                 lambda: page_scores(_mass(runner, pages), reduce))  # noqa: B023
             if drop:
                 bm.drop_pages(sid, drop)
                 held -= len(drop) * ps

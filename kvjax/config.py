@@ -122,6 +122,10 @@ KV_CACHE_DTYPES: dict[str, tuple[str, str]] = {
     # Split forms: keys carry the softmax's sensitivity, values are only averaged.
     "k8v4": ("fp8_e4m3", "int4"),
     "k8v4turbo": ("fp8_e4m3", "turbo_mse4"),
+    # TurboQuant with the bits moved from values to keys (same code bits as turbo3.5 / turbo2.5,
+    # averaged over K and V): keys carry the softmax's sensitivity (kvjax/bench/kv_screen.py).
+    "k4v3turbo": ("turbo4", "turbo3"),
+    "k3v2turbo": ("turbo3", "turbo2"),
 }
 FULL_PRECISION = ("bf16", "f32")
 KIVI_GROUP = 32  # KIVI's G: keys are quantized per channel over G tokens

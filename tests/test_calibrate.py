@@ -83,6 +83,9 @@ def test_round_trip_same_codes(rng, tmp_path):
         load_calibration(tmp_path / "missing")
     with pytest.raises(ValueError, match="layers"):
         cal.check(30, H, D)
+    with pytest.raises(ValueError, match="layers"):
+        cal.check(L, H + 1, D)
+    cal.check(L - 1, H, D)  # --num-layers runs use the first layers
     with pytest.raises(ValueError, match="permutation"):
         KVCalibration(cal.k_mean, np.zeros_like(cal.k_order), cal.v_order)
 

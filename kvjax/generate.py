@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-import jax
+import numpy as np
 from absl import flags
 
 from kvjax import cli, launch, memory, sampling, sharding
@@ -58,11 +58,12 @@ def load_model(cfg: Config, weights: str | None, random_weights: bool, seed: int
         from kvjax.runner import param_dtype
 
         dtype = param_dtype(cfg)
-        # One jitted draw for every layout (the same values on one device and on a mesh); on a
-        # mesh straight into each device's shards, so no device or host holds a full copy.
-        shardings = None if mesh is None else sharding.param_shardings(cfg.model, mesh)
-        params = jax.jit(lambda: models.random_params(cfg.model, seed=seed, dtype=dtype),
-                         out_shardings=shardings)()
+        # Eager, so the values are exactly models.random_params' (tests compare against it).
+        params = models.random_params(cfg.model, seed=seed, dtype=dtype)
+        if mesh is not None:  # shard one parameter at a time, dropping each full copy at once
+            shardings = sharding.param_shardings(cfg.model, mesh)
+            params = {name: sharding.put_global(np.asarray(params.pop(name)), shardings[name])
+                      for name in list(params)}
         return params, byte_tokenizer()
     if mesh is not None:
         from kvjax.runner import param_dtype

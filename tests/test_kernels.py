@@ -76,6 +76,7 @@ CASES = [
     ("turbo3", 64, 8, 16, 32),
     ("turbo2.5", 128, 3, 16, -1),
     ("turbo3.5", 64, 1, 16, -1),
+    ("turbo3", 128, 3, 32, 32),  # Triton: blocks of half a page (16 of its 32 tokens)
 ]
 
 

@@ -129,6 +129,25 @@ def table(target: str, results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def model_table(results: list[dict]) -> str:
+    """Whole decode steps: compiled memory and (TPU) bytes accessed per step, also over bf16's
+    at the same context."""
+    base = {r["case"].split("-", 2)[-1] if r["case"].count("-") > 1 else "": r
+            for r in results if "-bf16" in r["case"]}
+    rows = ["\n| model step | status | s | kernel calls | cache | args | temp | bytes accessed "
+            "| x bf16 |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        ctx = r["case"].split("-", 2)[-1] if r["case"].count("-") > 1 else ""
+        b = base.get(ctx, {}).get("bytes_accessed")
+        ratio = f"{r['bytes_accessed'] / b:.2f}" if b and r.get("bytes_accessed") else "-"
+        status = "ok" if r.get("ok") else r.get("error", "failed").replace("|", "/")
+        rows.append(f"| {r['case'][6:]} | {status} | {r.get('seconds', '-')} | "
+                    f"{r.get('kernel_calls', '-')} | {_fmt_bytes(r.get('cache_bytes'))} | "
+                    f"{_fmt_bytes(r.get('arg_bytes'))} | {_fmt_bytes(r.get('temp_bytes'))} | "
+                    f"{_fmt_bytes(r.get('bytes_accessed'))} | {ratio} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", action="append", required=True, choices=TARGETS)
@@ -166,7 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     for t in args.target:
         rs = [r for r in results if r["target"] == t]
         print(f"\n## {t}\n")
-        print(table(t, rs), flush=True)
+        print(table(t, [r for r in rs if not r["case"].startswith("model:")]), flush=True)
+        models = [r for r in rs if r["case"].startswith("model:")]
+        if models:
+            print(model_table(models), flush=True)
         bad += sum(failed(r) for r in rs)
     if args.json:
         with open(args.json, "w") as f:

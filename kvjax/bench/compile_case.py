@@ -173,12 +173,13 @@ def _ptxas(dump: str, prefix: str = "kvjax") -> dict:
     return {"registers": regs, "spill_bytes": spill, "stack_bytes": stack, "smem_bytes": smem}
 
 
-def compile_fn(fn, args, target: str, marker_required: bool = True) -> dict:
-    """jit(fn).trace(*args).lower().compile() with timing and what the target reports."""
+def compile_fn(fn, args, target: str, marker_required: bool = True, **jit_kw) -> dict:
+    """jit(fn, **jit_kw).trace(*args).lower().compile() with timing and what the target
+    reports."""
     import jax
 
     t0 = time.perf_counter()
-    lowered = jax.jit(fn).trace(*args).lower()
+    lowered = jax.jit(fn, **jit_kw).trace(*args).lower()
     hlo = lowered.as_text()
     compiled = lowered.compile()
     out = {"ok": True, "seconds": round(time.perf_counter() - t0, 2)}

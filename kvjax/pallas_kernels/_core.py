@@ -245,6 +245,7 @@ class KeyFormat:
     """Scores a tile of keys from their codes. Subclasses are frozen dataclasses (hashable)."""
 
     leaves: int  # pool leaves it reads, in PoolSpec order
+    per_token_rows = True  # every leaf has one row per token (KIVI keys: one per group)
 
     def prepare_q(self, q: jax.Array) -> tuple[jax.Array, ...]:
         """q [B, Hkv, Gp, D] f32, softmax scale folded in -> kernel inputs [B, Hkv, ...]."""
@@ -257,6 +258,7 @@ class KeyFormat:
 
 class ValueFormat:
     leaves: int
+    per_token_rows = True
 
     def acc_shapes(self, gp: int) -> tuple[tuple[int, ...], ...]:
         raise NotImplementedError
@@ -344,6 +346,7 @@ class Plan:
     pages_per_block: int
     window: int  # 0: none
     ring_slots: int  # slots + 1 of the ring
+    sub_blocks: int = 1  # gather launcher: blocks per page (a block is page_size // sub rows)
 
 
 def _init_state(plan: Plan, vfmt: ValueFormat):
@@ -374,22 +377,29 @@ def _gather_kernel(*refs, plan: Plan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: i
     n_valid = _cdiv(limit, s)
     nblocks = jnp.clip(_cdiv(n_valid - first, ppb), 0, plan.pages_per_split // ppb)
     qs = tuple(r[...] for r in q_refs)
+    sub = plan.sub_blocks
+    rows = s // sub  # tokens of a page per block (all of them unless sub > 1, then ppb == 1)
 
     def body(i, carry):
-        j0 = first + i * ppb
+        # lax div/rem (i >= 0): jnp's floor forms lower to selects Triton's rem rejects
+        j0 = first + jax.lax.div(i, jnp.int32(sub)) * ppb
+        r0 = jax.lax.rem(i, jnp.int32(sub)) * rows
         pages = base + pt_ref[pl.ds(j0, ppb)]
 
         def fetch(ref, lanes):
+            if sub > 1:  # one page (ppb == 1), a scalar index
+                return ref[base + pt_ref[j0], pl.ds(r0, rows), lanes]
             t = ref[pages, :, lanes]
             return t.reshape(t.shape[0] * t.shape[1], t.shape[2])
 
         ldk, ldv = Loader(k_refs, fetch), Loader(v_refs, fetch)
         sc = kfmt.score(qs, ldk)
-        valid = j0 * s + jax.lax.broadcasted_iota(jnp.int32, (1, ppb * s), 1) < limit
-        valid_col = j0 * s + jax.lax.broadcasted_iota(jnp.int32, (ppb * s, 1), 0) < limit
+        tok0 = j0 * s + r0
+        valid = tok0 + jax.lax.broadcasted_iota(jnp.int32, (1, ppb * rows), 1) < limit
+        valid_col = tok0 + jax.lax.broadcasted_iota(jnp.int32, (ppb * rows, 1), 0) < limit
         return _online(carry, sc, valid, lambda p: vfmt.accumulate(p, valid_col, ldv))
 
-    m, den, accs = jax.lax.fori_loop(0, nblocks, body, _init_state(plan, vfmt))
+    m, den, accs = jax.lax.fori_loop(0, nblocks * sub, body, _init_state(plan, vfmt))
     for r, a in zip(acc_refs, accs, strict=True):
         r[...] = a
     m_ref[...] = m
@@ -624,7 +634,10 @@ def triton_tuning(kfmt: KeyFormat, vfmt: ValueFormat, head_dim: int) -> tuple[in
     a code, a centroid select chain and (keys) 8 sign phases per channel, so they take 16 tokens
     over 8 warps; head_dim 128 takes 32 tokens, 64 takes 64."""
     if "Turbo" in type(kfmt).__name__ or "Turbo" in type(vfmt).__name__:
-        return 16, 8
+        # 8 warps for channel splits (turbo2.5/3.5: two sets of phases live at once) and d64;
+        # at d128 one part keeps 164 registers over 4 warps (8 warps spilled at 128 registers)
+        split = any(len(getattr(f, "parts", ())) > 1 for f in (kfmt, vfmt))
+        return 16, 8 if split or head_dim <= 64 else 4
     return (64 if head_dim <= 64 else 32), 4
 
 
@@ -686,12 +699,15 @@ def decode(q: jax.Array, seg, layer: jax.Array, page_table: jax.Array, lengths: 
     g = nh // hkv
     gp = max(16, 1 << (g - 1).bit_length())
     mp = page_table.shape[1]
+    sub = 1
     if backend in ("tpu", "interpret_tpu"):
         ppb = 1
     else:
         tokens, warps = triton_tuning(kfmt, vfmt, d)
         ppb = pages_per_block or max(1, tokens // s)
         num_warps = num_warps or warps
+        if not pages_per_block and tokens < s and kfmt.per_token_rows and vfmt.per_token_rows:
+            sub = s // tokens  # blocks of part of a page (every leaf has a row per token)
         ppb = min(ppb, 1 << (mp - 1).bit_length())
     splits = max(1, min(k_splits, -(-mp // ppb)))
     pps = -(-mp // (splits * ppb)) * ppb
@@ -699,7 +715,7 @@ def decode(q: jax.Array, seg, layer: jax.Array, page_table: jax.Array, lengths: 
     pt = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, pad)))
     plan = Plan(batch=bsz, kv_heads=hkv, num_pages=n_pages, page_size=s, gp=gp, head_dim=d,
                 splits=splits, pages_per_split=pps, pages_per_block=ppb, window=window,
-                ring_slots=seg.wk.shape[2] if window else 0)
+                ring_slots=seg.wk.shape[2] if window else 0, sub_blocks=sub)
 
     qg = q.reshape(bsz, hkv, g, d).astype(jnp.float32) * (d ** -0.5)
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gp - g), (0, 0)))

@@ -52,6 +52,7 @@ class KiviKey(KeyFormat):
     head_dim: int
     group: int
     leaves: int = 3  # q [.., page_size, d*b/8], scale / zero [.., page_size // G, d] (f16 bits)
+    per_token_rows = False  # scale / zero rows are per group of G tokens
 
     def prepare_q(self, q):
         ph = to_phases(q, phases_of(self.bits))

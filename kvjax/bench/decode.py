@@ -69,6 +69,46 @@ def bench(cfg, params, context: int, batch_sizes: list[int], steps: int) -> list
     return rows
 
 
+def bench_engine(cfg, params, context: int, concurrencies: list[int], max_tokens: int
+                 ) -> list[str]:
+    """The serving engine in process: `c` requests of `context` random prompt tokens, each
+    generating max_tokens (greedy, ignore_eos), submitted together. Each workload runs twice and
+    the second run is timed (the first compiles its shapes). Reports output tok/s end to end
+    (prefill included) and over the decode-only steps, comparable with the decode table's rows."""
+    from kvjax.engine import Engine, EngineConfig
+
+    rng = np.random.default_rng(1)
+    vocab = cfg.model.vocab_size
+    top = max(concurrencies)
+    max_len = context + max_tokens + 1
+    eng = Engine(cfg, params, EngineConfig(max_num_seqs=top, max_model_len=max_len,
+                                           num_pages=top * (max_len // cfg.cache.page_size + 2)
+                                           + 1, max_num_batched_tokens=512, chunk_size=256))
+    rows = []
+    for c in concurrencies:
+        for attempt in range(2):
+            reqs = [eng.make_request(f"c{c}-{attempt}-{i}", rng.integers(0, vocab, context)
+                                     .tolist(), SamplingParams(max_tokens=max_tokens,
+                                                               ignore_eos=True))
+                    for i in range(c)]
+            for r in reqs:
+                eng.add_request(r)
+            decode_s = decode_tokens = 0.0
+            t0 = time.perf_counter()
+            while any(not r.finished for r in reqs):
+                before = eng.metrics.counters["prefill_kv_computed_tokens"]
+                made = sum(len(r.output_ids) for r in reqs)
+                t1 = time.perf_counter()
+                eng.step()
+                if eng.metrics.counters["prefill_kv_computed_tokens"] == before:
+                    decode_s += time.perf_counter() - t1
+                    decode_tokens += sum(len(r.output_ids) for r in reqs) - made
+            wall = time.perf_counter() - t0
+        rows.append(f"| {c} | {context} | {max_tokens} | {c * max_tokens / wall:.2f} | "
+                    f"{decode_tokens / max(decode_s, 1e-9):.2f} | {wall:.1f} |")
+    return rows
+
+
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -80,8 +120,17 @@ def main(argv: list[str]) -> int:
     print("| batch | context | prefill tok/s | decode tok/s | step ms | MB moved per token "
           "| effective GB/s |")
     print("|---|---|---|---|---|---|---|")
-    for row in bench(cfg, params, FLAGS.context, batch_sizes, FLAGS.steps):
-        print(row, flush=True)
+    if batch_sizes:
+        for row in bench(cfg, params, FLAGS.context, batch_sizes, FLAGS.steps):
+            print(row, flush=True)
+    if FLAGS.engine_concurrency:
+        print("\nengine (in process, second of two identical runs):")
+        print("| concurrency | prompt tokens | output tokens | output tok/s (e2e) "
+              "| decode-step tok/s | wall s |")
+        print("|---|---|---|---|---|---|")
+        for row in bench_engine(cfg, params, FLAGS.context,
+                                [int(c) for c in FLAGS.engine_concurrency], FLAGS.max_tokens):
+            print(row, flush=True)
     return 0
 
 
@@ -91,6 +140,9 @@ if __name__ == "__main__":
                          lower_bound=1)
     flags.DEFINE_list("batch_sizes", ["1", "4", "16"], "Decode batch sizes.")
     flags.DEFINE_integer("steps", 16, "Timed decode steps per batch size.", lower_bound=1)
+    flags.DEFINE_list("engine_concurrency", [], "Also time the serving engine at these "
+                      "concurrencies (e.g. 1,4,8,32).")
+    flags.DEFINE_integer("max_tokens", 32, "Output tokens per engine request.", lower_bound=1)
     flags.DEFINE_string("weights", None, "GGUF file, HF checkpoint dir or kvjax orbax dir.")
     flags.DEFINE_bool("random_weights", False, "Random weights with the config's real shapes.")
     cli.run(main)

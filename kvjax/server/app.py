@@ -50,7 +50,10 @@ class Sink:
         self.loop, self.q = loop, asyncio.Queue()
 
     def put(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.q.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.q.put_nowait, item)
+        except RuntimeError:  # the event loop is closed (server shutting down): nobody listens
+            pass
 
     async def get(self):
         return await self.q.get()

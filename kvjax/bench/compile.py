@@ -179,8 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.models:
         cases += [f"model:{m}" for m in MODEL_CASES]
     work = [(t, c) for t in args.target for c in cases]
+    def one(tc):
+        r = run_one(*tc)
+        print(f"{r['target']} {r['case']}: {'FAILED' if failed(r) else 'ok'} "
+              f"{r.get('seconds', '')}", file=sys.stderr, flush=True)  # progress, as they end
+        return r
+
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        results = list(pool.map(lambda tc: run_one(*tc), work))
+        results = list(pool.map(one, work))
     bad = 0
     for t in args.target:
         rs = [r for r in results if r["target"] == t]

@@ -31,9 +31,9 @@ def size_pool(cfg: Config, ecfg: EngineConfig, max_model_len: int, weight_bytes:
 
     On an accelerator: device memory x utilization - weights - an activation reserve (vLLM's
     recipe without the profiling run). On CPU, where "device memory" is the host's, the default is
-    what max_num_seqs requests of max_model_len tokens need, capped at 4 GiB and by free RAM. On a mesh
-    every byte figure is one device's (weight_bytes: its shards; a page: its KV-head share), and
-    the pool is one data-parallel replica's (each replica holds the whole pool, sharding.py).
+    what max_num_seqs requests of max_model_len tokens need, capped at 4 GiB and by free RAM. On
+    a mesh every byte figure is one device's (weight_bytes: its shards; a page: its KV-head
+    share), and the pool is one data-parallel replica's (each holds the whole pool, sharding.py).
     """
     mc = cfg.model
     split = kv_split(cfg, mesh)

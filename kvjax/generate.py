@@ -168,16 +168,16 @@ def main(argv: list[str]) -> int:
     prefill_s = time.perf_counter() - t0
 
     stream = StreamDecoder(tokenizer)
+    budget = max_len - len(ids)  # --max-new-tokens, capped by the context
     n_new, t1 = 0, time.perf_counter()
-    while True:
+    while n_new < budget:
         n_new += 1
         if token in tokenizer.eos_ids:
             break
         sys.stdout.write(stream.push(token))
         sys.stdout.flush()
-        if runner.lengths[0] + 1 > max_len:
-            break
-        token = decoder.step(token)
+        if n_new < budget:  # the last token is printed, never written to the cache
+            token = decoder.step(token)
     decode_s = time.perf_counter() - t1
     print()
     print(f"[stats] prompt tokens {len(ids)} | prefill {len(ids) / prefill_s:.1f} tok/s | "

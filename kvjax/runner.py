@@ -50,6 +50,9 @@ class Runner:
             # Projections quantized to mc.weight_dtype (kvjax/quant/weights.py), rest cast.
             params = weights.prepare(params, mc, dtype)
         else:  # tensor/data parallel (kvjax/sharding.py): each device gets only its shards
+            if mc.weight_dtype != "auto":
+                raise ValueError(f"--weight-dtype {mc.weight_dtype} runs on one device; sharding "
+                                 "quantized weights is not supported yet")
             params = sharding.shard_params(params, mc, mesh, dtype)
         self.graphdef, self.params = nnx.split(
             models.Transformer(mc, params, attention_impl=cfg.attention_impl))

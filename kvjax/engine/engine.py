@@ -37,7 +37,6 @@ import time
 from dataclasses import dataclass, field
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from kvjax import sampling, sharding
@@ -56,6 +55,7 @@ from kvjax.engine.step import (
     execute,
     fetch,
 )
+from kvjax.quant import weights
 from kvjax.runner import CHUNK_BUCKETS, Runner, param_dtype
 
 log = logging.getLogger("kvjax.engine")
@@ -146,10 +146,10 @@ class Engine:
         self.metrics = Metrics()
         dtype = param_dtype(cfg)
         if mesh is None:
-            weight_bytes = sum(int(np.prod(np.shape(v))) * jnp.dtype(dtype).itemsize
-                               for v in params.values())
-            # Convert once, so every pool's Runner holds the same parameter buffers.
-            params = {k: jnp.asarray(v, dtype) for k, v in params.items()}
+            # Convert once (quantizing projections when --weight-dtype asks), so every pool's
+            # Runner holds the same parameter buffers.
+            params = weights.prepare(params, cfg.model, dtype)
+            weight_bytes = weights.nbytes(params)
         else:  # shard once; the Runners see arrays already in place and keep them
             weight_bytes = sharding.per_device_bytes(
                 sharding.abstract_params(cfg.model, mesh, dtype))

@@ -9,12 +9,17 @@ a Mosaic CHECK failure aborts the process that hit it, and is reported as that c
 line. Prints one table per target:
 
   case     DTYPE-dHEAD_DIM-gGQA-pPAGE_SIZE (default: every dtype at d64/d128, GQA and page size
-           rotating; ``--cases all`` = the full product, 136 cases)
+           rotating; ``--cases all`` = the full product, 144 cases)
   status   ok, or the first line of the compiler's error
   s        trace + lower + compile seconds (process start not included)
-  vmem/smem  TPU: scoped VMEM the Mosaic kernel requested; GPU: shared memory of the kernel
-  regs, spill  GPU: registers per thread and spill bytes (stores + loads) from ptxas -v
-  temp     compiled temp bytes (memory_analysis)
+  code     TPU: generated code bytes of the step (memory_analysis)
+  smem, regs, spill  GPU: the kernel's shared memory (XLA's thunk sequence), registers per
+           thread and spill bytes (stores + loads) from ptxas -v on the dumped PTX
+  temp     compiled temp bytes (memory_analysis); calls: kernel custom calls in the lowered step
+
+``--models`` adds whole SmolLM2 decode steps on the kernels (kvjax/bench/compile_model.py):
+kernel calls, cache / argument / temp bytes and, on TPU, cost_analysis bytes accessed per step
+and its ratio to bf16's.
 
 Exit status 1 if any case fails to compile or spills.
 """
@@ -110,7 +115,7 @@ def failed(res: dict) -> bool:
 
 def table(target: str, results: list[dict]) -> str:
     gpu = target in GPU_SPECS
-    head = ("| case | status | s | " + ("smem | regs | spill |" if gpu else "vmem | code |")
+    head = ("| case | status | s | " + ("smem | regs | spill |" if gpu else "code |")
             + " temp | calls |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
@@ -121,7 +126,7 @@ def table(target: str, results: list[dict]) -> str:
             mid = (f"{_fmt_bytes(r.get('smem_bytes'))} | {r.get('registers', '-')} | "
                    f"{r.get('spill_bytes', '-')} |")
         else:
-            mid = f"{_fmt_bytes(r.get('vmem_bytes'))} | {_fmt_bytes(r.get('code_bytes'))} |"
+            mid = f"{_fmt_bytes(r.get('code_bytes'))} |"
         rows.append(f"| {r['case']} | {status} | {r.get('seconds', '-')} | {mid} "
                     f"{_fmt_bytes(r.get('temp_bytes'))} | {r.get('kernel_calls', '-')} |")
     n_ok = sum(not failed(r) for r in results)
@@ -191,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     for t in args.target:
         rs = [r for r in results if r["target"] == t]
         print(f"\n## {t}\n")
-        print(table(t, [r for r in rs if not r["case"].startswith("model:")]), flush=True)
+        kernels = [r for r in rs if not r["case"].startswith("model:")]
+        if kernels:
+            print(table(t, kernels), flush=True)
         models = [r for r in rs if r["case"].startswith("model:")]
         if models:
             print(model_table(models), flush=True)

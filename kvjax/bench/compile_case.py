@@ -202,12 +202,6 @@ def compile_fn(fn, args, target: str, marker_required: bool = True, **jit_kw) ->
     return out
 
 
-def _vmem_estimate(case_text: str) -> int:
-    """Largest scoped VMEM a Mosaic kernel asked for, from its serialized custom call config."""
-    vals = [int(v) for v in re.findall(r"vmem_limit_bytes\D{0,5}(\d+)", case_text)]
-    return max(vals, default=0)
-
-
 def run_case(case: Case, target: str) -> dict:
     import jax.numpy as jnp
 

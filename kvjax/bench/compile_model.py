@@ -35,7 +35,9 @@ def run_model(name: str, target: str) -> dict:
 
     config, dtype, context = parse(name)
     dev = target_device(target)
-    cfg = load_config(config).replace_cache(dtype=dtype)
+    # Default page size for the dtype (KIVI: 32), and no KV calibration: calibrated TurboQuant
+    # pools (SmolLM2's default) have no kernel yet and would compile the XLA path.
+    cfg = load_config(config).replace_cache(dtype=dtype, page_size=0, calibration="")
     mc = cfg.model
     mesh = sharding.make_mesh(MeshConfig(1, 1), devices=[dev])
     params = sharding.abstract_params(mc, mesh, jnp.bfloat16)

@@ -19,6 +19,7 @@ from kvjax import cli, sampling
 from kvjax.engine.request import SamplingParams
 from kvjax.engine.step import count_compiles, execute, fetch, prepare
 from kvjax.generate import Decoder, load_model, warm_decode
+from kvjax.quant import weights
 from kvjax.runner import Runner
 
 FLAGS = flags.FLAGS
@@ -37,10 +38,10 @@ def bench(cfg, params, context: int, batch_sizes: list[int], steps: int) -> list
     rng = np.random.default_rng(0)
     vocab = cfg.model.vocab_size
     rows = []
-    weight_bytes = sum(np.asarray(v).nbytes for v in params.values())
     greedy = SamplingParams()
     for batch in batch_sizes:
         runner = Runner(cfg, params, max_seq_len=context + steps + 2, max_batch=batch)
+        weight_bytes = weights.nbytes(runner.params)  # as held: quantized weights packed
         warm_decode(runner, context, context + steps + 2, greedy, 0)  # batch-1 prefill shapes
         warm_decode(runner, context, context + steps + 2, greedy, 0, batch=batch)
         prompts = [rng.integers(0, vocab, context).tolist() for _ in range(batch)]

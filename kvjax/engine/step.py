@@ -43,7 +43,7 @@ class StepBatch:
     flags: SamplerFlags = SamplerFlags()
     fresh: np.ndarray | None = None  # [b] 1 where the row's window slot was just handed out
     # [b, w] absolute position of each page's first token, after an eviction (kvjax/engine/
-    # eviction.py); not broadcast to other processes yet: eviction is single-process.
+    # eviction.py); None while no row of the step has evicted.
     page_pos: np.ndarray | None = None
 
 
@@ -171,6 +171,8 @@ def _layout(h: np.ndarray, vocab: int) -> list[tuple[str, tuple[int, ...], str]]
     out = [("tokens", (b, t), "i"), ("positions", (b, t), "i"), ("page_table", (b, w), "i"),
            ("lengths", (b,), "i"), ("slots", (b,), "i"), ("logits_index", (b,), "i"),
            ("fresh", (b,), "i")]
+    if h[13]:  # some row has evicted pages: their positions travel with the step
+        out.append(("page_pos", (b, w), "i"))
     if has_sample:
         f = _flags(h)
         out += [(k, (b,), "i") for k in _SAMPLE_I32] + [(k, (b,), "f") for k in _SAMPLE_F32]
@@ -196,6 +198,7 @@ def _header(step: StepBatch) -> np.ndarray:
     h[:13] = [STEP, step.pool, b, t, step.page_table.shape[1], step.sample is not None,
               f.stochastic, f.truncate, f.penalties, f.bias_width, f.stop_width, f.logprobs,
               f.top_n]
+    h[13] = step.page_pos is not None
     return h
 
 
@@ -273,4 +276,4 @@ class Channel:
             sample = SamplingBatch(**{k: got.get(k) for k in SamplingBatch._fields})
         return StepBatch(int(h[1]), got["tokens"], got["positions"], got["page_table"],
                          got["lengths"], got["slots"], got["logits_index"], sample, _flags(h),
-                         got["fresh"])
+                         got["fresh"], got.get("page_pos"))

@@ -91,6 +91,23 @@ def define_config_flags() -> None:
                          "this many devices (default: the config's mesh).", lower_bound=1)
 
 
+def define_eviction_flags() -> None:
+    """Eviction for unbounded sessions (shared by generate and serve; kvjax/engine/eviction.py)."""
+    flags.DEFINE_enum("kv_eviction", "none", ["none", "streaming", "h2o"],
+                      "Eviction policy: StreamingLLM (sinks + recent window) or H2O (sinks + "
+                      "heavy hitters by attention mass + recent window).")
+    flags.DEFINE_integer("sink_tokens", 4, "StreamingLLM/H2O sink tokens.", lower_bound=0)
+    flags.DEFINE_integer("eviction_window", 512, "Recent tokens kept by eviction.", lower_bound=1)
+    flags.DEFINE_integer("heavy_tokens", 128, "H2O heavy-hitter tokens.", lower_bound=0)
+
+
+def eviction_from_flags():
+    from kvjax.engine.eviction import EvictionConfig
+
+    return EvictionConfig(FLAGS.kv_eviction, FLAGS.sink_tokens, FLAGS.eviction_window,
+                          FLAGS.heavy_tokens)
+
+
 def config_from_flags():
     from kvjax.config import config_for
 

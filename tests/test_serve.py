@@ -18,8 +18,7 @@ import pytest
 import models
 from kvjax.config import load_config
 from kvjax.engine import EngineConfig
-from kvjax.loaders.tokenizer import byte_tokenizer
-from kvjax.serve import build
+from tests.serving import client_for, running_server
 
 CFG = load_config("tiny_llama")
 MAX_LEN = 160
@@ -31,15 +30,13 @@ def server():
     params = models.random_params(CFG.model, seed=0)
     ecfg = EngineConfig(max_num_seqs=32, max_model_len=MAX_LEN, num_pages=700,
                         enable_prefix_caching=True)
-    srv = build(CFG, params, byte_tokenizer(), ecfg, port=0)
-    srv.start_background()
-    yield srv
-    srv.close()
+    with running_server(CFG, params, ecfg) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+    return client_for(server.url)
 
 
 def prompts(n: int) -> list[str]:
@@ -225,7 +222,7 @@ def test_command_line_server_logs_capacity_and_serves(tmp_path):
         assert "KV cache size: 256 tokens" in text, text
         assert "Maximum concurrency for 64 tokens per request: 4.00x" in text, text
         assert url, text
-        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        c = client_for(url, timeout=600)  # the openai client's own default
         assert c.completions.create(model="tiny_llama", prompt="hi",
                                     max_tokens=2).usage.completion_tokens == 2
     finally:

@@ -15,8 +15,7 @@ import pytest
 import models
 from kvjax.config import load_config
 from kvjax.engine import EngineConfig
-from kvjax.loaders.tokenizer import byte_tokenizer
-from kvjax.serve import build
+from tests.serving import client_for, running_server
 from tests.test_model import dense_forward
 
 CFG = load_config("tiny_llama")  # f32 cache: the paged logits equal the dense ones to ~1e-5
@@ -32,15 +31,13 @@ def params():
 @pytest.fixture(scope="module")
 def server(params):
     ecfg = EngineConfig(max_num_seqs=4, max_model_len=512, num_pages=600)  # few shapes
-    srv = build(CFG, params, byte_tokenizer(), ecfg, port=0)
-    srv.start_background()
-    yield srv
-    srv.close()
+    with running_server(CFG, params, ecfg) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+    return client_for(server.url)
 
 
 def ids_of(choice) -> list[int]:
@@ -190,8 +187,7 @@ def test_chat_logprobs_streaming_and_echo(client):
 
 
 def test_non_streaming_client_that_hangs_up_frees_its_request(server):
-    impatient = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0,
-                              timeout=0.3)
+    impatient = client_for(server.url, timeout=0.3)
     with pytest.raises(openai.APITimeoutError):
         impatient.completions.create(model=MODEL, prompt="long", max_tokens=500,
                                      extra_body={"ignore_eos": True})

@@ -226,9 +226,9 @@ def main_http(cfg, dtypes: list[str]) -> int:
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cfg = cli.config_from_flags()
+    dtypes = [d for d in FLAGS.dtypes if d in KV_CACHE_DTYPES]
     if FLAGS.mode == "http":
-        cfg = cli.config_from_flags()
-        dtypes = [d for d in FLAGS.dtypes if d in KV_CACHE_DTYPES]
         try:
             levels = [int(c) for c in FLAGS.concurrency_sweep]
         except ValueError:
@@ -238,9 +238,7 @@ def main(argv: list[str]) -> int:
         return main_http(cfg, dtypes)
     from kvjax.generate import load_model
 
-    cfg = cli.config_from_flags()
     params, _ = load_model(cfg, FLAGS.weights, FLAGS.random_weights)
-    dtypes = [d for d in FLAGS.dtypes if d in KV_CACHE_DTYPES]
     skipped = [d for d in FLAGS.dtypes if d not in KV_CACHE_DTYPES]
     import jax
 

@@ -60,6 +60,11 @@ def _longppl(cfg) -> int:
     ids = tokenizer.encode(longppl.read_text(FLAGS.text_file))[: FLAGS.max_tokens]
     if len(ids) < 2:
         raise cli.UsageError("the text has fewer than 2 tokens")
+    if FLAGS.longppl_passkey:  # passkey retrieval under each method's eviction instead
+        longppl.main_passkey(cfg, params, tokenizer, FLAGS.methods, FLAGS.budget, FLAGS.chunk,
+                             [int(n) for n in FLAGS.longppl_passkey], FLAGS.longppl_trials,
+                             FLAGS.longppl_results)
+        return 0
     longppl.main(cfg, params, ids, FLAGS.methods, FLAGS.budget, FLAGS.chunk,
                  FLAGS.longppl_results)
     return 0
@@ -80,6 +85,9 @@ if __name__ == "__main__":
     flags.DEFINE_list("methods", ["window", "streaming", "h2o", "dense"],
                       "longppl: dense, window (no sinks), streaming (4 sinks), h2o, h2o-max.")
     flags.DEFINE_string("longppl_results", None, "longppl: write the buckets to this JSON file.")
+    flags.DEFINE_list("longppl_passkey", [], "longppl: passkey retrieval at these lengths under "
+                      "each method's eviction (instead of perplexity).")
+    flags.DEFINE_integer("longppl_trials", 4, "longppl_passkey: trials per length.", lower_bound=1)
     from kvjax.eval.sweep import define_flags
 
     define_flags()

@@ -81,57 +81,120 @@ def _nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return -jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
 
 
+class Session:
+    """Sequences under one method's eviction policy, one at a time, over a Runner and a
+    BlockManager: `feed` appends tokens (one forward of `chunk` columns) after dropping the pages
+    the policy releases, and returns their logits. `new` starts the next sequence on the same
+    runner (no recompile)."""
+
+    def __init__(self, cfg: Config, params: dict, method: str, budget: int, chunk: int,
+                 dense_len: int):
+        ps = cfg.cache.page_size
+        self.ecfg = eviction_for(method, budget, ps)
+        # h2o: a page's score sums its mass over all heads; h2o-max: the KV head using it most
+        self.reduce = "max" if method == "h2o-max" else "sum"
+        cap = self.ecfg.max_cache_tokens(ps, chunk) + ps if self.ecfg.enabled else dense_len
+        self.runner = Runner(cfg, params, max_seq_len=cap, max_batch=1)
+        self.bm = BlockManager(self.runner.allocator.num_pages, ps, cfg.cache.dtype)
+        if self.ecfg.policy == "h2o":
+            self.runner.track_attention_mass()
+        self.ps, self.chunk, self.sid, self.held, self.peak = ps, chunk, 1, 0, 0
+
+    def new(self) -> None:
+        self.bm.free(self.sid)
+        self.runner.free(self.sid)
+        self.sid, self.held = self.sid + 1, 0
+
+    def feed(self, piece: list[int]) -> jax.Array:
+        """Logits [len(piece), vocab] (on device) of appending `piece` (<= chunk tokens)."""
+        bm, runner, sid, ps = self.bm, self.runner, self.sid, self.ps
+        if self.ecfg.enabled:
+            pages = list(bm.pages(sid))
+            drop = pages_to_drop(self.ecfg, self.held, ps,
+                                 lambda: page_scores(_mass(runner, pages), self.reduce))
+            if drop:
+                bm.drop_pages(sid, drop)
+                self.held -= len(drop) * ps
+        n, held = len(piece), self.held
+        bm.ensure(sid, held + n)
+        width = runner.table_width(held + n)
+        tokens = np.zeros((1, self.chunk), np.int32)
+        tokens[0, :n] = piece
+        positions = (held + np.arange(self.chunk, dtype=np.int32))[None]
+        logits = runner.forward_batch([sid], tokens, positions, bm.page_table([sid], width),
+                                      np.array([held + n], np.int32),
+                                      bm.page_positions([sid], width))[0, :n]
+        self.held += n
+        self.peak = max(self.peak, self.held)
+        return logits
+
+
 def run_method(cfg: Config, params: dict, ids: list[int], method: str, budget: int,
                chunk: int = 1, log_every: int = 0) -> LongPplResult:
     """Teacher-forced NLL of ids[1:] under `method` (dense stops at the model's context)."""
-    ps = cfg.cache.page_size
-    ecfg = eviction_for(method, budget, ps)
-    # h2o: a page's score sums its mass over all heads; h2o-max: over the KV head that uses it most
-    reduce = "max" if method == "h2o-max" else "sum"
-    if not ecfg.enabled:
+    if method == "dense":
         ids = ids[: cfg.model.max_position]
-        cap = len(ids)
-    else:
-        cap = ecfg.max_cache_tokens(ps, chunk) + ps
-    runner = Runner(cfg, params, max_seq_len=cap, max_batch=1)
-    bm = BlockManager(runner.allocator.num_pages, ps, cfg.cache.dtype)
-    if ecfg.policy == "h2o":
-        runner.track_attention_mass()
-    sid, done, held, peak = 1, 0, 0, 0
+    sess = Session(cfg, params, method, budget, chunk, len(ids))
+    done = 0
     nlls: list[np.ndarray] = []
     last = None
     t0 = time.perf_counter()
     while done < len(ids):
-        if ecfg.enabled:
-            pages = list(bm.pages(sid))
-            drop = pages_to_drop(ecfg, held, ps,
-                                 lambda: page_scores(_mass(runner, pages), reduce))  # noqa: B023
-            if drop:
-                bm.drop_pages(sid, drop)
-                held -= len(drop) * ps
         piece = ids[done: done + chunk]
         n = len(piece)
-        bm.ensure(sid, held + n)
-        width = runner.table_width(held + n)
-        tokens = np.zeros((1, chunk), np.int32)
-        tokens[0, :n] = piece
-        positions = (held + np.arange(chunk, dtype=np.int32))[None]
-        logits = runner.forward_batch([sid], tokens, positions, bm.page_table([sid], width),
-                                      np.array([held + n], np.int32),
-                                      bm.page_positions([sid], width))[0, :n]
+        logits = sess.feed(piece)
         pred = logits[:-1] if last is None else jnp.concatenate([last[None], logits[:-1]])
         targets = piece[1:] if last is None else piece
         if targets:
             nlls.append(np.asarray(_nll(pred, jnp.asarray(targets, jnp.int32))))
         last = logits[-1]
-        held += n
         done += n
-        peak = max(peak, held)
         if log_every and done // log_every != (done - n) // log_every:
             so_far = np.concatenate(nlls)
             print(f"  {method}: {done} tokens, ppl so far {math.exp(so_far.mean()):.3f}, "
-                  f"cache {held} tokens, {time.perf_counter() - t0:.0f}s", flush=True)
-    return LongPplResult(method, np.concatenate(nlls), peak, time.perf_counter() - t0)
+                  f"cache {sess.held} tokens, {time.perf_counter() - t0:.0f}s", flush=True)
+    return LongPplResult(method, np.concatenate(nlls), sess.peak, time.perf_counter() - t0)
+
+
+def passkey(cfg: Config, params: dict, tokenizer, method: str, budget: int, chunk: int,
+            lengths: list[int], trials: int, seed: int = 0) -> dict[int, tuple[int, int, list]]:
+    """Passkey retrieval (kvjax/eval/passkey.py prompts, same keys and depths as `eval passkey`)
+    with the prompt fed through the eviction policy in `chunk`-token pieces, then the answer
+    decoded greedily one token at a time (also under eviction). Returns {length: (correct,
+    trials, [(key, answer, needle kept)])}: "needle kept" says whether any of the first 20 tokens
+    of the key sentence was still in the cache when the question was read (eviction drops
+    evidence by design: StreamingLLM keeps it only when it falls in the recent window)."""
+    from kvjax.eval.passkey import MAX_NEW_TOKENS, check_answer, trial_prompts
+
+    sess = Session(cfg, params, method, budget, chunk, max(lengths))
+    out = {}
+    for length in lengths:
+        ok, rows = 0, []
+        for p in trial_prompts(tokenizer, length, trials, seed):
+            sess.new()
+            logits = None
+            for i in range(0, len(p.ids), chunk):
+                logits = sess.feed(p.ids[i: i + chunk])
+            kept = bool(set(range(p.needle_pos, p.needle_pos + 20)) & _cached_positions(sess))
+            answer = [int(jnp.argmax(logits[-1]))]
+            for _ in range(MAX_NEW_TOKENS - 1):
+                answer.append(int(jnp.argmax(sess.feed(answer[-1:])[-1])))
+            text = tokenizer.decode(answer)
+            ok += check_answer(text, p.key)
+            rows.append((p.key, text.strip(), kept))
+        out[length] = (ok, trials, rows)
+        print(f"  passkey {method} {length}: {ok}/{trials} "
+              + " ".join(f"{k}->{a!r}{'' if kept else ' (needle evicted)'}"
+                         for k, a, kept in rows), flush=True)
+    return out
+
+
+def _cached_positions(sess: Session) -> set[int]:
+    """Absolute positions of the tokens the session's sequence holds now."""
+    n = len(sess.bm.pages(sess.sid))
+    pos = sess.bm.page_positions([sess.sid], n)
+    starts = np.arange(n) * sess.ps if pos is None else pos[0]
+    return {int(s) + j for s in starts for j in range(sess.ps)}
 
 
 def _mass(runner: Runner, pages: list[int]) -> np.ndarray:
@@ -154,6 +217,29 @@ def table(results: list[LongPplResult], size: int = 1000) -> str:
     return "\n".join(out)
 
 
+def main_passkey(cfg: Config, params: dict, tokenizer, methods: list[str], budget: int,
+                 chunk: int, lengths: list[int], trials: int,
+                 results_path: str | None = None) -> dict:
+    """`longppl --longppl_passkey 2048,4096,8192`: passkey accuracy per method under eviction."""
+    out = {}
+    for m in methods:
+        t0 = time.perf_counter()
+        out[m] = passkey(cfg, params, tokenizer, m, budget, chunk, lengths, trials)
+        print(f"{m}: {time.perf_counter() - t0:.0f}s", flush=True)
+        if results_path:
+            Path(results_path).write_text(json.dumps(
+                {"kv": cfg.cache.dtype, "budget": budget, "chunk": chunk, "passkey": out},
+                indent=1))
+    print(f"\nkv {cfg.cache.dtype} | budget {budget} | chunk {chunk} | {trials} trials a length")
+    print("| method | " + " | ".join(str(n) for n in lengths) + " |")
+    print("|---" * (len(lengths) + 1) + "|")
+    for m, res in out.items():
+        print(f"| {m} | " + " | ".join(
+            f"{res[n][0]}/{res[n][1]} (needle kept {sum(r[2] for r in res[n][2])})"
+            for n in lengths) + " |")
+    return out
+
+
 def main(cfg: Config, params: dict, ids: list[int], methods: list[str], budget: int, chunk: int,
          results_path: str | None = None) -> list[LongPplResult]:
     results = []
@@ -162,12 +248,18 @@ def main(cfg: Config, params: dict, ids: list[int], methods: list[str], budget: 
         results.append(r)
         print(f"{m}: ppl {math.exp(float(r.nll.mean())):.3f} over {len(r.nll)} tokens, "
               f"max {r.kv_tokens_max} KV tokens, {r.seconds:.0f}s", flush=True)
+        if results_path:  # after every method: a long run cut short keeps what it measured
+            _write(results_path, cfg, budget, chunk, len(ids), results)
     print(f"\nkv {cfg.cache.dtype} | budget {budget} | chunk {chunk} | {len(ids)} tokens | "
           f"config {cfg.name}")
     print(table(results))
-    if results_path:
-        Path(results_path).write_text(json.dumps({
-            "kv": cfg.cache.dtype, "budget": budget, "chunk": chunk, "tokens": len(ids),
-            "methods": {r.method: {"buckets": r.buckets(), "kv_tokens_max": r.kv_tokens_max,
-                                   "seconds": r.seconds} for r in results}}, indent=1))
     return results
+
+
+def _write(path: str, cfg: Config, budget: int, chunk: int, tokens: int,
+           results: list[LongPplResult]) -> None:
+    Path(path).write_text(json.dumps({
+        "kv": cfg.cache.dtype, "budget": budget, "chunk": chunk, "tokens": tokens,
+        "methods": {r.method: {"buckets": r.buckets(), "ppl": math.exp(float(r.nll.mean())),
+                               "scored": len(r.nll), "kv_tokens_max": r.kv_tokens_max,
+                               "seconds": r.seconds} for r in results}}, indent=1))

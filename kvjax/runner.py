@@ -152,10 +152,21 @@ class Runner:
         """Accumulate H2O's per-token attention mass in the cache from now on (a static switch:
         steps take the XLA attention path; the ahead-of-time executables, compiled for the cache
         without it, are dropped and jit compiles the new shapes)."""
-        if all(seg.mass is not None for seg in self.cache.segments):
+        if self.tracks_attention_mass:
             return
-        self.cache = with_attention_mass(self.cache)
+        if self.mesh is None:
+            self.cache = with_attention_mass(self.cache)
+        else:  # replicated on every device (each process reads its own replica), and the
+            # forward's pinned output shardings rebuilt for the cache's new structure
+            rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+            self.cache = with_attention_mass(self.cache, lambda shape, dtype: jax.jit(
+                lambda: jnp.zeros(shape, dtype), out_shardings=rep)())
+            self.forward = sharding.sharded_forward(self.mesh, self.cache)
         self._compiled.clear()
+
+    @property
+    def tracks_attention_mass(self) -> bool:
+        return all(seg.mass is not None for seg in self.cache.segments)
 
     def run(self, tokens: np.ndarray, positions: np.ndarray, page_table: np.ndarray,
             lengths: np.ndarray, slots: np.ndarray, logits_index: np.ndarray,
@@ -237,6 +248,8 @@ class Runner:
     def reset_cache(self) -> None:
         """A fresh, empty cache (after a failed step consumed the donated one)."""
         self.cache = sharding.init_sharded(self._init_cache, self.cfg.model, self.mesh)
+        if self.mesh is not None:  # its structure may differ (no attention mass)
+            self.forward = sharding.sharded_forward(self.mesh, self.cache)
 
     def free(self, seq_id: int) -> None:
         self.allocator.free(seq_id)

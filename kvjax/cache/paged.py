@@ -139,11 +139,12 @@ def reset_window_slot(cache: KVCache, slot: jax.Array) -> KVCache:
         for seg in cache.segments))
 
 
-def with_attention_mass(cache: KVCache) -> KVCache:
-    """The cache with H2O's per-token attention-mass accumulators (zeros); a static switch: a
-    cache without them compiles attention without the extra reduction."""
+def with_attention_mass(cache: KVCache, zeros=jnp.zeros) -> KVCache:
+    """The cache with H2O's per-token attention-mass accumulators (`zeros(shape, dtype)`: placed
+    where the caller wants them, e.g. replicated over a mesh); a static switch: a cache without
+    them compiles attention without the extra reduction."""
     return cache.replace(segments=tuple(
-        seg if seg.mass is not None else seg.replace(mass=jnp.zeros(
+        seg if seg.mass is not None else seg.replace(mass=zeros(
             (seg.k[0].shape[2], seg.k[0].shape[1], cache.page_size), jnp.float32))
         for seg in cache.segments))
 
@@ -154,8 +155,12 @@ def attention_mass(cache: KVCache, pages: list[int] | np.ndarray) -> np.ndarray:
     seg0 = cache.segments[0]
     total = np.zeros((len(idx), seg0.k[0].shape[1], cache.page_size), np.float32)
     for seg in cache.segments:
-        if seg.mass is not None:
+        if seg.mass is None:
+            continue
+        if seg.mass.is_fully_addressable:
             total += np.asarray(seg.mass[idx])
+        else:  # over processes: the mass is replicated; read this process's replica
+            total += np.asarray(seg.mass.addressable_data(0))[np.asarray(pages, np.int32)]
     return total
 
 

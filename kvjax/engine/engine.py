@@ -451,6 +451,7 @@ class Engine:
         step = StepBatch(index, tokens, positions, page_table, lengths, slots, logits_index,
                          fresh=fresh)
         step.page_pos = pool.bm.page_positions(seq_ids + [None] * (b - len(group)), width)
+        step.mass = pool.runner.tracks_attention_mass
         if any(wants):
             step.sample, step.flags = self._sampling(group, wants, b)
         return step, wants
@@ -590,6 +591,8 @@ class Engine:
             try:
                 for slot in step.slots[step.fresh.astype(bool)]:  # as process 0's _slot did
                     runners[step.pool].untag_slot(int(slot))
+                if step.mass:  # process 0 admitted an H2O request: the same program here
+                    runners[step.pool].track_attention_mass()
                 out = execute(runners[step.pool], step)
                 if out is not None:
                     jax.block_until_ready(out)

@@ -45,6 +45,9 @@ class StepBatch:
     # [b, w] absolute position of each page's first token, after an eviction (kvjax/engine/
     # eviction.py); None while no row of the step has evicted.
     page_pos: np.ndarray | None = None
+    # The pool's cache accumulates H2O attention mass (a static switch of the program): the
+    # other processes switch it on too, so every process runs the same program.
+    mass: bool = False
 
 
 def execute(runner: Runner, step: StepBatch) -> SampleOutput | None:
@@ -199,6 +202,7 @@ def _header(step: StepBatch) -> np.ndarray:
               f.stochastic, f.truncate, f.penalties, f.bias_width, f.stop_width, f.logprobs,
               f.top_n]
     h[13] = step.page_pos is not None
+    h[14] = step.mass
     return h
 
 
@@ -276,4 +280,4 @@ class Channel:
             sample = SamplingBatch(**{k: got.get(k) for k in SamplingBatch._fields})
         return StepBatch(int(h[1]), got["tokens"], got["positions"], got["page_table"],
                          got["lengths"], got["slots"], got["logits_index"], sample, _flags(h),
-                         got["fresh"], got.get("page_pos"))
+                         got["fresh"], got.get("page_pos"), bool(h[14]))

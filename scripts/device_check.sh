@@ -1,32 +1,59 @@
 #!/usr/bin/env bash
-# One command for a lent H100/H200 (jax 0.11.x with the CUDA plugin, Python 3.12):
-#   bash scripts/device_check.sh            # from the repo root; results in $OUT (or ./device_results)
+# One command for a lent H100/H200 (the device image: Python 3.12 as python3, jax 0.11.2 with the
+# CUDA 13 plugin, flax, pytest; no network, so nothing is installed):
+#   bash scripts/device_check.sh        # from the repo root; results in $OUT/device_check.txt
+#                                       # ($OUT unset: ./device_results)
 # 1. the decode kernels compiled by Triton on the GPU against the XLA oracle (tests/test_kernels.py),
-# 2. python -m kvjax.bench.attention at 4K-128K (Pallas vs XLA, every dtype, GB/s vs a device copy).
-# Fits the device budget: each step has its own timeout (about 8 minutes together).
+# 2. the ragged prefill+decode kernel against the XLA oracle (tests/test_ragged.py, when present),
+# 3. python -m kvjax.bench.attention at 4K, 32K and 128K (Pallas vs XLA, every dtype, GB/s vs a
+#    device copy).
+# Each step has its own timeout and they sum to 570 s, inside one 10-minute device command; a step
+# that times out leaves what it printed in the results file. Dry run on a CPU: DEVICE_CHECK_DRY=1
+# (tiny bench, JAX on the CPU; the GPU-only tests skip).
 set -uo pipefail
 OUT=${OUT:-device_results}
 mkdir -p "$OUT"
 R="$OUT/device_check.txt"
+: > "$R"
+PY=${PYTHON:-python3}  # the image has no `python`
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-unset JAX_PLATFORMS
-{
-  date -u
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())"
-} 2>&1 | tee "$R"
-missing=$(python - <<'PY'
-import importlib.util
-print(" ".join(m for m in ("flax", "pytest", "numpy") if importlib.util.find_spec(m) is None))
-PY
-)
-[ -n "$missing" ] && echo "missing packages: $missing (install or carry wheels; see the device README)" | tee -a "$R"
+if [ "${DEVICE_CHECK_DRY:-0}" = 1 ]; then
+  export JAX_PLATFORMS=cpu
+  BENCH=(--small --dtypes bf16,int8,turbo3.5)
+else
+  # tests/conftest.py defaults JAX_PLATFORMS to cpu: name the GPU, or every GPU test skips.
+  export JAX_PLATFORMS=cuda,cpu
+  BENCH=(--contexts 4096,32768,131072 --batches 1,8 --iters 10)
+fi
+log() { echo "$*" | tee -a "$R"; }
+step() {  # step SECONDS TITLE CMD...: run with a timeout, output into the results file
+  local secs=$1 title=$2; shift 2
+  log "## $title ($(date -u +%T), timeout ${secs}s)"
+  timeout "$secs" "$@" 2>&1 | grep -v -e "^WARNING" -e "^I0000" | tee -a "$R"
+  local rc=${PIPESTATUS[0]}
+  log "rc=$rc$([ "$rc" = 124 ] && echo ' (timed out)')"
+}
 
-echo "## kernels compiled on the GPU vs the XLA oracle" | tee -a "$R"
-timeout 240 python -m pytest -q -p no:cacheprovider tests/test_kernels.py \
-  -k "triton_kernel_matches_xla_on_gpu or one_split" 2>&1 | tail -25 | tee -a "$R"
+step 30 "machine" bash -c "date -u; nvidia-smi --query-gpu=name,memory.total,driver_version \
+--format=csv,noheader 2>/dev/null || echo 'no nvidia-smi'; $PY -c \"import sys, jax, jaxlib, flax; \
+print('python', sys.version.split()[0], 'jax', jax.__version__, 'jaxlib', jaxlib.__version__, \
+'flax', flax.__version__, 'backend', jax.default_backend(), jax.devices())\""
 
-echo "## python -m kvjax.bench.attention" | tee -a "$R"
-timeout 300 python -m kvjax.bench.attention --contexts 4096,32768,131072 --batches 1,8 \
-  --iters 10 2>&1 | grep -v "^WARNING" | tee -a "$R"
-echo "done $(date -u)" | tee -a "$R"
+step 200 "decode kernels compiled on the GPU vs the XLA oracle (tests/test_kernels.py)" \
+  "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py \
+  -k "triton_kernel_matches_xla_on_gpu or one_split" -rs
+
+if [ -f tests/test_ragged.py ]; then
+  # its GPU-compiled tests when it has some (names with gpu/triton), else the whole file
+  sel=(-k "gpu or triton")
+  "$PY" -m pytest -q -p no:cacheprovider --collect-only tests/test_ragged.py "${sel[@]}" \
+    > /dev/null 2>&1 || sel=()
+  step 90 "ragged prefill+decode kernel vs the XLA oracle (tests/test_ragged.py ${sel[*]})" \
+    "$PY" -m pytest -q -p no:cacheprovider tests/test_ragged.py "${sel[@]}" -rs
+else
+  log "## tests/test_ragged.py: absent, skipped"
+fi
+
+step 250 "python -m kvjax.bench.attention ${BENCH[*]}" \
+  "$PY" -m kvjax.bench.attention "${BENCH[@]}"
+log "done $(date -u +%T)"

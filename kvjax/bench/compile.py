@@ -1,25 +1,28 @@
 """Compile every decode-kernel case for a TPU or H100/H200 without the hardware.
 
     python -m kvjax.bench.compile --target tpu-v5e [--target h100 ...] [--cases all|NAME,...]
-        [--models] [--jobs 2] [--json FILE]
+        [--models [NAME,...]] [--jobs 2] [--json FILE]
 
 Needs the compile extra (``pip install -e ".[compile]"``: libtpu and the CUDA plugin for the
 jax already installed). Each case is compiled in its own process (``kvjax.bench.compile_case``):
 a Mosaic CHECK failure aborts the process that hit it, and is reported as that case's first error
 line. Prints one table per target:
 
-  case     DTYPE-dHEAD_DIM-gGQA-pPAGE_SIZE (default: every dtype at d64/d128, GQA and page size
-           rotating; ``--cases all`` = the full product, 144 cases)
+  case     [KIND:]DTYPE-dHEAD_DIM-gGQA-pPAGE_SIZE (kvjax/bench/compile_case.py; default: every
+           dtype at d64/d128, GQA and page size rotating; ``--cases all`` = the full product)
   status   ok, or the first line of the compiler's error
-  s        trace + lower + compile seconds (process start not included)
+  s, cpu s trace + lower + compile seconds, wall and CPU (all threads; process start not
+           included)
+  vmem     TPU: the kernel's scoped VMEM, from libtpu's code generator (its log)
   code     TPU: generated code bytes of the step (memory_analysis)
   smem, regs, spill  GPU: the kernel's shared memory (XLA's thunk sequence), registers per
            thread and spill bytes (stores + loads) from ptxas -v on the dumped PTX
   temp     compiled temp bytes (memory_analysis); calls: kernel custom calls in the lowered step
 
-``--models`` adds whole SmolLM2 decode steps on the kernels (kvjax/bench/compile_model.py):
-kernel calls, cache / argument / temp bytes and, on TPU, cost_analysis bytes accessed per step
-and its ratio to bf16's.
+``--models [NAME,...]`` adds whole model steps on the kernels (kvjax/bench/compile_model.py;
+default MODEL_CASES: SmolLM2 decode per dtype at 32K and 128K, 512-token prefill chunks, one
+Llama-3.1-70B layer over 8 devices): kernel calls (none is a failure), compiled memory per
+device and, on TPU, cost_analysis bytes accessed per step against bf16's x the KV byte ratio.
 
 Exit status 1 if any case fails to compile or spills.
 """
@@ -33,22 +36,31 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from kvjax.bench.compile_case import (
+from kvjax.bench.compile_case import DTYPES, Case, all_cases, default_cases
+from kvjax.bench.compile_target import (
     EXTRA_HINT,
     GPU_SPECS,
     TARGETS,
+    TPU_ENV,
     TPU_TOPOLOGIES,
-    Case,
-    all_cases,
-    default_cases,
+    parse_tpu_log,
+    tpu_log_env,
 )
 
-MODEL_CASES = ("smollm2-bf16", "smollm2-int8", "smollm2-int4", "smollm2-kivi4",
-               "smollm2-turbo3.5")
-# libtpu asks a metadata server for these when they are unset; a compile-only client needs none.
-TPU_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost",
-           "TPU_ACCELERATOR_TYPE": "v5litepod-4",
-           "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}  # parallel workers: no /tmp/libtpu_lockfile
+# Whole model steps compiled by `--models` (names: kvjax/bench/compile_model.py). XLA's
+# cost_analysis counts a while loop's body once, not once per trip, so the bytes accessed of a
+# model whose layers run in a scan are not the step's traffic: the per-dtype bytes table uses
+# one-layer SmolLM2 steps (-l1: no loop; embedding + one layer + lm_head), the whole model is
+# compiled for its memory and the kernel call.
+MODEL_CASES = (
+    [f"smollm2-{dt}-{ctx}-l1" for ctx in (32768, 131072) for dt in DTYPES]
+    + [f"smollm2-{dt}-{ctx}" for ctx in (32768, 131072)
+       for dt in ("bf16", "int8", "int4", "kivi4", "turbo3.5")]
+    + [f"smollm2-{dt}-{ctx}-p512" for ctx in (32768, 131072) for dt in ("bf16", "turbo3.5")]
+    + [f"llama70b_turbo-{dt}-{ctx}-l1-tp8" for ctx in (32768, 131072)
+       for dt in ("bf16", "int8", "turbo3.5")]
+)
+FLAG_RATIO = 1.1  # issue 10: bytes > bf16 bytes x byte ratio x 1.1 is a defect to explain
 
 
 def check_extra(target: str) -> str | None:
@@ -84,19 +96,38 @@ def _first_error(stderr: str) -> str:
 
 
 def run_one(target: str, case: str, timeout: int = 600) -> dict:
+    """Compile one case in its own process; on TPU also read the kernel's scoped VMEM from the
+    libtpu log the worker leaves (written at its exit, so read here)."""
+    import shutil
+    import tempfile
+
     env = dict(os.environ, JAX_PLATFORMS="cpu", **TPU_ENV)
     env.pop("XLA_FLAGS", None)  # the worker adds its own dump directory
+    logdir = None
+    if target in TPU_TOPOLOGIES:
+        logdir = tempfile.mkdtemp(prefix="kvjax_tpu_log_")
+        env.update(tpu_log_env(logdir))
     cmd = [sys.executable, "-m", "kvjax.bench.compile_case", "--target", target, "--case", case,
            "--json"]
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"case": case, "target": target, "ok": False, "error": f"timeout {timeout} s"}
-    for line in reversed(r.stdout.splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    return {"case": case, "target": target, "ok": False,
-            "error": f"crashed (rc {r.returncode}): {_first_error(r.stderr)}"}
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            return {"case": case, "target": target, "ok": False, "error": f"timeout {timeout} s"}
+        res = None
+        for line in reversed(r.stdout.splitlines()):
+            if line.startswith("{"):
+                res = json.loads(line)
+                break
+        if res is None:
+            res = {"case": case, "target": target, "ok": False,
+                   "error": f"crashed (rc {r.returncode}): {_first_error(r.stderr)}"}
+        if logdir is not None and res.get("ok"):
+            res.update(parse_tpu_log(logdir))
+        return res
+    finally:
+        if logdir is not None:
+            shutil.rmtree(logdir, ignore_errors=True)
 
 
 def _fmt_bytes(n) -> str:
@@ -115,7 +146,7 @@ def failed(res: dict) -> bool:
 
 def table(target: str, results: list[dict]) -> str:
     gpu = target in GPU_SPECS
-    head = ("| case | status | s | " + ("smem | regs | spill |" if gpu else "code |")
+    head = ("| case | status | s | cpu s | " + ("smem | regs | spill |" if gpu else "vmem | code |")
             + " temp | calls |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
@@ -126,30 +157,71 @@ def table(target: str, results: list[dict]) -> str:
             mid = (f"{_fmt_bytes(r.get('smem_bytes'))} | {r.get('registers', '-')} | "
                    f"{r.get('spill_bytes', '-')} |")
         else:
-            mid = f"{_fmt_bytes(r.get('code_bytes'))} |"
-        rows.append(f"| {r['case']} | {status} | {r.get('seconds', '-')} | {mid} "
+            mid = f"{_fmt_bytes(r.get('vmem_bytes'))} | {_fmt_bytes(r.get('code_bytes'))} |"
+        rows.append(f"| {r['case']} | {status} | {r.get('seconds', '-')} | "
+                    f"{r.get('cpu_seconds', '-')} | {mid} "
                     f"{_fmt_bytes(r.get('temp_bytes'))} | {r.get('kernel_calls', '-')} |")
     n_ok = sum(not failed(r) for r in results)
     rows.append(f"\n{target}: {n_ok}/{len(results)} compiled without spills")
+    limits = [r for r in results if r.get("vmem_limit_bytes")]
+    if limits:
+        r = limits[0]
+        rows.append(f"vmem: the kernel's scoped VMEM (libtpu's code generator); default scoped "
+                    f"limit {_fmt_bytes(r['vmem_limit_bytes'])}, VMEM "
+                    f"{_fmt_bytes(r.get('vmem_capacity_bytes'))}")
     return "\n".join(rows)
 
 
+def _ratio(x, y) -> str:
+    return f"{x / y:.2f}" if x and y else "-"
+
+
 def model_table(results: list[dict]) -> str:
-    """Whole decode steps: compiled memory and (TPU) bytes accessed per step, also over bf16's
-    at the same context."""
-    base = {r["case"].split("-", 2)[-1] if r["case"].count("-") > 1 else "": r
-            for r in results if "-bf16" in r["case"]}
-    rows = ["\n| model step | status | s | kernel calls | cache | args | temp | bytes accessed "
-            "| x bf16 |", "|---|---|---|---|---|---|---|---|---|"]
+    """Whole model steps: compiled memory per device and (TPU) bytes accessed per step, against
+    bf16's step of the same group (config, context, chunk, layers, devices):
+      x bf16        bytes / bf16's bytes
+      kv ratio      the dtype's KV bytes per token / bf16's
+      /(bf16 x kv)  bytes / (bf16's bytes x kv ratio): > 1.1 flagged (issue 10)
+      cache reads   (bytes - weights) / cache: how many times the step's traffic beyond the
+                    weights covers the cache (1 = the cache read once, activations aside)"""
+    from kvjax.bench.compile_model import parse
+
+    base = {}
     for r in results:
-        ctx = r["case"].split("-", 2)[-1] if r["case"].count("-") > 1 else ""
-        b = base.get(ctx, {}).get("bytes_accessed")
-        ratio = f"{r['bytes_accessed'] / b:.2f}" if b and r.get("bytes_accessed") else "-"
+        m = parse(r["case"][len("model:"):])
+        r.setdefault("group", m.group)
+        r.setdefault("dtype", m.dtype)
+        if m.dtype == "bf16":
+            base[r["group"]] = r
+    rows = ["| model step | status | s | calls | cache | weights | args | out | temp | vmem "
+            "| bytes accessed | x bf16 | kv ratio | /(bf16 x kv) | cache reads |",
+            "|" + "---|" * 15]
+    flagged = []
+    for r in results:
+        b = base.get(r["group"], {})
+        acc, b_acc = r.get("bytes_accessed"), b.get("bytes_accessed")
+        kv = _ratio(r.get("kv_bytes_per_token"), b.get("kv_bytes_per_token"))
+        norm = "-"
+        if acc and b_acc and kv != "-":
+            x = acc / (b_acc * float(kv))
+            norm = f"{x:.2f}"
+            if x > FLAG_RATIO:
+                norm = f"**{norm}**"
+                flagged.append(f"{r['case'][6:]} ({x:.2f})")
+        reads = "-"
+        if acc and r.get("cache_bytes"):
+            reads = f"{(acc - r.get('weight_bytes', 0)) / r['cache_bytes']:.2f}"
         status = "ok" if r.get("ok") else r.get("error", "failed").replace("|", "/")
         rows.append(f"| {r['case'][6:]} | {status} | {r.get('seconds', '-')} | "
                     f"{r.get('kernel_calls', '-')} | {_fmt_bytes(r.get('cache_bytes'))} | "
-                    f"{_fmt_bytes(r.get('arg_bytes'))} | {_fmt_bytes(r.get('temp_bytes'))} | "
-                    f"{_fmt_bytes(r.get('bytes_accessed'))} | {ratio} |")
+                    f"{_fmt_bytes(r.get('weight_bytes'))} | {_fmt_bytes(r.get('arg_bytes'))} | "
+                    f"{_fmt_bytes(r.get('out_bytes'))} | {_fmt_bytes(r.get('temp_bytes'))} | "
+                    f"{_fmt_bytes(r.get('vmem_bytes'))} | {_fmt_bytes(acc)} | "
+                    f"{_ratio(acc, b_acc)} | {kv} | {norm} | {reads} |")
+    n_ok = sum(bool(r.get("ok")) for r in results)
+    rows.append(f"\n{n_ok}/{len(results)} model steps compiled with the kernel call")
+    if flagged:
+        rows.append(f"bytes accessed > bf16's x kv ratio x {FLAG_RATIO}: " + ", ".join(flagged))
     return "\n".join(rows)
 
 
@@ -157,9 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", action="append", required=True, choices=TARGETS)
     ap.add_argument("--cases", default="default",
-                    help="default | all | none | comma list of DTYPE-dD-gG-pP names")
-    ap.add_argument("--models", action="store_true",
-                    help=f"also compile whole model steps ({', '.join(MODEL_CASES)})")
+                    help="default | all | none | comma list of [KIND:]DTYPE-dD-gG-pP names")
+    ap.add_argument("--models", nargs="?", const="default", default="",
+                    help="also compile whole model steps: the default list, or a comma list of "
+                         "CONFIG-DTYPE[-CONTEXT][-pCHUNK][-lLAYERS][-tpT] names")
     ap.add_argument("--jobs", type=int, default=2, help="cases compiled at once")
     ap.add_argument("--json", help="write every result to this file")
     args = ap.parse_args(argv)
@@ -182,8 +255,18 @@ def main(argv: list[str] | None = None) -> int:
                 print(e, file=sys.stderr)
                 return 2
     if args.models:
-        cases += [f"model:{m}" for m in MODEL_CASES]
+        from kvjax.bench.compile_model import parse
+
+        models = MODEL_CASES if args.models == "default" else args.models.split(",")
+        for m in models:
+            try:
+                parse(m)
+            except ValueError as e:
+                print(e, file=sys.stderr)
+                return 2
+        cases += [f"model:{m}" for m in models]
     work = [(t, c) for t in args.target for c in cases]
+
     def one(tc):
         r = run_one(*tc)
         print(f"{r['target']} {r['case']}: {'FAILED' if failed(r) else 'ok'} "
@@ -201,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             print(table(t, kernels), flush=True)
         models = [r for r in rs if r["case"].startswith("model:")]
         if models:
-            print(model_table(models), flush=True)
+            print(("\n" if kernels else "") + model_table(models), flush=True)
         bad += sum(failed(r) for r in rs)
     if args.json:
         with open(args.json, "w") as f:

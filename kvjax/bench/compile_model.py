@@ -1,49 +1,97 @@
-"""Compile a whole model decode step with attention on the kernels for a TPU / H100 target (the
+"""Compile a whole model step with attention on the kernels for a TPU / H100 target (the
 ``model:NAME`` cases of ``python -m kvjax.bench.compile``).
 
-NAME is CONFIG-DTYPE[-CONTEXT], e.g. ``smollm2-turbo3.5`` (32K context) or
-``smollm2-bf16-131072``: one decode step (batch 1, one new token) over CONTEXT tokens of pages,
-abstract weights and cache on one device of the target, traced with bf16 activations. Reports
-whether the lowered step holds the kernel's custom call (it must: a step that fell back to the XLA
-path would not), compiled memory, and on TPU ``cost_analysis()`` bytes accessed.
+NAME is ``CONFIG-DTYPE[-CONTEXT][-pCHUNK][-lLAYERS][-tpT]``:
+
+  CONTEXT  tokens of pages per sequence (default 32768); batch 1
+  pCHUNK   a prefill chunk of CHUNK new tokens ending at CONTEXT (default: a decode step, one)
+  lLAYERS  only the first LAYERS decoder layers (a 70B layer fits this machine; the step's
+           memory and bytes then describe those layers plus embeddings and lm_head)
+  tpT      tensor parallel over T devices of the target (8: TPU 2x4 / v5p 2x2x2, GPU 1x1x8),
+           laid out as kvjax/sharding.py places a served model (heads, MLP and pool on "tensor")
+
+e.g. ``smollm2-turbo3.5-131072``, ``smollm2-bf16-32768-p512``,
+``llama70b_turbo-turbo3.5-32768-l1-tp8``.
+Abstract weights (bf16) and cache on the target's devices, bf16 activations, the cache donated
+as served. Reports the kernel custom calls in the lowered step (a step without one fell back to
+the XLA path: a failure), compiled memory per device, the cache's and weights' bytes per device,
+KV bytes per token (for the byte ratio against bf16) and, on TPU, cost_analysis bytes accessed.
+No KV calibration: calibrated TurboQuant pools have no kernel yet and would take the XLA path.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
 
-def parse(name: str) -> tuple[str, str, int]:
-    m = re.fullmatch(r"([a-z0-9_]+)-([a-z0-9_.]+?)(?:-(\d+))?", name)
-    if not m:
-        raise ValueError(f"bad model case {name!r}; expected CONFIG-DTYPE[-CONTEXT]")
-    return m[1], m[2], int(m[3] or 32768)
+@dataclass(frozen=True)
+class ModelCase:
+    config: str
+    dtype: str
+    context: int = 32768
+    chunk: int = 1  # new tokens in the step: 1 = decode
+    layers: int = 0  # 0: all of the config's
+    tensor: int = 1
+
+    @property
+    def name(self) -> str:
+        out = f"{self.config}-{self.dtype}-{self.context}"
+        out += f"-p{self.chunk}" if self.chunk > 1 else ""
+        out += f"-l{self.layers}" if self.layers else ""
+        return out + (f"-tp{self.tensor}" if self.tensor > 1 else "")
+
+    @property
+    def group(self) -> str:
+        """The name without the dtype: steps compared against each other (and bf16)."""
+        return self.name.replace(f"-{self.dtype}-", "-*-", 1)
+
+
+def parse(name: str) -> ModelCase:
+    parts = name.split("-")
+    if len(parts) < 2 or not re.fullmatch(r"[a-z0-9_]+", parts[0]):
+        raise ValueError(f"bad model case {name!r}; expected CONFIG-DTYPE[-CONTEXT][-pCHUNK]"
+                         "[-lLAYERS][-tpT]")
+    kw: dict = {}
+    for p in parts[2:]:
+        m = re.fullmatch(r"(p|l|tp)?(\d+)", p)
+        if not m:
+            raise ValueError(f"bad model case {name!r}: {p!r} is not CONTEXT, pCHUNK, lLAYERS "
+                             "or tpT")
+        kw[{None: "context", "p": "chunk", "l": "layers", "tp": "tensor"}[m[1]]] = int(m[2])
+    return ModelCase(parts[0], parts[1], **kw)
 
 
 def run_model(name: str, target: str) -> dict:
     import jax
     import jax.numpy as jnp
     from flax import nnx
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     import models
     import models.transformer
     from kvjax import sharding
-    from kvjax.bench.compile_case import compile_fn, target_device
+    from kvjax.bench.compile_target import compile_fn, target_devices
     from kvjax.cache import init_cache
+    from kvjax.cache.paged import bytes_per_token
     from kvjax.config import MeshConfig, load_config
 
-    config, dtype, context = parse(name)
-    dev = target_device(target)
-    # Default page size for the dtype (KIVI: 32), and no KV calibration: calibrated TurboQuant
-    # pools (SmolLM2's default) have no kernel yet and would compile the XLA path.
-    cfg = load_config(config).replace_cache(dtype=dtype, page_size=0, calibration="")
+    mc_ = parse(name)
+    devices = target_devices(target, mc_.tensor)
+    # Default page size for the dtype (KIVI: 32), and no KV calibration (see the docstring).
+    cfg = load_config(mc_.config).replace_cache(dtype=mc_.dtype, page_size=0, calibration="")
+    if mc_.layers:
+        cfg = cfg.replace_model(num_layers=mc_.layers)
     mc = cfg.model
-    mesh = sharding.make_mesh(MeshConfig(1, 1), devices=[dev])
+    if mc_.chunk > mc_.context:
+        raise ValueError(f"chunk {mc_.chunk} > context {mc_.context}")
+    mesh = sharding.make_mesh(MeshConfig(1, mc_.tensor), devices=devices)
     params = sharding.abstract_params(mc, mesh, jnp.bfloat16)
     graphdef, state = nnx.split(models.Transformer(mc, params, attention_impl="pallas"))
-    batch = 1
-    max_pages = math.ceil(context / cfg.cache.page_size)
+    batch, t = 1, mc_.chunk
+    max_pages = math.ceil(mc_.context / cfg.cache.page_size)
     cache = jax.eval_shape(lambda: init_cache(mc, cfg.cache, batch * max_pages + 1,
                                               num_slots=batch))
     cache = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -53,19 +101,28 @@ def run_model(name: str, target: str) -> dict:
         return jax.ShapeDtypeStruct(shape, jnp.int32,
                                     sharding=sharding.batch_sharding(mesh, len(shape), batch))
 
-    args = (state, rows(batch, 1), rows(batch, 1), cache, rows(batch, max_pages), rows(batch),
-            rows(batch))
+    # tokens, positions [b, t] (the chunk ends at the context), cache, page table, lengths,
+    # window slots, logits_index (the one row sampled, as the engine asks)
+    args = (state, rows(batch, t), rows(batch, t), cache, rows(batch, max_pages), rows(batch),
+            rows(batch), rows(batch))
     fwd = models.transformer.forward.__wrapped__
 
     def step(state, *rest):
         return fwd(graphdef, state, *rest)
 
+    out_shardings = (NamedSharding(mesh, P()), jax.tree.map(lambda a: a.sharding, cache))
     saved = models.transformer.COMPUTE_DTYPE
     models.transformer.COMPUTE_DTYPE = jnp.bfloat16
     try:
         with sharding.tracing_mesh(mesh):
-            out = compile_fn(step, args, target, donate_argnums=(3,))  # the cache, as served
+            out = compile_fn(step, args, target, donate_argnums=(3,),  # the cache, as served
+                             out_shardings=out_shardings)
     finally:
         models.transformer.COMPUTE_DTYPE = saved
-    out["cache_bytes"] = sharding.per_device_bytes(cache)
+    if not out["ok"] and t > 1:
+        out["error"] += " (multi-token chunks take the XLA path: no prefill kernel yet)"
+    out.update(cache_bytes=sharding.per_device_bytes(cache),
+               weight_bytes=sharding.per_device_bytes(params),
+               kv_bytes_per_token=bytes_per_token(mc, cfg.cache), group=mc_.group,
+               dtype=mc_.dtype, devices=len(devices))
     return out

@@ -1,0 +1,187 @@
+"""Targets of ``python -m kvjax.bench.compile``: abstract TPU / H100 / H200 devices on a CPU-only
+machine, the compile call, and what each backend reports about a compiled step.
+
+* tpu-v5e / tpu-v6e / tpu-v5p: libtpu's compile-only client (``jax[tpu]``); a 2x2 topology for
+  one-device cases, 2x4 (2x2x2 on v5p) for eight devices.
+* h100 / h200: XLA's GPU compiler with a GpuTargetConfigProto (``jax[cuda13-local]``), which runs
+  Triton's pipeline and ptxas; eight devices are a ``1x1x8`` topology (one host, eight GPUs).
+
+Per-kernel figures that no Python API returns come from the compilers' own output:
+* TPU scoped VMEM: libtpu's code generator logs, for every custom call it emits, the scoped
+  memory it allocated (``callee HLO=kvjax_...: vmem.absolute(S)=[..] usage=N``) and the program's
+  total (``XLA::TPU program VMEM usage: A / B``) at ``TPU_VMODULE=code_generator=2``; glog writes
+  the file at process exit, so the driver reads it after the worker ends (``tpu_log_env`` /
+  ``parse_tpu_log``).
+* GPU registers / spills: ``ptxas -v`` on the dumped PTX; shared memory from XLA's thunk sequence.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import subprocess
+import time
+
+TPU_TOPOLOGIES = {"tpu-v5e": "v5e:2x2", "tpu-v6e": "v6e:2x2", "tpu-v5p": "v5p:2x2x1"}
+TPU_TOPOLOGIES_8 = {"tpu-v5e": "v5e:2x4", "tpu-v6e": "v6e:2x4", "tpu-v5p": "v5p:2x2x2"}
+# GpuTargetConfigProto fields (XLA's xla/backends/gpu/target_config/specs/{h100_sxm,h200}.txtpb,
+# rate tables and model_str dropped: the compiler needs neither).
+GPU_SPECS = {
+    "h100": dict(name="NVIDIA H100 80GB HBM3", memory_bandwidth=3352320000000,
+                 device_memory_size=84942979072),
+    "h200": dict(name="NVIDIA H200 141GB HBM3e", memory_bandwidth=4800000000000,
+                 device_memory_size=151397597184),
+}
+TARGETS = (*TPU_TOPOLOGIES, *GPU_SPECS)
+EXTRA_HINT = 'pip install -e ".[compile]"'
+# libtpu asks a metadata server for these when they are unset; a compile-only client needs none.
+TPU_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost",
+           "TPU_ACCELERATOR_TYPE": "v5litepod-4",
+           "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}  # parallel workers: no /tmp/libtpu_lockfile
+
+_GPU_TEXT = """gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: {memory_bandwidth} l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: {device_memory_size} shared_memory_per_block_optin: 232448
+  cuda_compute_capability {{ major: 9 feature_extension: ACCELERATED_FEATURES }}
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+  thread_dim_limit_x: 1024 thread_dim_limit_y: 1024 thread_dim_limit_z: 64
+  device_vendor: "NVIDIA Corporation" platform_version: "Compute Capability 9.0a"
+  device_address_bits: 64 pcie_bandwidth: 34359738368 ecc_enabled: true name: "{name}"
+  driver_version: "13.0.0" runtime_version: "13.0.0" compile_time_toolkit_version: "13.0.0"
+  dnn_version: "9.10.0" device_interconnect_info {{ active_links: 18 }}
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 10 patch: 0 }}
+device_description_str: "{name}"
+"""
+
+
+def target_devices(target: str, n: int = 1) -> list:
+    """n abstract devices of the target (1 or 8), or SystemExit naming the missing extra."""
+    from jax.experimental import topologies
+
+    if n not in (1, 8):
+        raise SystemExit(f"{n} devices: only 1 or 8 (a 2x2 / 2x4 TPU slice, 1 or 8 GPUs)")
+    try:
+        if target in TPU_TOPOLOGIES:
+            import libtpu  # noqa: F401
+            topo = (TPU_TOPOLOGIES if n == 1 else TPU_TOPOLOGIES_8)[target]
+            return list(topologies.get_topology_desc(topo, "tpu").devices[:n])
+        if target in GPU_SPECS:
+            import jax_plugins.xla_cuda13  # noqa: F401
+            text = _GPU_TEXT.format(**GPU_SPECS[target])
+            return list(topologies.get_topology_desc("", "cuda", target_config=text,
+                                                     topology=f"1x1x{n}").devices)
+    except ImportError as e:
+        raise SystemExit(f"compiling for {target} needs the compile extra ({e.name} is missing): "
+                         f"{EXTRA_HINT}") from None
+    raise SystemExit(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
+
+
+def target_device(target: str):
+    """The target's first device (abstract)."""
+    return target_devices(target, 1)[0]
+
+
+def kernel_marker(target: str) -> str:
+    """The custom-call target a Pallas kernel lowers to for this target."""
+    return "tpu_custom_call" if target.startswith("tpu") else "__gpu$xla.gpu.triton"
+
+
+def compile_fn(fn, args, target: str, marker_required: bool = True, **jit_kw) -> dict:
+    """jit(fn, **jit_kw).trace(*args).lower().compile() with timing and what the target
+    reports: kernel custom calls in the lowered step, memory_analysis (argument / output / alias
+    / temp / code bytes) and, where the backend gives one, cost_analysis bytes accessed."""
+    import jax
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    lowered = jax.jit(fn, **jit_kw).trace(*args).lower()
+    hlo = lowered.as_text()
+    compiled = lowered.compile()
+    # CPU seconds (all threads) beside the wall time: on a loaded machine the wall time says
+    # more about the neighbours than about the compile.
+    out = {"ok": True, "seconds": round(time.perf_counter() - t0, 2),
+           "cpu_seconds": round(time.process_time() - c0, 2)}
+    marker = kernel_marker(target)
+    out["kernel_calls"] = hlo.count(marker)
+    if marker_required and not out["kernel_calls"]:
+        out.update(ok=False, error=f"no {marker} in the lowered step (kernels fell back to XLA)")
+    mem = compiled.memory_analysis()
+    if mem is not None:
+        out["temp_bytes"] = int(mem.temp_size_in_bytes)
+        out["arg_bytes"] = int(mem.argument_size_in_bytes)
+        out["out_bytes"] = int(mem.output_size_in_bytes)
+        out["alias_bytes"] = int(mem.alias_size_in_bytes)
+        out["code_bytes"] = int(getattr(mem, "generated_code_size_in_bytes", 0))
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        if cost and "bytes accessed" in cost:
+            out["bytes_accessed"] = float(cost["bytes accessed"])
+    except Exception:  # noqa: BLE001 - GPU compile-only clients report no cost
+        pass
+    return out
+
+
+def ptxas_report(dump: str, prefix: str = "kvjax") -> dict:
+    """Registers / spills / stack of the Pallas kernels (entry names starting with prefix) in an
+    XLA dump, via ptxas -v on the dumped PTX, and their shared memory from the thunk sequence;
+    the max over kernels."""
+    regs = spill = stack = smem = 0
+    for ptx in glob.glob(os.path.join(dump, "*.ptx")):
+        r = subprocess.run(["ptxas", "-arch=sm_90a", "-v", ptx, "-o", os.devnull],
+                           capture_output=True, text=True)
+        for block in re.split(r"Compiling entry function", r.stdout + r.stderr)[1:]:
+            if not block.strip(" '").startswith(prefix):
+                continue
+            if m := re.search(r"Used (\d+) registers", block):
+                regs = max(regs, int(m[1]))
+            if m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", block):
+                spill = max(spill, int(m[1]) + int(m[2]))
+            if m := re.search(r"(\d+) bytes stack frame", block):
+                stack = max(stack, int(m[1]))
+    for f in glob.glob(os.path.join(dump, "*thunk_sequence.txt")):
+        with open(f) as fh:
+            for m in re.finditer(rf"{prefix}\w* grid: .*shared_memory: (\d+) bytes", fh.read()):
+                smem = max(smem, int(m[1]))
+    return {"registers": regs, "spill_bytes": spill, "stack_bytes": stack, "smem_bytes": smem}
+
+
+def tpu_log_env(logdir: str) -> dict[str, str]:
+    """Environment for a worker whose libtpu log (in logdir) should hold the scoped-VMEM
+    figures: INFO to the file only (stderr keeps errors and CHECK failures), the code
+    generator at level 2."""
+    return {"TPU_LOG_DIR": logdir, "TPU_MIN_LOG_LEVEL": "0", "TPU_STDERR_LOG_LEVEL": "2",
+            "TPU_VMODULE": "code_generator=2"}
+
+
+_SIZE = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def _size(text: str) -> int:
+    m = re.fullmatch(r"([\d.]+)([KMG]?)", text.strip())
+    return int(float(m[1]) * _SIZE[m[2]]) if m else 0
+
+
+def parse_tpu_log(logdir: str, prefix: str = "kvjax") -> dict:
+    """Scoped VMEM of the Pallas kernels (custom calls whose HLO name starts with prefix; the
+    max over them), the default scoped-VMEM limit, and the program's VMEM use / capacity, from
+    the libtpu INFO log a worker left in logdir. Empty when the log holds none of it."""
+    out: dict = {}
+    for path in glob.glob(os.path.join(logdir, "*.INFO.*")):
+        with open(path, errors="replace") as f:
+            lines = f.readlines()
+        for i, line in enumerate(lines):
+            if f"callee HLO={prefix}" in line and i + 1 < len(lines):
+                if m := re.search(r"vmem\.absolute\(S\)=\S* usage=(\d+)", lines[i + 1]):
+                    out["vmem_bytes"] = max(out.get("vmem_bytes", 0), int(m[1]))
+            elif m := re.search(r"default scoped vmem \(from flag\): (\d+)", line):
+                out["vmem_limit_bytes"] = int(m[1])
+            elif m := re.search(r"program VMEM usage: (\S+) / (\S+)", line):
+                out["program_vmem_bytes"] = _size(m[1])
+                out["vmem_capacity_bytes"] = _size(m[2])
+    return out

@@ -19,12 +19,20 @@ What is stored (``calibration.npz`` + ``calibration.json`` in DIR), per layer an
                          own rotation, norm and one more bit (the paper's outlier split).
   v_order [L, H, d] i32  the same for values (energy E[v^2]).
 
+Optionally (``--sensitivity``, in calibration.json's "sensitivity" block; the npz and the digest
+are unchanged, so files without it stay valid): for each candidate cache format F (a
+KV_CACHE_DTYPES name) its bytes per token of one layer (all KV heads, K + V) and ``kl[L][F]``,
+the decode-step KL against the exact cache when layer L alone is stored as F
+(kvjax/sensitivity.py). ``--kv-cache-dtype auto:BYTES`` (or ``auto:turbo3``, the bytes of that
+dtype) picks per-layer formats from it: the least summed KL within the bytes (``choose_formats``).
+
 Statistics come from a dense f32 forward over the text (kvjax/bench/real_kv.py), post-RoPE keys:
 what the cache stores.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sys
@@ -47,6 +55,10 @@ class KVCalibration:
     k_order: np.ndarray  # [L, H, d] int32, a permutation of range(d) per (layer, head)
     v_order: np.ndarray  # [L, H, d] int32
     source: str = ""
+    # Per-layer sensitivity (optional, json only; not in the digest: pools never read it).
+    sens_formats: tuple[str, ...] = ()  # candidate cache formats (KV_CACHE_DTYPES names)
+    sens_bytes: tuple[float, ...] = ()  # bytes per token of one layer in each format
+    sens_kl: tuple[tuple[float, ...], ...] = ()  # [layers][formats] KL, that layer alone
     digest: str = field(default="", init=False)
 
     def __post_init__(self) -> None:
@@ -64,6 +76,13 @@ class KVCalibration:
         for name, a in (("k_mean", k_mean), ("k_order", k_order), ("v_order", v_order)):
             a.setflags(write=False)
             object.__setattr__(self, name, a)
+        if self.sens_formats:
+            kl = np.asarray(self.sens_kl, np.float64)
+            if (len(self.sens_bytes) != len(self.sens_formats)
+                    or kl.shape != (k_mean.shape[0], len(self.sens_formats))):
+                raise ValueError(f"calibration sensitivity: {len(self.sens_formats)} formats, "
+                                 f"{len(self.sens_bytes)} byte counts, kl {list(kl.shape)}; want "
+                                 f"kl [{k_mean.shape[0]} layers, formats]")
         h = hashlib.sha256()
         for a in (k_mean, k_order, v_order):
             h.update(a.tobytes())
@@ -93,6 +112,10 @@ class KVCalibration:
         np.savez(out / FILE_NPZ, k_mean=self.k_mean, k_order=self.k_order, v_order=self.v_order)
         meta = {"format": FORMAT_VERSION, "source": self.source, "digest": self.digest,
                 "layers": self.shape[0], "kv_heads": self.shape[1], "head_dim": self.shape[2]}
+        if self.sens_formats:
+            meta["sensitivity"] = {"formats": list(self.sens_formats),
+                                   "bytes": [float(b) for b in self.sens_bytes],
+                                   "kl": [[float(x) for x in row] for row in self.sens_kl]}
         (out / FILE_JSON).write_text(json.dumps(meta, indent=1) + "\n")
         return out
 
@@ -108,9 +131,13 @@ def load_calibration(path: str | Path) -> KVCalibration:
     if meta.get("format") != FORMAT_VERSION:
         raise ValueError(f"{meta_file}: calibration format {meta.get('format')!r}, this kvjax "
                          f"reads {FORMAT_VERSION}")
+    sens = meta.get("sensitivity") or {}
     with np.load(npz) as z:
         cal = KVCalibration(k_mean=z["k_mean"], k_order=z["k_order"], v_order=z["v_order"],
-                            source=str(meta.get("source", "")))
+                            source=str(meta.get("source", "")),
+                            sens_formats=tuple(sens.get("formats", ())),
+                            sens_bytes=tuple(sens.get("bytes", ())),
+                            sens_kl=tuple(tuple(r) for r in sens.get("kl", ())))
     if meta.get("digest") and meta["digest"] != cal.digest:
         raise ValueError(f"{path}: contents do not match the digest in {FILE_JSON}")
     return cal
@@ -136,6 +163,66 @@ def cached_calibration(path: str) -> KVCalibration:
     if key not in _CACHE:
         _CACHE[key] = load_calibration(key)
     return _CACHE[key]
+
+
+def budget_bytes(cal: KVCalibration, spec: str, num_layers: int) -> float:
+    """An auto budget, bytes per token over `num_layers` layers: a number, or a candidate format's
+    name (``turbo3``: the bytes of turbo3 on every layer)."""
+    try:
+        value = float(spec)
+    except ValueError:
+        if spec not in cal.sens_formats:
+            raise ValueError(f"auto:{spec}: not a byte count nor one of the calibration's "
+                             f"formats {', '.join(cal.sens_formats)}") from None
+        return num_layers * cal.sens_bytes[cal.sens_formats.index(spec)]
+    if not value > 0:
+        raise ValueError(f"auto:{spec}: the bytes per token must be > 0")
+    return value
+
+
+def choose_formats(cal: KVCalibration, budget: float, num_layers: int | None = None
+                   ) -> tuple[list[str], float, float]:
+    """Per-layer formats with the least summed sensitivity (KL of that layer alone) whose bytes
+    per token fit `budget`: an exact multiple-choice knapsack by dynamic programming over byte
+    totals. -> (formats, bytes per token, predicted KL). Ties go to fewer bytes."""
+    if not cal.sens_formats:
+        raise ValueError(f"KV calibration {cal.source or ''} has no layer sensitivities; write "
+                         "one with python -m kvjax.calibrate (it measures them by default)")
+    n = cal.shape[0] if num_layers is None else num_layers
+    kl = np.asarray(cal.sens_kl, np.float64)[:n]
+    cost = [round(b * 64) for b in cal.sens_bytes]  # exact: bytes are multiples of 1/64
+    cap = int(np.floor(budget * 64 + 1e-6))
+    best: dict[int, tuple[float, tuple[int, ...]]] = {0: (0.0, ())}
+    for layer in range(n):
+        nxt: dict[int, tuple[float, tuple[int, ...]]] = {}
+        for used, (loss, picks) in best.items():
+            for f, c in enumerate(cost):
+                u = used + c
+                if u > cap:
+                    continue
+                cand = (loss + kl[layer, f], picks + (f,))
+                if u not in nxt or cand[0] < nxt[u][0]:
+                    nxt[u] = cand
+        if not nxt:
+            least = n * min(cal.sens_bytes)
+            raise ValueError(f"auto: {budget:g} bytes per token is below the smallest format "
+                             f"on every layer ({least:g} bytes)")
+        best, floor = {}, np.inf  # keep the Pareto front: less loss for every extra byte
+        for u in sorted(nxt):
+            if nxt[u][0] < floor:
+                best[u], floor = nxt[u], nxt[u][0]
+    used, (loss, picks) = min(best.items(), key=lambda kv: (kv[1][0], kv[0]))
+    return [cal.sens_formats[f] for f in picks], used / 64, loss
+
+
+@functools.lru_cache(maxsize=64)
+def auto_formats(path: str, spec: str, num_layers: int) -> tuple[str, ...]:
+    """Layer formats for ``--kv-cache-dtype auto:SPEC`` with the calibration at `path`."""
+    cal = cached_calibration(path)
+    if cal.shape[0] < num_layers:
+        raise ValueError(f"KV calibration {cal.source or path} has {cal.shape[0]} layers, the "
+                         f"model {num_layers}")
+    return tuple(choose_formats(cal, budget_bytes(cal, spec, num_layers), num_layers)[0])
 
 
 def channel_order(energy: np.ndarray) -> np.ndarray:
@@ -185,12 +272,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=1024, help="tokens of the text to measure")
     ap.add_argument("--weights", default=None)
     ap.add_argument("--random-weights", action="store_true")
+    ap.add_argument("--stats-from", default=None, help="keep the means/orders of this "
+                    "calibration (dir or shipped name) and measure only the layer sensitivities")
+    ap.add_argument("--no-sensitivity", action="store_true", help="skip the per-layer KL of each "
+                    "cache format (what --kv-cache-dtype auto:BYTES reads; minutes)")
+    ap.add_argument("--sens-tokens", type=int, default=768, help="tokens of the text the layer "
+                    "sensitivities are measured on (decode steps after --sens-prefix)")
+    ap.add_argument("--sens-prefix", type=int, default=512)
     args = ap.parse_args(argv)
     try:
         text = Path(args.text_file).read_text()
-        cal = measure(args.config, text, args.tokens, args.weights, args.random_weights)
-        cal = KVCalibration(cal.k_mean, cal.k_order, cal.v_order,
-                            source=f"{cal.source} of {Path(args.text_file).name}")
+        if args.stats_from:
+            cal = load_calibration(resolve(args.stats_from))
+        else:
+            cal = measure(args.config, text, args.tokens, args.weights, args.random_weights)
+            cal = KVCalibration(cal.k_mean, cal.k_order, cal.v_order,
+                                source=f"{cal.source} of {Path(args.text_file).name}")
+        if not args.no_sensitivity:
+            from kvjax.sensitivity import load, with_sensitivity
+
+            cfg, params, ids = load(args.config, text, args.sens_tokens, args.weights,
+                                    args.random_weights)
+            cal.check(cfg.model.num_layers, cfg.model.num_kv_heads, cfg.model.head_dim)
+            cal = with_sensitivity(cal, cfg.model, params, ids, args.sens_prefix,
+                                   log=lambda m: print(m, file=sys.stderr, flush=True))
+            cal = KVCalibration(cal.k_mean, cal.k_order, cal.v_order, source=cal.source + (
+                f"; layer sensitivities on {len(ids)} tokens of {Path(args.text_file).name}"),
+                sens_formats=cal.sens_formats, sens_bytes=cal.sens_bytes, sens_kl=cal.sens_kl)
         out = cal.save(args.out)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

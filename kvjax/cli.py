@@ -68,7 +68,9 @@ def define_config_flags() -> None:
                       "memory and in the matmul: auto (float), int8 (groups of 32, GGUF Q8_0's "
                       "layout) or int4 (groups of 32; GGUF Q4_0/Q4_1 kept as they are).")
     flags.DEFINE_string("kv_cache_dtype", None, "KV cache dtype: auto, "
-                        + ", ".join(KV_CACHE_DTYPES) + ".")
+                        + ", ".join(KV_CACHE_DTYPES) + "; or auto:BYTES / auto:DTYPE, per-layer "
+                        "formats within BYTES per token (or DTYPE's bytes) from the KV "
+                        "calibration's measured layer sensitivities.")
     flags.DEFINE_integer("page_size", None, "Tokens per KV page (a power of two).", lower_bound=1)
     flags.DEFINE_integer("kv_window", None, "Full-precision window: the most recent N tokens "
                          "of each sequence stay bf16 (default 128 for compressed dtypes; 0 gives "

@@ -155,9 +155,15 @@ class CacheConfig:
     def __post_init__(self) -> None:
         if self.dtype == "auto":
             object.__setattr__(self, "dtype", "bf16")
-        if self.dtype not in KV_CACHE_DTYPES:
+        # auto:BYTES / auto:DTYPE: per-layer formats within a bytes-per-token budget, chosen from
+        # the KV calibration's measured layer sensitivities (layer_formats, kvjax/calibrate.py).
+        if self.dtype.startswith("auto:"):
+            if not self.calibration:
+                raise ConfigError(f"{self.dtype} needs a KV calibration with layer "
+                                  "sensitivities (--kv-calibration DIR)")
+        elif self.dtype not in KV_CACHE_DTYPES:
             raise ConfigError(f"unknown kv cache dtype {self.dtype!r}; choose from "
-                              f"auto, {', '.join(KV_CACHE_DTYPES)}")
+                              f"auto, auto:BYTES, auto:DTYPE, {', '.join(KV_CACHE_DTYPES)}")
         kivi = self.dtype.startswith("kivi")
         if self.page_size == 0:
             object.__setattr__(self, "page_size", KIVI_GROUP if kivi else 16)
@@ -189,8 +195,17 @@ def layer_formats(num_layers: int, cc: CacheConfig) -> list[str]:
         raise ConfigError(f"bf16_layers {bad} out of range for {num_layers} layers")
     if cc.dtype in FULL_PRECISION:
         return [cc.dtype] * num_layers
+    chosen = [cc.dtype] * num_layers
+    if cc.dtype.startswith("auto:"):  # edge / listed bf16 layers still apply on top
+        from kvjax.calibrate import auto_formats, resolve
+
+        try:
+            chosen = list(auto_formats(str(resolve(cc.calibration).resolve()),
+                                       cc.dtype[len("auto:"):], num_layers))
+        except (OSError, ValueError) as e:
+            raise ConfigError(str(e)) from None
     edge = cc.bf16_edge_layers
-    return ["bf16" if (i < edge or i >= num_layers - edge or i in cc.bf16_layers) else cc.dtype
+    return ["bf16" if (i < edge or i >= num_layers - edge or i in cc.bf16_layers) else chosen[i]
             for i in range(num_layers)]
 
 

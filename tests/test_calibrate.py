@@ -168,3 +168,122 @@ def test_pool_specs_carry_the_calibration(tmp_path):
     assert cache.segments[0].k_spec.transformed and not cache.segments[1].k_spec.calibrated
     with pytest.raises(ValueError, match="layers"):
         pool_specs(mc.__class__(**{**mc.__dict__, "num_layers": 5}), cc, "turbo3.5")
+
+
+# --- auto:BYTES: per-layer formats from measured layer sensitivities ---------------------------
+
+
+def _tiny_mc(layers: int = 4):
+    from kvjax.config import ModelConfig
+
+    return ModelConfig(arch="llama", vocab_size=64, hidden_size=64, intermediate_size=64,
+                       num_layers=layers, num_heads=4, num_kv_heads=2, head_dim=16,
+                       rope_theta=1e4, max_position=256, rms_norm_eps=1e-5)
+
+
+def _with_sens(cal: KVCalibration, mc, kl: np.ndarray, formats: tuple[str, ...]):
+    from kvjax.sensitivity import layer_bytes
+
+    return KVCalibration(cal.k_mean, cal.k_order, cal.v_order, source="sens",
+                         sens_formats=formats,
+                         sens_bytes=tuple(layer_bytes(mc, f) for f in formats),
+                         sens_kl=tuple(tuple(r) for r in kl))
+
+
+def test_choose_formats_is_the_brute_force_optimum(rng):
+    """The DP's pick equals exhaustive search over every assignment, for random sensitivities and
+    every budget between the smallest and the largest."""
+    import itertools
+
+    from kvjax.calibrate import budget_bytes, choose_formats
+
+    mc = _tiny_mc(5)
+    k = rng.standard_normal((5, 2, 32, 16))
+    base = from_samples(k, rng.standard_normal((5, 2, 32, 16)))
+    formats = ("bf16", "turbo4", "turbo3", "k3v2turbo")
+    for _trial in range(3):
+        kl = rng.exponential(1.0, (5, 4)) * np.array([0.0, 1.0, 3.0, 6.0])
+        cal = _with_sens(base, mc, kl, formats)
+        b = np.array(cal.sens_bytes)
+        for budget in np.linspace(5 * b.min(), 5 * b.max(), 7):
+            picks, used, loss = choose_formats(cal, budget)
+            best = min((sum(kl[i, f] for i, f in enumerate(c)), sum(b[list(c)]))
+                       for c in itertools.product(range(4), repeat=5)
+                       if sum(b[list(c)]) <= budget + 1e-9)
+            assert used <= budget + 1e-9 and loss == pytest.approx(best[0], abs=1e-12)
+            assert loss == pytest.approx(sum(kl[i, formats.index(f)]
+                                             for i, f in enumerate(picks)), abs=1e-12)
+    assert budget_bytes(cal, "turbo3", 5) == 5 * cal.sens_bytes[2]
+    assert budget_bytes(cal, "1234.5", 5) == 1234.5
+    with pytest.raises(ValueError, match="below the smallest"):
+        choose_formats(cal, 5 * b.min() - 1)
+    with pytest.raises(ValueError, match="not a byte count"):
+        budget_bytes(cal, "turbo9", 5)
+    with pytest.raises(ValueError, match="no layer sensitivities"):
+        choose_formats(base, 1e9)
+
+
+def test_sensitivity_round_trip_and_old_files(rng, tmp_path):
+    """The sensitivity block survives save/load; the npz and digest are unchanged by it, and a
+    file without it (the earlier layout) still loads."""
+    mc = _tiny_mc(4)
+    base = from_samples(rng.standard_normal((4, 2, 32, 16)), rng.standard_normal((4, 2, 32, 16)))
+    cal = _with_sens(base, mc, rng.random((4, 3)), ("turbo4", "turbo3", "turbo2.5"))
+    assert cal.digest == base.digest
+    base.save(tmp_path / "old")
+    cal.save(tmp_path / "new")
+    assert (tmp_path / "old" / "calibration.npz").read_bytes() == (
+        tmp_path / "new" / "calibration.npz").read_bytes()
+    back = load_calibration(tmp_path / "new")
+    assert back.sens_formats == cal.sens_formats and back.sens_bytes == cal.sens_bytes
+    np.testing.assert_array_equal(np.array(back.sens_kl), np.array(cal.sens_kl))
+    assert load_calibration(tmp_path / "old").sens_formats == ()
+    with pytest.raises(ValueError, match="sensitivity"):
+        KVCalibration(base.k_mean, base.k_order, base.v_order, sens_formats=("turbo4",),
+                      sens_bytes=(1.0,), sens_kl=((0.1,),) * 3)
+
+
+def test_auto_dtype_segments_and_bytes(rng, tmp_path):
+    """auto:BYTES lays layers out in the chosen formats (segments of mixed dtypes), within the
+    budget; bytes per token equal the pools' stored bytes; auto without a calibration fails."""
+    from kvjax.cache.paged import bytes_per_token, init_cache
+    from kvjax.calibrate import choose_formats
+    from kvjax.config import KV_CACHE_DTYPES, CacheConfig, ConfigError, layer_formats
+
+    mc = _tiny_mc(4)
+    base = from_samples(rng.standard_normal((4, 2, 32, 16)) + 2.0,
+                        rng.standard_normal((4, 2, 32, 16)))
+    formats = ("bf16", "turbo4", "k4v3turbo", "turbo3.5", "turbo3", "k3v2turbo")
+    kl = np.array([[0, 1, 2, 3, 4, 9], [0, 0.1, 0.2, 0.3, 0.4, 0.5],
+                   [0, 2, 3, 5, 8, 20], [0, 0.01, 0.02, 0.03, 0.04, 0.05]], float)
+    cal = _with_sens(base, mc, kl, formats)
+    cal.save(tmp_path / "c")
+    budget = 4 * cal.sens_bytes[formats.index("turbo3")]
+    cc = CacheConfig(f"auto:{budget:g}", calibration=str(tmp_path / "c"))
+    want, used, _ = choose_formats(cal, budget)
+    assert layer_formats(4, cc) == want and len(set(want)) > 1
+    assert layer_formats(4, CacheConfig("auto:turbo3", calibration=str(tmp_path / "c"))) == want
+    assert bytes_per_token(mc, cc) == pytest.approx(used) and used <= budget
+    cache = init_cache(mc, cc, num_pages=3)
+    runs = [f for i, f in enumerate(want) if i == 0 or want[i - 1] != f]
+    assert [s.k_spec.method for s in cache.segments] == [KV_CACHE_DTYPES[f][0] for f in runs]
+    stored = sum(stored_nbytes(s.k) + stored_nbytes(s.v) for s in cache.segments)
+    assert stored == bytes_per_token(mc, cc) * 3 * cc.page_size
+    edge = CacheConfig("auto:turbo3", calibration=str(tmp_path / "c"), bf16_edge_layers=1)
+    assert layer_formats(4, edge) == ["bf16"] + want[1:3] + ["bf16"]
+    with pytest.raises(ConfigError, match="calibration"):
+        CacheConfig("auto:4000")
+    with pytest.raises(ConfigError, match="below the smallest"):
+        layer_formats(4, CacheConfig("auto:10", calibration=str(tmp_path / "c")))
+
+
+@pytest.mark.parametrize("method", ["turbo3.5", "turbo4", "fp8_e4m3"])
+def test_roundtrip_equals_write_then_read(rng, method):
+    """PoolSpec.roundtrip (what sensitivity measurements use) gives what the pool reader gives."""
+    k, v, _, _ = _planted(rng, 16)
+    cal = from_samples(k + 3.0, v)
+    x = (k[1].transpose(1, 0, 2)[:40] + 3.0).astype(np.float32)
+    for role in ("key", "value"):
+        spec = PoolSpec(method, role, D, 16, seed=3, calibration=cal)
+        got = np.asarray(spec.roundtrip(jnp.asarray(x), jnp.int32(1)))
+        np.testing.assert_array_equal(got, _write_read(spec, x, 1))

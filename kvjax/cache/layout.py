@@ -233,6 +233,24 @@ class PoolSpec:
             out.append(leaf.at[layer, :, pages].set(c, mode="promise_in_bounds"))
         return tuple(out)
 
+    def roundtrip(self, x: jax.Array, layer: jax.Array) -> jax.Array:
+        """What a reader of these tokens' codes sees, without a pool (per-token methods; for
+        measurements such as kvjax/sensitivity.py). x: [n, kv_heads, head_dim] -> same, f32."""
+        if self.group > 1:
+            raise ValueError(f"{self.method} quantizes groups of tokens; roundtrip is per token")
+        treedef, info = self._leaves
+        leaves = [from_storage(jnp.moveaxis(w, 1, 0), dt)  # [h, n, k]
+                  for w, (_, _, dt) in zip(self._encode(x, layer), info, strict=True)]
+        flag = None
+        if self.centred:
+            i = self._flag_leaf
+            flag = jnp.signbit(leaves[i])
+            leaves[i] = jnp.abs(leaves[i])
+        y = self.quantizer.dequantize(jax.tree.unflatten(treedef, leaves))
+        if self.calibrated:
+            y = self._post(y, flag, layer)
+        return jnp.moveaxis(y, 0, 1).astype(jnp.float32)
+
     def read(self, pool: tuple[jax.Array, ...], layer: jax.Array, page_table: jax.Array
              ) -> jax.Array:
         """Dequantized values of the pages in `page_table` [batch, max_pages] for one layer:

@@ -112,16 +112,18 @@ def test_case_registry():
 
 
 def test_bytes_table_flags_excess_over_bf16():
-    """bytes / (bf16 bytes x KV byte ratio) per group; > 1.1 is flagged, other groups apart."""
-    def res(name, acc, bpt):
+    """(xla bytes + kernel reads) / (bf16's x KV byte ratio) per group; > 1.1 is flagged, other
+    groups apart."""
+    def res(name, acc, kernel, bpt):
         return {"case": f"model:{name}", "ok": True, "bytes_accessed": acc,
-                "kv_bytes_per_token": bpt, "cache_bytes": 100, "weight_bytes": 10}
+                "kernel_read_bytes": kernel, "kv_bytes_per_token": bpt, "cache_bytes": 100,
+                "weight_bytes": 10}
 
-    rows = [res("smollm2-bf16-32768-l1", 1000.0, 200.0),
-            res("smollm2-int8-32768-l1", 540.0, 100.0),   # 540 / (1000 x 0.5) = 1.08: ok
-            res("smollm2-int4-32768-l1", 400.0, 50.0),    # 400 / 250 = 1.60: flagged
-            res("smollm2-bf16-131072-l1", 4000.0, 200.0),
-            res("smollm2-int4-131072-l1", 1000.0, 50.0)]  # 1000 / 1000 = 1.00: ok
+    rows = [res("smollm2-bf16-32768-l1", 600.0, 400, 200.0),
+            res("smollm2-int8-32768-l1", 340.0, 200, 100.0),   # 540 / (1000 x 0.5) = 1.08: ok
+            res("smollm2-int4-32768-l1", 300.0, 100, 50.0),    # 400 / 250 = 1.60: flagged
+            res("smollm2-bf16-131072-l1", 2400.0, 1600, 200.0),
+            res("smollm2-int4-131072-l1", 600.0, 400, 50.0)]   # 1000 / 1000 = 1.00: ok
     text = driver.model_table(rows)
     assert "| 1.08 |" in text and "**1.60**" in text and "| 1.00 |" in text
     assert text.count("**") == 2 and "smollm2-int4-32768-l1 (1.60)" in text

@@ -15,7 +15,9 @@ e.g. ``smollm2-turbo3.5-131072``, ``smollm2-bf16-32768-p512``,
 Abstract weights (bf16) and cache on the target's devices, bf16 activations, the cache donated
 as served. Reports the kernel custom calls in the lowered step (a step without one fell back to
 the XLA path: a failure), compiled memory per device, the cache's and weights' bytes per device,
-KV bytes per token (for the byte ratio against bf16) and, on TPU, cost_analysis bytes accessed.
+KV bytes per token (for the byte ratio against bf16), the kernels' reads per step (pages of every
+token + the bf16 ring, from the layout) and, on TPU, cost_analysis bytes accessed (XLA's traffic
+outside the kernels: it does not count a Mosaic call's reads, and counts a scan body once).
 No KV calibration: calibrated TurboQuant pools have no kernel yet and would take the XLA path.
 """
 
@@ -75,7 +77,7 @@ def run_model(name: str, target: str) -> dict:
     from kvjax import sharding
     from kvjax.bench.compile_target import compile_fn, target_devices
     from kvjax.cache import init_cache
-    from kvjax.cache.paged import bytes_per_token
+    from kvjax.cache.paged import bytes_per_token, window_bytes_per_sequence
     from kvjax.config import MeshConfig, load_config
 
     mc_ = parse(name)
@@ -121,8 +123,14 @@ def run_model(name: str, target: str) -> dict:
         models.transformer.COMPUTE_DTYPE = saved
     if not out["ok"] and t > 1:
         out["error"] += " (multi-token chunks take the XLA path: no prefill kernel yet)"
+    # What the attention kernels read per step on one device: every token's pages (and the
+    # bf16 ring), from the cache layout. XLA's cost_analysis does not count a Mosaic kernel's
+    # traffic (its bytes accessed do not change with the pool's size), so this is added to it.
+    split = mc_.tensor if sharding.axis_rules(mc, mesh)["kv_heads"] == sharding.TENSOR else 1
+    bpt = bytes_per_token(mc, cfg.cache)
+    kernel = batch * (mc_.context * bpt + window_bytes_per_sequence(mc, cfg.cache)) / split
     out.update(cache_bytes=sharding.per_device_bytes(cache),
-               weight_bytes=sharding.per_device_bytes(params),
-               kv_bytes_per_token=bytes_per_token(mc, cfg.cache), group=mc_.group,
-               dtype=mc_.dtype, devices=len(devices))
+               weight_bytes=sharding.per_device_bytes(params), kv_bytes_per_token=bpt,
+               kernel_read_bytes=int(kernel), group=mc_.group, dtype=mc_.dtype,
+               devices=len(devices))
     return out

@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 
 from kvjax import pallas_kernels
+from kvjax.attention import attend, gather_kv
 from kvjax.attention import paged_attention as xla_attention
 from kvjax.cache.paged import init_cache, write_layer
+from kvjax.calibrate import KVCalibration
 from kvjax.config import CacheConfig, ModelConfig
 from kvjax.pallas_kernels import kivi_attention, paged_decode, turboquant_attention
 
@@ -30,16 +32,33 @@ def _poison(x: jax.Array) -> jax.Array:
     return jnp.full(x.shape, -1, jnp.int32).astype(x.dtype)  # all bits set
 
 
+def calibration_dir(tmp: str, *, layers: int, hkv: int, d: int, seed: int = 0) -> str:
+    """A KV calibration (kvjax/calibrate.py) with random channel orders per (layer, head) and a
+    key mean near the test keys' (outlier channel 3 at +4), saved under tmp."""
+    rng = np.random.default_rng(seed)
+    k_mean = 0.3 * rng.standard_normal((layers, hkv, d)).astype(np.float32)
+    k_mean[..., 3] += 4.0
+    order = np.argsort(rng.random((2, layers, hkv, d)), axis=-1)
+    KVCalibration(k_mean=k_mean, k_order=order[0], v_order=order[1]).save(tmp)
+    return tmp
+
+
 def make_case(dtype: str, *, d: int, g: int, page_size: int, window: int | None = None,
-              hkv: int = 2, max_pages: int = 6, layers: int = 2, lengths=None, seed: int = 0):
-    """(q [b,1,H,d], segment, page_table, lengths, window_slots) with layer 1 filled."""
+              hkv: int = 2, max_pages: int = 6, layers: int = 2, lengths=None, seed: int = 0,
+              calibration: str = ""):
+    """(q [b,1,H,d], segment, page_table, lengths, window_slots) with layer 1 filled.
+    calibration: a KV calibration directory; then every 5th key is a short "sink" (centring
+    would lengthen it: stored uncentred), so both flag values occur."""
     assert layers >= 2
     rng = np.random.default_rng(seed)
     mc = ModelConfig(num_layers=layers, num_heads=g * hkv, num_kv_heads=hkv, head_dim=d,
                      hidden_size=64, intermediate_size=64, vocab_size=32)
     if window is None:  # no window, except KIVI's default (it needs one)
         window = -1 if dtype.startswith("kivi") else 0
-    cc = CacheConfig(dtype=dtype, page_size=page_size, window=window)
+    cc = CacheConfig(dtype=dtype, page_size=page_size, window=window, calibration=calibration)
+    # Sequences longer than the window by a few pages: otherwise the ring holds every token and
+    # the kernel never reads a page.
+    max_pages = max(max_pages, cc.window_for(dtype) // page_size + 3)
     b = 3
     num_pages = b * max_pages + 3
     seg = jax.tree.map(_poison, init_cache(mc, cc, num_pages, num_slots=b).segments[0])
@@ -58,6 +77,8 @@ def make_case(dtype: str, *, d: int, g: int, page_size: int, window: int | None 
     k = rng.standard_normal((b, cap, hkv, d)).astype(np.float32)
     v = rng.standard_normal((b, cap, hkv, d)).astype(np.float32)
     k[..., 3] += 4.0  # a persistent outlier channel, like real keys
+    if calibration:
+        k[:, ::5] *= 0.1
     seg = write_layer(seg, jnp.int32(1), jnp.asarray(k), jnp.asarray(v), jnp.asarray(pos),
                       jnp.asarray(lengths), jnp.asarray(pt), jnp.asarray(slots))
     q = jnp.asarray(rng.standard_normal((b, 1, g * hkv, d)).astype(np.float32))
@@ -80,10 +101,13 @@ CASES = [
 ]
 
 
-def _check(case, backend: str, k_splits: int = 2, tol: float = 0.0):
+def _check(case, backend: str, k_splits: int = 2, tol: float = 0.0, calibration: str = ""):
     dtype, d, g, ps, w = case
     q, seg, pt, lens, slots = make_case(dtype, d=d, g=g, page_size=ps, window=w,
-                                        seed=zlib.crc32(repr(case).encode()))
+                                        seed=zlib.crc32(repr(case).encode()),
+                                        calibration=calibration)
+    if calibration:
+        assert seg.k_spec.centred and pallas_kernels.supports(seg)
     layer = jnp.int32(1)
     ref = xla_attention(q, seg, layer, pt, lens, (lens - 1)[:, None], slots)
     out = pallas_kernels.paged_attention(q, seg, layer, pt, lens,
@@ -114,6 +138,59 @@ def test_tpu_kernel_matches_xla(case):
 def test_triton_kernel_matches_xla_on_gpu(case):
     """The compiled Triton kernel on a real GPU (TF32 dots on both sides: looser tolerance)."""
     _check(case, "triton", tol=2e-2)
+
+
+# Windows 0 or 32 (not the 128-token default, which would cover these short sequences whole and
+# leave the pages unread).
+CALIBRATED = [("turbo2.5", 128, 3, 16, 0), ("turbo3.5", 64, 8, 16, 32), ("turbo4", 64, 1, 32, 0),
+              ("turbo3", 128, 3, 32, 32)]
+
+
+@pytest.mark.parametrize("backend", ["interpret", "interpret_tpu"])
+@pytest.mark.parametrize("case", CALIBRATED, ids=lambda c: f"{c[0]}-d{c[1]}-g{c[2]}-p{c[3]}")
+def test_calibrated_turbo_matches_xla(case, backend, tmp_path):
+    """Calibrated TurboQuant pools (keys centred per token, channels reordered per layer and KV
+    head; smollm2's default): the kernels read them like the XLA path does."""
+    cal = calibration_dir(str(tmp_path / "cal"), layers=2, hkv=2, d=case[1],
+                          seed=zlib.crc32(repr(case).encode()))
+    _check(case, backend, k_splits=3 if backend == "interpret_tpu" else 2, calibration=cal)
+
+
+MASS = [("int8", 64, 3, 16, 32), ("turbo3.5", 64, 8, 16, 0), ("kivi4", 64, 3, 32, 32),
+        ("bf16", 128, 1, 32, 0)]
+
+
+@pytest.mark.parametrize("backend", ["interpret", "interpret_tpu"])
+@pytest.mark.parametrize("case", MASS, ids=lambda c: f"{c[0]}-d{c[1]}-g{c[2]}-p{c[3]}-w{c[4]}")
+def test_attention_mass_matches_numpy_and_xla(case, backend):
+    """H2O's side output: per cached position, the softmax mass its key got this step summed
+    over the query heads of its KV head; equals a numpy softmax of the same (dequantized) keys'
+    scores and the XLA path's mass, window positions included; an idle row gets none."""
+    dtype, d, g, ps, w = case
+    q, seg, pt, lens, slots = make_case(dtype, d=d, g=g, page_size=ps, window=w,
+                                        seed=zlib.crc32(repr(case).encode()))
+    lens = lens.at[1].set(0)  # an idle batch slot
+    layer, win = jnp.int32(1), slots if seg.window else None
+    out, mass = pallas_kernels.paged_attention(q, seg, layer, pt, lens, win, backend=backend,
+                                               k_splits=3, with_mass=True)
+    plain = pallas_kernels.paged_attention(q, seg, layer, pt, lens, win, backend=backend,
+                                           k_splits=3)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(plain))
+    k, v = gather_kv(seg, layer, pt, lens, slots if seg.window else None)
+    _, ref = attend(q, k, v, lens, (lens - 1)[:, None], with_mass=True)
+    b, _, nh, _ = q.shape
+    kn = np.asarray(k, np.float64)  # [kvh, b, T, d]
+    qn = np.asarray(q, np.float64).reshape(b, kn.shape[0], g, d) / np.sqrt(d)
+    sc = np.einsum("bhgd,hbtd->bhgt", qn, np.nan_to_num(kn))
+    valid = np.arange(kn.shape[2])[None, :] < np.asarray(lens)[:, None]  # [b, T]
+    sc = np.where(valid[:, None, None], sc, -np.inf)
+    p = np.exp(sc - np.where(valid.any(1), sc.max(-1).T, 0).T[..., None])
+    want = (p / np.maximum(p.sum(-1, keepdims=True), 1e-30)).sum(2)  # [b, kvh, T]
+    assert mass.shape == want.shape and not np.isnan(np.asarray(mass)).any()
+    np.testing.assert_allclose(np.asarray(mass), want, atol=2e-6)
+    np.testing.assert_allclose(np.asarray(mass), np.asarray(ref), atol=2e-6)
+    np.testing.assert_allclose(np.asarray(mass).sum(-1)[lens > 0], g, rtol=1e-5)
+    assert not np.asarray(mass[1]).any()
 
 
 def test_one_split_and_idle_rows():

@@ -37,17 +37,21 @@ def _greedy(runner: Runner, logits: jax.Array, steps: int) -> list[list[int]]:
     return out
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp8", "int8", "kivi2", "turbo3"])
+@pytest.mark.parametrize("dtype", ["bf16", "fp8", "int8", "kivi2", "turbo3", "turbo3.5"])
 def test_pallas_decode_gives_xla_greedy_tokens(smollm2, dtype):
     cfg, params, ids = smollm2
     # Per-token formats without a window, so the kernels read the prompt's pages, not the ring.
-    # No KV calibration (smollm2's default): the kernels do not read calibrated TurboQuant pools
-    # yet, and a silent XLA fallback would make this comparison trivial.
-    cfg = cfg.replace_cache(dtype=dtype, page_size=0, calibration="",
+    # smollm2's default KV calibration stays on: turbo pools are centred (and turbo3.5's
+    # channels reordered) per layer and head, and the kernels read them (asserted below: a
+    # silent XLA fallback would make this comparison trivial).
+    cfg = cfg.replace_cache(dtype=dtype, page_size=0,
                             window=-1 if dtype.startswith("kivi") else 0)
     prompts = [ids[:150], ids[200:270]]  # ragged; kivi2 reads sealed pages + its 128 window
     runner = Runner(cfg, params, max_seq_len=160 + STEPS, max_batch=2)
     assert all(pallas_kernels.supports(seg) for seg in runner.cache.segments)
+    if dtype.startswith("turbo"):
+        assert all(seg.k_spec.centred for seg in runner.cache.segments if seg.k_spec.calibrated)
+        assert any(seg.k_spec.calibrated for seg in runner.cache.segments)
     last = jnp.stack([runner.prefill(i, p, chunk=64) for i, p in enumerate(prompts)])
     cache, lengths = jax.tree.map(jnp.copy, runner.cache), dict(runner.lengths)
 

@@ -3,10 +3,18 @@ interpret mode). One file per op:
 
   paged_decode.py           decode attention over bf16 / f32 / fp8 / int8 / int4 pages
   kivi_attention.py         decode attention over KIVI 2/4-bit pages + the full-precision window
-  turboquant_attention.py   decode attention over TurboQuant pages (prod keys, mse values)
-  quantize_write.py         new tokens' codes and metadata written into their pages in place
-  _core.py                  launchers, online softmax, split-KV combine, packed-code phases
+  turboquant_attention.py   decode attention over TurboQuant pages (mse or prod keys, mse
+                            values; calibrated pools: keys centred / channels reordered per
+                            layer and KV head)
+  ragged_attention.py       prefill chunks and decode rows in one call (the chunk's own keys
+                            and values at full precision)
+  _core.py                  decode entry point, split-KV combine, attention mass (re-exports
+                            _formats and _launch)
+  _formats.py               tile helpers, packed-code phases, the key / value format interface
+  _launch.py                kernel bodies, the gather (Triton) and tpu (Mosaic) launchers
   compat.py                 Pallas API differences between jax 0.10 and 0.11
+
+New tokens' codes are written by the cache's own write path (kvjax/cache/layout.py), in XLA.
 
 ``paged_attention`` below picks the key and value formats of any segment (mixed forms such as
 k8v4 / k8v4turbo included) and runs one kernel; the reference is kvjax.attention (XLA path).
@@ -48,19 +56,20 @@ def supports(seg) -> bool:
 
 
 @functools.partial(jax.jit, static_argnames=("backend", "k_splits", "pages_per_block",
-                                             "num_warps", "num_stages"))
+                                             "num_warps", "num_stages", "with_mass"))
 def paged_attention(q, seg, layer, page_table, lengths, window_slots=None, *,
                     backend: str = "auto", k_splits: int = 8, pages_per_block: int = 0,
-                    num_warps: int = 0, num_stages: int = 2):
+                    num_warps: int = 0, num_stages: int = 2, with_mass: bool = False):
     """Decode attention of q [batch, 1, num_heads, head_dim] over one layer of any supported
-    cache segment; see _core.decode for the arguments. Returns [batch, 1, num_heads, head_dim]."""
+    cache segment; see _core.decode for the arguments. Returns [batch, 1, num_heads, head_dim]
+    (with_mass: and the H2O attention mass [batch, kv_heads, max_pages * page_size] f32)."""
     fmts = formats_for(seg)
     if fmts is None:
         raise ValueError(f"no Pallas kernel reads keys {seg.k_spec.method!r} / values "
                          f"{seg.v_spec.method!r}; use the XLA path")
     return _core.decode(q, seg, layer, page_table, lengths, window_slots, *fmts,
                         backend=backend, k_splits=k_splits, pages_per_block=pages_per_block,
-                        num_warps=num_warps, num_stages=num_stages)
+                        num_warps=num_warps, num_stages=num_stages, with_mass=with_mass)
 
 
 __all__ = ["BACKENDS", "formats_for", "paged_attention", "supports"]

@@ -101,13 +101,55 @@ def _norm_col(ld, leaf: int) -> jax.Array:
     return ld.floats(leaf, jnp.float16)
 
 
+MU_LANES = 16  # the <q, k_mean> column is dotted as a [Gp, 16] x [T, 16] tile (Triton: dims >= 16)
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibrated:
+    """A calibrated pool's per-layer / KV-head metadata (kvjax/calibrate.py, PoolSpec): `layer`
+    (segment-relative) + first_layer indexes its arrays. Hashed by the calibration's digest."""
+
+    cal: Any  # kvjax.calibrate.KVCalibration
+    first_layer: int
+    centred: bool  # keys: per-token flag in the sign bit of leaf `flag_leaf` (a norm)
+    reordered: bool  # channels stored outliers-first, order[L, h] (keys: k_order, values: v_order)
+    flag_leaf: int = -1
+
+    def at(self, arr, layer: jax.Array) -> jax.Array:
+        return jnp.asarray(arr)[layer + self.first_layer]  # [kv_heads, ...]
+
+    def per_head(self, arr, layer: jax.Array, like: jax.Array) -> jax.Array:
+        """arr[L] [kv_heads, D] shaped to broadcast against `like` [B, kv_heads, ..., D]."""
+        x = self.at(arr, layer)
+        return x.reshape((1, x.shape[0]) + (1,) * (like.ndim - 3) + (x.shape[-1],))
+
+
 @dataclasses.dataclass(frozen=True)
 class TurboKey(KeyFormat):
     parts: tuple[Part, ...]
+    calib: Calibrated | None = None
 
     @property
     def leaves(self) -> int:
         return sum(p.leaves for p in self.parts)
+
+    def prepare_q_layer(self, q, layer):
+        """Calibrated keys: q [B, Hkv, ..., rows, D] permuted into the stored channel order of its
+        KV head (<q, k> = <q[order], k[order]>), and <q, k_mean> per query row as the first lane
+        of a [..., rows, MU_LANES] input: score += flag * <q, k_mean> for centred tokens."""
+        c = self.calib
+        if c is None:
+            return self.prepare_q(q)
+        q_orig = q
+        if c.reordered:
+            order = c.per_head(c.cal.k_order, layer, q)
+            q = jnp.take_along_axis(q, jnp.broadcast_to(order, q.shape), axis=-1)
+        qs = self.prepare_q(q)
+        if c.centred:
+            mu = c.per_head(c.cal.k_mean, layer, q_orig)  # original channel order
+            qmu = jnp.sum(q_orig * mu, axis=-1, keepdims=True)
+            qs += (jnp.pad(qmu, ((0, 0),) * (qmu.ndim - 1) + ((0, MU_LANES - 1),)),)
+        return qs
 
     def prepare_q(self, q):
         out = []
@@ -121,10 +163,19 @@ class TurboKey(KeyFormat):
 
     def score(self, qs, ld):
         total, at = 0.0, 0
+        flag_leaf = self.calib.flag_leaf if self.calib is not None and self.calib.centred else -1
         for part in self.parts:
             p_mse = phases_of(part.bits)
             q_rot, at = qs[at:at + p_mse], at + p_mse
-            norm = _norm_col(ld, part.leaf0 + (2 if part.kind == "prod" else 1))
+            leaf = part.leaf0 + (2 if part.kind == "prod" else 1)
+            if leaf == flag_leaf:  # its sign bit is the centred flag, not the norm's sign
+                raw = ld.tile(leaf)  # [T, 1] raw f16 bits
+                norm = jnp.abs(ld.convert(raw, jnp.float16))
+                flag = ((raw.astype(jnp.int32) >> 15) & 1).astype(jnp.float32)  # [T, 1]
+                lane = jax.lax.broadcasted_iota(jnp.int32, (raw.shape[0], MU_LANES), 1)
+                total = total + dot_nt(qs[-1], jnp.where(lane == 0, flag, 0.0))
+            else:
+                norm = _norm_col(ld, leaf)
             codes = unpack_phases(ld, part.leaf0, part.bits, part.n)
             total = total + sum(dot_nt(qr, lookup(c, part.centroids) * norm)
                                 for qr, c in zip(q_rot, codes, strict=True))
@@ -141,6 +192,17 @@ class TurboKey(KeyFormat):
 class TurboValue(ValueFormat):
     parts: tuple[Part, ...]
     head_dim: int
+    calib: Calibrated | None = None
+
+    def finalize_layer(self, accs, layer):
+        """Calibrated values are stored in v_order[L, h]: out[order[j]] = out_stored[j].
+        out: [B, Hkv, ..., D]."""
+        out = self.finalize(accs)
+        if self.calib is None or not self.calib.reordered:
+            return out
+        inv = self.calib.per_head(np.argsort(self.calib.cal.v_order, axis=-1).astype(np.int32),
+                                  layer, out)
+        return jnp.take_along_axis(out, jnp.broadcast_to(inv, out.shape), axis=-1)
 
     @property
     def leaves(self) -> int:
@@ -176,18 +238,20 @@ class TurboValue(ValueFormat):
 
 
 def formats(spec: PoolSpec) -> tuple[KeyFormat | None, ValueFormat | None] | None:
-    if getattr(spec, "transformed", False):
-        # Calibrated pools (kvjax/calibrate.py: keys centred per token, channels reordered per
-        # layer/head) are read by the XLA path until the kernel takes their per-layer metadata
-        # (what it needs: /work/notes/turbo.md).
-        raise NotImplementedError("calibrated TurboQuant pools have no kernel yet")
+    """Key and value formats of a TurboQuant pool (calibrated ones included: kvjax/calibrate.py
+    keys centred per token, channels reordered per layer/head), None for other methods."""
     qz = spec.quantizer
     base = qz.hi if isinstance(qz, ChannelSplit) else qz
     if not isinstance(base, TurboMse | TurboProd):
         return None
     parts = _parts(qz)
-    key = TurboKey(parts)
-    value = TurboValue(parts, spec.head_dim) if all(p.kind == "mse" for p in parts) else None
+    calib = None
+    if spec.transformed:
+        calib = Calibrated(spec.calibration, spec.first_layer, spec.centred, spec.reordered,
+                           spec._flag_leaf if spec.centred else -1)
+    key = TurboKey(parts, calib)
+    value = (TurboValue(parts, spec.head_dim, calib) if all(p.kind == "mse" for p in parts)
+             else None)
     return key, value
 
 

@@ -187,7 +187,10 @@ def model_table(results: list[dict]) -> str:
       x bf16        total / bf16's total;  kv ratio: the dtype's KV bytes per token / bf16's
       /(bf16 x kv)  total / (bf16's total x kv ratio): > 1.1 flagged (issue 10)
       xla-w/cache   (xla bytes - weights) / cache: XLA traffic beyond the weights per cache byte
-                    (a whole-cache copy per step shows as >= 2)"""
+                    (a whole-cache copy per step shows as >= 2)
+      dxla/cache    (xla bytes - bf16's xla bytes) / cache: the XLA traffic the format adds
+                    (relayouts, side arrays) per byte of its cache; ~0 when only the kernel
+                    differs"""
     from kvjax.bench.compile_model import parse
 
     base = {}
@@ -201,7 +204,7 @@ def model_table(results: list[dict]) -> str:
             base[r["group"]] = r
     rows = ["| model step | status | s | calls | cache | weights | args | temp | vmem "
             "| xla bytes | kernel reads | total | x bf16 | kv ratio | /(bf16 x kv) "
-            "| xla-w/cache |", "|" + "---|" * 16]
+            "| xla-w/cache | dxla/cache |", "|" + "---|" * 17]
     flagged = []
     for r in results:
         b = base.get(r["group"], {})
@@ -217,6 +220,9 @@ def model_table(results: list[dict]) -> str:
         extra = "-"
         if r.get("bytes_accessed") and r.get("cache_bytes"):
             extra = f"{(r['bytes_accessed'] - r.get('weight_bytes', 0)) / r['cache_bytes']:.2f}"
+        dxla = "-"
+        if r.get("bytes_accessed") and b.get("bytes_accessed") and r.get("cache_bytes"):
+            dxla = f"{(r['bytes_accessed'] - b['bytes_accessed']) / r['cache_bytes']:.2f}"
         status = "ok" if r.get("ok") else r.get("error", "failed").replace("|", "/")
         rows.append(f"| {r['case'][6:]} | {status} | {r.get('seconds', '-')} | "
                     f"{r.get('kernel_calls', '-')} | {_fmt_bytes(r.get('cache_bytes'))} | "
@@ -224,7 +230,7 @@ def model_table(results: list[dict]) -> str:
                     f"{_fmt_bytes(r.get('temp_bytes'))} | {_fmt_bytes(r.get('vmem_bytes'))} | "
                     f"{_fmt_bytes(r.get('bytes_accessed'))} | "
                     f"{_fmt_bytes(r.get('kernel_read_bytes'))} | {_fmt_bytes(tot)} | "
-                    f"{_ratio(tot, b_tot)} | {kv} | {norm} | {extra} |")
+                    f"{_ratio(tot, b_tot)} | {kv} | {norm} | {extra} | {dxla} |")
     n_ok = sum(bool(r.get("ok")) for r in results)
     rows.append(f"\n{n_ok}/{len(results)} model steps compiled with the kernel call")
     if flagged:
@@ -241,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="also compile whole model steps: the default list, or a comma list of "
                          "CONFIG-DTYPE[-CONTEXT][-pCHUNK][-lLAYERS][-tpT] names")
     ap.add_argument("--jobs", type=int, default=2, help="cases compiled at once")
-    ap.add_argument("--json", help="write every result to this file")
+    ap.add_argument("--json", help="write every result to this file (and each as it ends to "
+                                   "FILE + 'l', JSON lines)")
     args = ap.parse_args(argv)
     for t in args.target:
         if err := check_extra(t):
@@ -278,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
         r = run_one(*tc)
         print(f"{r['target']} {r['case']}: {'FAILED' if failed(r) else 'ok'} "
               f"{r.get('seconds', '')}", file=sys.stderr, flush=True)  # progress, as they end
+        if args.json:  # each result as it ends, so a run cut short keeps what it compiled
+            with open(args.json + "l", "a") as f:
+                f.write(json.dumps(r) + "\n")
         return r
 
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:

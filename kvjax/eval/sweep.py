@@ -194,6 +194,15 @@ def write_results(out: Path, rows: list[Row], meta: dict, with_plot: bool = True
         plot(rows, out / "sweep.png", meta)
 
 
+# Peer figures drawn (hollow, grey) on the Δppl panel at their compression vs bf16, for scale
+# (issue 13; /work/shared/reference/quality-baselines.md). vLLM's TurboQuant presets are measured
+# on other models; HF quanto int4 and llama.cpp q4_0 on SmolLM2-135M with the same protocol (both
+# 4.5 bits a value with their per-group fp16 scales: 3.56x).
+PEERS = (("vLLM k8v4 (other model)", 2.6, 1.17), ("vLLM 4bit_nc (other model)", 3.8, 2.71),
+         ("vLLM k3v4_nc (other model)", 3.5, 10.6), ("vLLM 3bit_nc (other model)", 4.9, 20.6),
+         ("HF quanto int4", 16 / 4.5, 2.7), ("llama.cpp q4_0", 16 / 4.5, 4.6))
+
+
 def plot(rows: list[Row], path: Path, meta: dict) -> None:
     import matplotlib
 
@@ -214,6 +223,14 @@ def plot(rows: list[Row], path: Path, meta: dict) -> None:
         for x, y, name in pts:
             ax.scatter([x], [y], s=18)
             ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=8)
+        if ax is axes.flat[0] and meta.get("reference", "bf16") == "bf16" and rows:
+            bf16_bytes = rows[0].bytes_per_token * rows[0].ratio
+            for i, (name, ratio, dppl) in enumerate(PEERS):
+                ax.scatter([bf16_bytes / ratio], [dppl], s=22, facecolors="none",
+                           edgecolors="grey")
+                ax.annotate(name, (bf16_bytes / ratio, dppl), textcoords="offset points",
+                            xytext=(4, -9 if i % 2 else 3), fontsize=7, color="grey")
+            pts = pts + [(bf16_bytes / r, d, n) for n, r, d in PEERS]
         ax.set_xscale("log")
         if yscale == "symlog":
             ys = [abs(y) for _, y, _ in pts if y]

@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 from absl import flags
 
 from kvjax import cli, launch, memory, sampling, sharding
@@ -21,6 +20,7 @@ from kvjax.engine.request import SamplingParams
 from kvjax.engine.step import compile_sampler, enable_compile_cache, execute, fetch, prepare
 from kvjax.loaders import StreamDecoder, Tokenizer, load
 from kvjax.loaders.tokenizer import byte_tokenizer
+from kvjax.random_weights import random_params as draw_random
 from kvjax.runner import CHUNK_BUCKETS, Runner
 
 FLAGS = flags.FLAGS
@@ -47,8 +47,6 @@ def load_model(cfg: Config, weights: str | None, random_weights: bool, seed: int
     """Params and tokenizer from --weights, --random-weights or the config's default weights.
     Without any of them, prints the memory plan and raises a UsageError naming the flags.
     With a mesh, an orbax checkpoint is restored straight into its shardings."""
-    import models
-
     source = weights or ("" if random_weights else cfg.weights)
     if not source and not random_weights:
         p = memory.plan(cfg, cfg.model.max_position, 1, 80.0, cfg.mesh.data * cfg.mesh.tensor)
@@ -59,13 +57,9 @@ def load_model(cfg: Config, weights: str | None, random_weights: bool, seed: int
     if random_weights:
         from kvjax.runner import param_dtype
 
-        dtype = param_dtype(cfg)
-        # Eager, so the values are exactly models.random_params' (tests compare against it).
-        params = models.random_params(cfg.model, seed=seed, dtype=dtype)
-        if mesh is not None:  # shard one parameter at a time, dropping each full copy at once
-            shardings = sharding.param_shardings(cfg.model, mesh)
-            params = {name: sharding.put_global(np.asarray(params.pop(name)), shardings[name])
-                      for name in list(params)}
+        # Each device draws only its shards, in the final dtype (kvjax/random_weights.py: the
+        # 70B-shaped smoke run never holds a full parameter or an f32 copy).
+        params = draw_random(cfg.model, seed, param_dtype(cfg), mesh)
         return params, byte_tokenizer()
     if mesh is not None:
         from kvjax.runner import param_dtype

@@ -17,7 +17,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kvjax.attention import paged_attention, paged_attention_step
+from kvjax.attention import (
+    pack_chunk,
+    paged_attention,
+    paged_attention_step,
+    with_packed_chunk,
+)
 from kvjax.cache.paged import KVCache, absolute_positions, write_layer
 from kvjax.config import ModelConfig
 from kvjax.sharding import active_mesh, shard_attention
@@ -129,18 +134,35 @@ class Transformer(nnx.Module):
             # YaRN scales cos/sin of q and k; all of it on q leaves the cached keys plain RoPE.
             q = apply_rope(q, rope_positions, inv_freq, rope_attention_factor(cfg) ** 2)
             k = apply_rope(k, rope_positions, inv_freq)
-            seg = write_layer(seg, index, k, v, positions, lengths, page_table, window_slots,
-                              rope_positions)
+            # A multi-token chunk attends to its own K/V at full precision and to the cache as
+            # earlier steps left it (kvjax/attention.py), so it is written after attending;
+            # a decode step reads its own token back from the cache, written first. (H2O: a
+            # write zeroes its tokens' mass, so it goes first there too.)
+            chunk_kv = (k, v) if t > 1 else None
+            write_after = chunk_kv is not None and seg.mass is None
+            if not write_after:
+                seg = write_layer(seg, index, k, v, positions, lengths, page_table,
+                                  window_slots, rope_positions)
             attention = functools.partial(paged_attention, impl=self.attention_impl)
             mesh = active_mesh()
+            q_in = q
             if mesh is not None and self.attention_impl != "xla":  # kernels: one per device
+                if chunk_kv is not None:  # the chunk's K/V travel with their query heads
+                    attention, q_in = with_packed_chunk(attention), pack_chunk(q, k, v)
+                    chunk_kv = None
                 attention = shard_attention(attention, mesh, cfg, b)
             if page_pos is not None or seg.mass is not None:  # eviction / H2O: the XLA path
                 o, seg = paged_attention_step(q, seg, index, page_table, lengths, positions,
                                               window_slots, self.attention_impl, page_pos,
-                                              inv_freq)
+                                              inv_freq, (k, v) if t > 1 else None)
+            elif chunk_kv is None:
+                o = attention(q_in, seg, index, page_table, lengths, positions, window_slots)
             else:
-                o = attention(q, seg, index, page_table, lengths, positions, window_slots)
+                o = attention(q_in, seg, index, page_table, lengths, positions, window_slots,
+                              chunk_kv=chunk_kv)
+            if write_after:
+                seg = write_layer(seg, index, k, v, positions, lengths, page_table,
+                                  window_slots, rope_positions)
             x = x + linear(o.reshape(b, t, -1), p["wo"])
             h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
             x = x + swiglu(h, p["w_gate"], p["w_up"], p["w_down"])

@@ -56,14 +56,17 @@ def _coarse(dtype: str) -> bool:
     return dtype.startswith(("turbo", "polar", "kivi", "int4", "k8v4"))
 
 
-def reference(params, cc: CacheConfig, tokens, steps):
-    """Dense forward of one sequence fed in `steps` (chunk sizes); logits per token."""
+def reference(params, cc: CacheConfig, tokens, steps, multi=None):
+    """Dense forward of one sequence fed in `steps` (chunk sizes); logits per token. Earlier
+    positions are read dequantized (or from the bf16 window), a multi-token step's own K/V as
+    computed. multi[i]: step i of the batch had more than one token (default: this row did); such
+    a step attends before its chunk is written, so the window holds the W positions before it."""
     inv_freq = jnp.asarray(rope_inv_freq(MC))
     formats = layer_formats(MC.num_layers, cc)
     ks = [np.zeros((0, MC.num_kv_heads, MC.head_dim), np.float32) for _ in formats]
     vs = [np.zeros_like(k) for k in ks]
     out, start = [], 0
-    for n in steps:
+    for step, n in enumerate(steps):
         pos = np.arange(start, start + n)
         x = params["embed"][tokens[start:start + n]][None]
         length = start + n
@@ -81,9 +84,15 @@ def reference(params, cc: CacheConfig, tokens, steps):
             window = cc.window_for(fmt)
             kq = _seal(k_spec, ks[i]) if k_spec.group > 1 else _roundtrip(k_spec, ks[i])
             vq = _roundtrip(v_spec, vs[i])
-            in_window = (np.arange(length) >= length - window)[:, None, None]
+            mt = n > 1 if multi is None else multi[step]
+            last = start if mt else length  # the window ends where the cache read ends
+            in_window = (np.arange(length) >= last - window)[:, None, None]
             k_hat = np.where(in_window, _bf16(ks[i]), kq)
             v_hat = np.where(in_window, _bf16(vs[i]), vq)
+            # A chunk of more than one token reads its own K/V as computed, not back from the
+            # pages (kvjax/attention.py: the full-precision-chunk rule).
+            own = ((np.arange(length) >= start) & mt)[:, None, None]
+            k_hat, v_hat = np.where(own, ks[i], k_hat), np.where(own, vs[i], v_hat)
             rep = MC.num_heads // MC.num_kv_heads
             kk, vv = np.repeat(k_hat, rep, axis=1), np.repeat(v_hat, rep, axis=1)
             att = np.einsum("qhd,khd->hqk", np.asarray(q[0]), kk) / np.sqrt(MC.head_dim)
@@ -127,7 +136,8 @@ def _check(dtype: str, cc: CacheConfig, seq_steps: list[list[int]]) -> None:
     page = cc.page_size
     totals = [sum(s) for s in seq_steps]
     tokens = rng.integers(0, MC.vocab_size, (2, max(totals)))
-    expected = [reference(params, cc, tokens[b], seq_steps[b]) for b in range(2)]
+    multi = [max(s[i] for s in seq_steps) > 1 for i in range(len(seq_steps[0]))]
+    expected = [reference(params, cc, tokens[b], seq_steps[b], multi) for b in range(2)]
 
     batch, max_pages = 2, -(-max(totals) // page)
     num_pages = batch * max_pages + 4  # spare pages stay unowned (and poisoned)

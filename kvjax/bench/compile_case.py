@@ -135,9 +135,32 @@ def decode_step(case: Case, dev) -> tuple[Callable, tuple]:
     return step, case_args(case, dev)
 
 
+def ragged_step(case: Case, dev) -> tuple[Callable, tuple]:
+    """The ragged prefill+decode kernel (kvjax/pallas_kernels/ragged_attention.py): a 4-row
+    step of 64 tokens (prefill chunks and decode rows, chunk K/V passed in) over 4K of pages."""
+    import jax
+    import jax.numpy as jnp
+
+    from kvjax.pallas_kernels import ragged_attention
+
+    q1, seg, pt, lens, slots = case_args(case, dev)
+    b, _, nh, d = q1.shape
+    t, sh = 64, q1.sharding
+    q = jax.ShapeDtypeStruct((b, t, nh, d), jnp.bfloat16, sharding=sh)
+    kv = jax.ShapeDtypeStruct((b, t, seg.k[0].shape[1], d), jnp.bfloat16, sharding=sh)
+    pos = jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=sh)
+
+    def step(q, k, v, seg, pt, lens, pos, slots):
+        return ragged_attention.ragged_paged_attention(q, k, v, seg, jnp.int32(1), pt, lens, pos,
+                                                       slots if seg.window else None)
+
+    return step, (q, kv, kv, seg, pt, lens, pos, slots)
+
+
 # kind -> build(case, dev) -> (step_fn, abstract args). The one table to extend.
 KERNEL_KINDS: dict[str, Callable[[Case, object], tuple[Callable, tuple]]] = {
     "decode": decode_step,
+    "ragged": ragged_step,
 }
 # Kinds in the default table (`--cases default`, tests/test_compile.py) and `--cases all`.
 DEFAULT_KINDS: list[str] = ["decode"]

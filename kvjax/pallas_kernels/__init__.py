@@ -28,6 +28,7 @@ import jax
 
 from kvjax.pallas_kernels import _core, kivi_attention, paged_decode, turboquant_attention
 from kvjax.pallas_kernels._core import BACKENDS
+from kvjax.pallas_kernels.ragged_attention import ragged_paged_attention  # noqa: F401
 
 _FAMILIES = (paged_decode, kivi_attention, turboquant_attention)
 

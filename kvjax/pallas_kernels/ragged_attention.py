@@ -1,0 +1,380 @@
+"""Ragged paged attention: prefill chunks and decode rows of one step in one kernel call, over
+every cache format the decode kernels read (the formats of paged_decode / kivi_attention /
+turboquant_attention, decoded by their ``KeyFormat.score`` / ``ValueFormat.accumulate``).
+
+A row of the batch is a sequence with ``n = length - start`` new tokens at positions
+``[start, length)`` (its chunk, padded to the step's ``tokens``; a decode row has n = 1, an idle
+row n = 0). The kernel applies the full-precision-chunk rule of the XLA oracle
+(kvjax.attention.paged_attention with chunk_kv): every row's queries attend to
+
+* earlier context ``[0, start)`` through the compressed pages, except the positions the
+  full-precision window ring holds (``[ring_lo, start)``, read from the bf16 ring), and
+* the chunk's own keys and values ``[start, length)`` as computed (bf16 on accelerators: the model
+  has them in registers already), passed in as arrays, causally.
+
+The model calls it before writing the chunk (models/transformer.py), so the ring still holds the
+W positions before the chunk and the pages everything older: nothing the chunk writes is read.
+
+Design after vllm-project/tpu-inference's ragged paged attention v3: per (sequence, KV head,
+query block) one program runs one online softmax over (1) the page blocks (each tile decoded once
+for every query row of the block: query tokens x GQA group rows, padded to a power of two), (2)
+the ring, (3) the chunk's key blocks up to the diagonal; query blocks past a row's own chunk do
+no work (ragged lengths cost nothing but the grid). The page part keeps its accumulators in the
+format's basis (phases, TurboQuant's rotated basis) and is finalized once outside the kernel, like
+the decode kernels; ring and chunk share a plain accumulator; the two merge by log-sum-exp.
+
+Launchers: ``triton`` (GPU) and ``interpret`` (CPU), the gather launcher of _core (an in-kernel
+gather through the page table). TPU (Mosaic) has no launcher yet: backend "auto" runs the XLA
+oracle there, so a TPU step compiles, with no kernel call for its chunks.
+
+One difference from the oracle, by design: ring entries are used from ``ring_lo`` on, the first
+position after the last window position whose ring tag does not match (tags form a suffix in
+every case the engine produces: a prefix hit leaves the positions before it untagged); the oracle
+checks each entry's tag. Eviction (page_pos) and H2O mass stay on the XLA path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from kvjax.pallas_kernels import compat
+from kvjax.pallas_kernels._core import (
+    MASK,
+    WINDOW_CHUNK,
+    KeyFormat,
+    Loader,
+    ValueFormat,
+    bits_to,
+    dot_nn,
+    dot_nt,
+    triton_tuning,
+)
+
+BACKENDS = ("auto", "triton", "interpret")
+AUTO = {"cuda": "triton", "rocm": "triton", "cpu": "interpret", "tpu": "xla"}
+
+
+def _cdiv(a, b: int):
+    return jax.lax.div(a + (b - 1), jnp.int32(b))
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class RaggedPlan:
+    """Static shape plan of one call."""
+
+    kv_heads: int
+    num_pages: int  # per (layer, head)
+    page_size: int
+    head_dim: int
+    gpow: int  # query heads per KV head, padded to a power of two
+    q_block: int  # query tokens per program; rows = q_block * gpow
+    pages_per_block: int
+    sub_blocks: int  # blocks per page (a block is page_size // sub_blocks tokens)
+    window: int
+    ring_slots: int
+
+    @property
+    def rows(self) -> int:
+        return self.q_block * self.gpow
+
+
+def _online(carry, s, valid, accumulate):
+    """One block of the online softmax; s [R, T] f32, valid broadcastable to it."""
+    m, den, accs = carry
+    s = jnp.where(valid, s, MASK)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+    alpha = jnp.exp(m - m_new)
+    p = jnp.where(valid, jnp.exp(s - m_new), 0.0)
+    l_new = alpha * den + jnp.sum(p, axis=1, keepdims=True)
+    accs = tuple(alpha * a + c for a, c in zip(accs, accumulate(p), strict=True))
+    return m_new, l_new, accs
+
+
+def _kernel(*refs, plan: RaggedPlan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: int):
+    (layer_ref, len_ref, rlo_ref, clen_ref, slot_ref, pt_ref), rest = refs[:6], refs[6:]
+    q_refs, rest = rest[:n_q], rest[n_q:]
+    qw_ref, kc_ref, vc_ref, *rest = rest
+    k_refs, rest = rest[:kfmt.leaves], rest[kfmt.leaves:]
+    v_refs, rest = rest[:vfmt.leaves], rest[vfmt.leaves:]
+    if plan.window:
+        wk_ref, wv_ref, *rest = rest
+    n_acc = len(vfmt.acc_shapes(plan.rows))
+    acc_refs, (m_ref, l_ref, acc2_ref, m2_ref, l2_ref) = rest[:n_acc], rest[n_acc:]
+
+    h, qb = pl.program_id(1), pl.program_id(2)
+    layer, length, ring_lo, clen = layer_ref[0], len_ref[0], rlo_ref[0], clen_ref[0]
+    ctx_end = length - clen  # the chunk's first position
+    page_end = ring_lo  # pages below the ring's part
+    bq, rows, s, ppb, sub = plan.q_block, plan.rows, plan.page_size, plan.pages_per_block, \
+        plan.sub_blocks
+    active = qb * bq < clen  # query blocks past the row's chunk (idle rows) do nothing
+    base = (layer * plan.kv_heads + h) * plan.num_pages
+    rtok = s // sub
+
+    # (1) pages [0, page_end), in the format's accumulators.
+    n_blocks = jnp.where(active, _cdiv(_cdiv(page_end, s), ppb), jnp.int32(0))
+    qs = tuple(r[...] for r in q_refs)
+
+    def page_body(i, carry):
+        j0 = jax.lax.div(i, jnp.int32(sub)) * ppb
+        r0 = jax.lax.rem(i, jnp.int32(sub)) * rtok
+        pages = base + pt_ref[pl.ds(j0, ppb)]
+
+        def fetch(ref, lanes):
+            if sub > 1:  # one page per block, part of its rows
+                return ref[base + pt_ref[j0], pl.ds(r0, rtok), lanes]
+            t = ref[pages, :, lanes]
+            return t.reshape(t.shape[0] * t.shape[1], t.shape[2])
+
+        ldk, ldv = Loader(k_refs, fetch), Loader(v_refs, fetch)
+        tok0 = j0 * s + r0
+        valid = tok0 + jax.lax.broadcasted_iota(jnp.int32, (1, ppb * rtok), 1) < page_end
+        valid_col = tok0 + jax.lax.broadcasted_iota(jnp.int32, (ppb * rtok, 1), 0) < page_end
+        return _online(carry, kfmt.score(qs, ldk), valid,
+                       lambda p: vfmt.accumulate(p, valid_col, ldv))
+
+    init = (jnp.full((rows, 1), MASK, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
+            tuple(jnp.zeros(sh, jnp.float32) for sh in vfmt.acc_shapes(rows)))
+    m, den, accs = jax.lax.fori_loop(jnp.int32(0), (n_blocks * sub).astype(jnp.int32),
+                                     page_body, init)
+    for r, a in zip(acc_refs, accs, strict=True):
+        r[...] = a
+    m_ref[...] = m
+    l_ref[...] = den
+
+    # (2) + (3): ring and chunk, plain values, one more online softmax.
+    qw = qw_ref[...]
+    carry = (jnp.full((rows, 1), MASK, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
+             (jnp.zeros((rows, plan.head_dim), jnp.float32),))
+    if plan.window:
+        w = plan.window
+        c = min(w, WINDOW_CHUNK)
+        lo = ctx_end - w  # entry j holds the position in [ctx_end - w, ctx_end) = j mod w
+        lo_mod = jax.lax.rem(jax.lax.rem(lo, w) + w, w)
+        ridx = (layer * plan.kv_heads + h) * plan.ring_slots + slot_ref[0]
+
+        def ring_ok(j0, shape, dim):
+            p = lo + jax.lax.rem(j0 + jax.lax.broadcasted_iota(jnp.int32, shape, dim) - lo_mod
+                                 + w, w)
+            return (p >= ring_lo) & (p < ctx_end)
+
+        def ring_body(i, carry):
+            j0 = i * c
+            valid, valid_col = ring_ok(j0, (1, c), 1), ring_ok(j0, (c, 1), 0)
+            kt = jnp.where(valid_col, bits_to(wk_ref[ridx, pl.ds(j0, c), :], jnp.bfloat16), 0.0)
+            vt = jnp.where(valid_col, bits_to(wv_ref[ridx, pl.ds(j0, c), :], jnp.bfloat16), 0.0)
+            return _online(carry, dot_nt(qw, kt), valid, lambda p: (dot_nn(p, vt),))
+
+        n_ring = jnp.where(active & (ring_lo < ctx_end), jnp.int32(w // c), jnp.int32(0))
+        carry = jax.lax.fori_loop(jnp.int32(0), n_ring, ring_body, carry)
+
+    shift = plan.gpow.bit_length() - 1
+    q_tok = qb * bq + (jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0) >> shift)
+
+    def chunk_body(kb, carry):
+        k0 = kb * bq
+        key = k0 + jax.lax.broadcasted_iota(jnp.int32, (1, bq), 1)
+        valid = (key <= q_tok) & (key < clen)
+        valid_col = k0 + jax.lax.broadcasted_iota(jnp.int32, (bq, 1), 0) < clen
+        kt = jnp.where(valid_col, kc_ref[pl.ds(k0, bq), :].astype(jnp.float32), 0.0)
+        vt = jnp.where(valid_col, vc_ref[pl.ds(k0, bq), :].astype(jnp.float32), 0.0)
+        return _online(carry, dot_nt(qw, kt), valid, lambda p: (dot_nn(p, vt),))
+
+    n_kb = jnp.where(active, jnp.minimum(qb + 1, _cdiv(clen, bq)), 0).astype(jnp.int32)
+    m2, l2, (acc2,) = jax.lax.fori_loop(jnp.int32(0), n_kb, chunk_body, carry)
+    acc2_ref[...] = acc2
+    m2_ref[...] = m2
+    l2_ref[...] = l2
+
+
+def _launch(plan: RaggedPlan, kfmt, vfmt, qs, qw, kc, vc, k_leaves, v_leaves, ring, layer,
+            scalars, page_table, *, backend: str, num_warps: int, num_stages: int):
+    """scalars: the [B] int32 rows lengths, ring_lo, chunk_len, window slot."""
+    b, hkv, n_qb, rows, d = qw.shape
+    acc_shapes = vfmt.acc_shapes(rows)
+    out_shape = [jax.ShapeDtypeStruct((b, hkv, n_qb, *sh), jnp.float32)
+                 for sh in (*acc_shapes, (rows, 1), (rows, 1), (rows, d), (rows, 1), (rows, 1))]
+
+    def per_block(x):  # [B, Hkv, n_qb, ...] -> this program's block
+        return pl.BlockSpec((None, None, None, *x.shape[3:]),
+                            lambda bi, h, qb, n=x.ndim: (bi, h, qb) + (0,) * (n - 3))
+
+    def per_head(x):  # [B, Hkv, ...] -> this (row, head)
+        return pl.BlockSpec((None, None, *x.shape[2:]),
+                            lambda bi, h, qb, n=x.ndim: (bi, h) + (0,) * (n - 2))
+
+    def whole(x):
+        return pl.BlockSpec(x.shape, lambda *_, n=x.ndim: (0,) * n)
+
+    def per_row(_):
+        return pl.BlockSpec((1,), lambda bi, h, qb: (bi,))
+
+    in_specs = [pl.BlockSpec((1,), lambda bi, h, qb: (0,))] + [per_row(x) for x in scalars]
+    in_specs += [pl.BlockSpec((None, page_table.shape[1]), lambda bi, h, qb: (bi, 0))]
+    in_specs += [per_block(x) for x in (*qs, qw)] + [per_head(kc), per_head(vc)]
+    in_specs += [whole(x) for x in (*k_leaves, *v_leaves, *ring)]
+    out_specs = [per_block(x) for x in out_shape]
+    kernel = functools.partial(_kernel, plan=plan, kfmt=kfmt, vfmt=vfmt, n_q=len(qs))
+    return pl.pallas_call(
+        kernel, out_shape=out_shape, grid=(b, hkv, n_qb), in_specs=in_specs,
+        out_specs=out_specs, interpret=backend == "interpret",
+        compiler_params=compat.triton_params(num_warps, num_stages),
+        name="kvjax_ragged_paged_attention",
+    )(layer.reshape(1), *scalars, page_table, *qs, qw, kc, vc, *k_leaves, *v_leaves, *ring)
+
+
+def _ring_lo(seg, layer, ctx_end, slots):
+    """[B] first position of the ring part: the window's positions [ctx_end - W, ctx_end) from
+    the last one whose ring tag does not match it (written by another sequence, or never)."""
+    w = seg.window
+    tags = seg.wpos[layer, slots]  # [B, W]
+    lo = ctx_end - w
+    j = jnp.arange(w)[None, :]
+    pos = lo[:, None] + jnp.remainder(j - lo[:, None], w)  # the window position of entry j
+    bad = (pos >= 0) & (pos < ctx_end[:, None]) & (tags != pos)
+    last_bad = jnp.max(jnp.where(bad, pos + 1, 0), axis=1)
+    return jnp.minimum(jnp.maximum(jnp.maximum(lo, 0), last_bad), ctx_end)
+
+
+def _formats(seg):
+    from kvjax.pallas_kernels import formats_for
+
+    fmts = formats_for(seg)
+    if fmts is None:
+        raise ValueError(f"no Pallas kernel reads keys {seg.k_spec.method!r} / values "
+                         f"{seg.v_spec.method!r}; use the XLA path")
+    return fmts
+
+
+@functools.partial(jax.jit, static_argnames=("backend", "q_block", "pages_per_block",
+                                             "num_warps", "num_stages"))
+def ragged_paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, seg,
+                           layer: jax.Array, page_table: jax.Array, lengths: jax.Array,
+                           q_positions: jax.Array, window_slots: jax.Array | None = None, *,
+                           backend: str = "auto", q_block: int = 0, pages_per_block: int = 0,
+                           num_warps: int = 0, num_stages: int = 2) -> jax.Array:
+    """Attention of a step's chunks (prefill chunks and decode rows mixed) over one layer of any
+    segment a decode kernel reads, with the full-precision-chunk rule (see the module doc).
+
+    q: [batch, tokens, num_heads, head_dim]; k_new, v_new: [batch, tokens, kv_heads, head_dim]
+    this step's keys (post-RoPE) and values as computed; seg: kvjax.cache.paged.Segment with
+    this step already written; layer: int32 scalar within the segment; page_table: [batch,
+    max_pages] int32; lengths: [batch] tokens valid after this step; q_positions: [batch,
+    tokens] contiguous from each row's start; window_slots: [batch] (segments with a window).
+    Returns [batch, tokens, num_heads, head_dim] in q's dtype (rows past a sequence's length:
+    padding, unspecified but finite).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown ragged backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        def branch(name):
+            def run(q, k_new, v_new, seg, layer, page_table, lengths, q_positions, slots):
+                if name == "xla":  # no Mosaic launcher yet: the oracle
+                    from kvjax.attention import paged_attention
+
+                    return paged_attention(q, seg, layer, page_table, lengths, q_positions,
+                                           slots, chunk_kv=(k_new, v_new))
+                return ragged_paged_attention(
+                    q, k_new, v_new, seg, layer, page_table, lengths, q_positions, slots,
+                    backend=name, q_block=q_block, pages_per_block=pages_per_block,
+                    num_warps=num_warps, num_stages=num_stages)
+            return run
+
+        branches = {p: branch(n) for p, n in AUTO.items()}
+        return jax.lax.platform_dependent(q, k_new, v_new, seg, layer, page_table, lengths,
+                                          q_positions, window_slots, default=branches["cpu"],
+                                          **branches)
+    kfmt, vfmt = _formats(seg)
+    if q.ndim != 4:
+        raise ValueError(f"q must be [batch, tokens, num_heads, head_dim], got {q.shape}")
+    bsz, t, nh, d = q.shape
+    leaf = seg.k[0]
+    n_layers, hkv, n_pages, s = leaf.shape[0], leaf.shape[1], leaf.shape[2], seg.k_spec.page_size
+    if k_new.shape != (bsz, t, hkv, d) or v_new.shape != k_new.shape:
+        raise ValueError(f"k_new, v_new must be [batch={bsz}, tokens={t}, kv_heads={hkv}, "
+                         f"head_dim={d}], got {k_new.shape}, {v_new.shape}")
+    if d != seg.k_spec.head_dim or nh % hkv:
+        raise ValueError(f"q [.., {nh} heads, {d}] does not fit the cache's {hkv} KV heads of "
+                         f"head_dim {seg.k_spec.head_dim}")
+    if page_table.ndim != 2 or page_table.shape[0] != bsz:
+        raise ValueError(f"page_table must be [batch={bsz}, max_pages], got {page_table.shape}")
+    if lengths.shape != (bsz,) or q_positions.shape != (bsz, t):
+        raise ValueError(f"lengths must be [{bsz}] and q_positions [{bsz}, {t}], got "
+                         f"{lengths.shape}, {q_positions.shape}")
+    w = seg.window
+    if w and (window_slots is None or window_slots.shape != (bsz,)):
+        raise ValueError(f"a segment with a window needs window_slots [batch={bsz}]")
+    for name, val in (("page_size", s), ("head_dim", d), ("window", w or 1)):
+        if val & (val - 1):
+            raise ValueError(f"the ragged kernel needs a power-of-two {name}, got {val}")
+
+    g = nh // hkv
+    gpow = _pow2_at_least(g)
+    tokens, warps = triton_tuning(kfmt, vfmt, d)
+    # Query rows per program: 32, 16 for KIVI / TurboQuant (their unpacked phases and centroid
+    # selects already fill the registers: 32 rows spilled on H100), >= 16 for the dots.
+    heavy = any(n in type(f).__name__ for f in (kfmt, vfmt) for n in ("Kivi", "Turbo"))
+    bq = q_block or max(1, (16 if heavy else 32) // gpow)
+    bq = min(bq, _pow2_at_least(t))
+    while bq * gpow < 16:
+        bq *= 2
+    tp = _pow2_at_least(max(t, bq))
+    n_qb = tp // bq
+    ppb = pages_per_block or max(1, tokens // s)
+    sub = s // tokens if (not pages_per_block and tokens < s and kfmt.per_token_rows
+                          and vfmt.per_token_rows) else 1
+    mp = page_table.shape[1]
+    ppb = min(ppb, _pow2_at_least(mp))
+    mpp = _pow2_at_least(-(-mp // ppb) * ppb)
+    pt = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, mpp - mp)))
+    plan = RaggedPlan(kv_heads=hkv, num_pages=n_pages, page_size=s, head_dim=d, gpow=gpow,
+                      q_block=bq, pages_per_block=ppb, sub_blocks=sub, window=w,
+                      ring_slots=seg.wk.shape[2] if w else 0)
+
+    lengths = lengths.astype(jnp.int32)
+    start = q_positions[:, 0].astype(jnp.int32)
+    clen = jnp.clip(lengths - start, 0, t)  # the chunk's real tokens
+    ctx_end = start
+    slots = (window_slots.astype(jnp.int32) if w else jnp.zeros((bsz,), jnp.int32))
+    ring_lo = _ring_lo(seg, layer, ctx_end, slots) if w else ctx_end
+
+    # Queries: [B, T, Hkv, G, D] -> [B, Hkv, n_qb, bq * gpow, D] (row = token * gpow + head).
+    qg = q.reshape(bsz, t, hkv, g, d).astype(jnp.float32) * (d ** -0.5)
+    qg = jnp.pad(qg, ((0, 0), (0, tp - t), (0, 0), (0, gpow - g), (0, 0)))
+    qg = qg.transpose(0, 2, 1, 3, 4).reshape(bsz, hkv, n_qb, bq * gpow, d)
+    layer = jnp.asarray(layer, jnp.int32)
+    # Calibrated TurboQuant pools take their layer's channel order / key mean (the formats'
+    # *_layer methods, where a format has them); the ring and the chunk stay in channel order.
+    prep = getattr(kfmt, "prepare_q_layer", None)
+    qs = prep(qg, layer) if prep is not None else kfmt.prepare_q(qg)
+
+    def chunk(x):  # [B, T, Hkv, D] -> [B, Hkv, Tp, D], as computed (bf16 on accelerators)
+        return jnp.pad(jnp.moveaxis(x, 2, 1), ((0, 0), (0, 0), (0, tp - t), (0, 0)))
+
+    def flat(x):
+        return x.reshape(n_layers * hkv * x.shape[2], *x.shape[3:])
+
+    ring = (flat(seg.wk), flat(seg.wv)) if w else ()
+    outs = _launch(plan, kfmt, vfmt, qs, qg, chunk(k_new), chunk(v_new),
+                   tuple(flat(x) for x in seg.k), tuple(flat(x) for x in seg.v), ring, layer,
+                   (lengths, ring_lo, clen, slots), pt, backend=backend,
+                   num_warps=num_warps or max(warps, 8 if plan.rows * d >= 4096 else 4),
+                   num_stages=num_stages)
+    n_acc = len(vfmt.acc_shapes(plan.rows))
+    accs, (m1, l1, acc2, m2, l2) = outs[:n_acc], outs[n_acc:]
+    big = jnp.maximum(m1, m2)
+    w1, w2 = jnp.exp(m1 - big), jnp.exp(m2 - big)
+    fin = getattr(vfmt, "finalize_layer", None)
+    paged = fin(tuple(accs), layer) if fin is not None else vfmt.finalize(tuple(accs))
+    out = (paged * w1 + acc2 * w2) / jnp.maximum(l1 * w1 + l2 * w2, 1e-30)
+    out = out.reshape(bsz, hkv, tp, gpow, d)[:, :, :t, :g]  # [B, Hkv, T, G, D]
+    return out.transpose(0, 2, 1, 3, 4).reshape(bsz, t, nh, d).astype(q.dtype)

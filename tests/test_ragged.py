@@ -1,0 +1,152 @@
+"""The full-precision-chunk rule (kvjax.attention) and the ragged paged-attention kernel
+(kvjax/pallas_kernels/ragged_attention.py) against it, in interpret mode on the CPU.
+
+Every case builds a real segment: pools and ring poisoned with NaN bit patterns, each row's
+earlier context written through the cache's write path, then one step mixing a fresh prefill
+chunk, a decode row, a chunk after a context and a chunk after a prefix hit (its ring slot's
+tags cleared mid-context: the ring holds only a suffix of the window) is written and attended.
+Page tables are shuffled; lengths ragged; the step's padding rows are not compared.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kvjax.attention import gather_kv
+from kvjax.attention import paged_attention as xla_attention
+from kvjax.cache.paged import init_cache, write_layer
+from kvjax.config import CacheConfig, ModelConfig
+from kvjax.pallas_kernels import ragged_attention
+
+
+def _poison(x: jax.Array) -> jax.Array:
+    if jnp.issubdtype(x.dtype, jnp.floating):
+        return jnp.full(x.shape, jnp.nan, x.dtype)
+    return jnp.full(x.shape, -1, jnp.int32).astype(x.dtype)  # all bits set
+
+
+def make_step(dtype: str, *, d: int, g: int, page_size: int, window: int, t: int = 16,
+              hkv: int = 2, seed: int = 0):
+    """(q, k_new, v_new [b, t, ...], segment holding layer 1's context before the step (the
+    model attends before writing a chunk), page_table, lengths, positions, window slots)."""
+    rng = np.random.default_rng(seed)
+    mc = ModelConfig(num_layers=2, num_heads=g * hkv, num_kv_heads=hkv, head_dim=d,
+                     hidden_size=64, intermediate_size=64, vocab_size=32)
+    cc = CacheConfig(dtype=dtype, page_size=page_size, window=window)
+    w = cc.window_for(dtype)
+    b = 4
+    max_pages = (w + 2 * t) // page_size + 3
+    cap = max_pages * page_size
+    num_pages = b * max_pages + 3
+    seg = jax.tree.map(_poison, init_cache(mc, cc, num_pages, num_slots=b).segments[0])
+    # Rows: a fresh prefill chunk, a decode step, a chunk after a context, a chunk after a
+    # prefix hit (context in two writes, the ring slot's tags cleared between them).
+    ctx = np.array([0, int(rng.integers(w + 1, cap - t)), int(rng.integers(1, cap - t)),
+                    int(rng.integers(w + 2, cap - t))], np.int32)
+    n = np.array([t, 1, int(rng.integers(2, t)), int(rng.integers(2, t))], np.int32)
+    lengths = ctx + n
+    free = rng.permutation(np.arange(1, num_pages))
+    pt = np.zeros((b, max_pages), np.int32)
+    for i in range(b):
+        need = -(-int(lengths[i]) // page_size)
+        pt[i, :need] = free[i * max_pages: i * max_pages + need]
+    slots = rng.permutation(b).astype(np.int32)
+    layer = jnp.int32(1)
+
+    def write(seg, k, v, pos, lens):
+        return write_layer(seg, layer, jnp.asarray(k), jnp.asarray(v), jnp.asarray(pos),
+                           jnp.asarray(lens), jnp.asarray(pt), jnp.asarray(slots))
+
+    k = rng.standard_normal((b, cap, hkv, d)).astype(np.float32)
+    v = rng.standard_normal((b, cap, hkv, d)).astype(np.float32)
+    k[..., 3] += 4.0  # a persistent outlier channel, like real keys
+    pos = np.tile(np.arange(cap, dtype=np.int32), (b, 1))
+    hit = ctx.copy()
+    hit[3] = ctx[3] - int(rng.integers(1, max(2, w // 2)))  # the prefix hit's cached part
+    seg = write(seg, k, v, pos, hit)
+    if seg.window:
+        seg = seg.replace(wpos=seg.wpos.at[:, slots[3]].set(-1))
+    seg = write(seg, k, v, pos, ctx)  # the rest of row 3's context (others: rewritten alike)
+    k_new = rng.standard_normal((b, t, hkv, d)).astype(np.float32)
+    v_new = rng.standard_normal((b, t, hkv, d)).astype(np.float32)
+    k_new[..., 3] += 4.0
+    positions = ctx[:, None] + np.arange(t, dtype=np.int32)
+    q = rng.standard_normal((b, t, g * hkv, d)).astype(np.float32)
+    return (jnp.asarray(q), jnp.asarray(k_new), jnp.asarray(v_new), seg, jnp.asarray(pt),
+            jnp.asarray(lengths), jnp.asarray(positions), jnp.asarray(slots))
+
+
+def _valid(positions, lengths) -> np.ndarray:
+    return np.asarray(positions < lengths[:, None])
+
+
+def test_xla_rule_equals_dense_reference():
+    """The oracle: every row of a multi-token step (the decode row too) attends to its chunk's
+    own K/V as computed and to earlier positions dequantized (pages + window)."""
+    q, kn, vn, seg, pt, lens, pos, slots = make_step("int4", d=64, g=3, page_size=16, window=32)
+    layer = jnp.int32(1)
+    got = np.asarray(xla_attention(q, seg, layer, pt, lens, pos, slots, chunk_kv=(kn, vn)))
+    kc, vc = gather_kv(seg, layer, pt, pos[:, 0], slots)  # dequantized [hkv, b, L, d]
+    kc, vc = np.asarray(kc), np.asarray(vc)
+    b, t, nh, d = q.shape
+    hkv = kn.shape[2]
+    for i in range(b):
+        start, length = int(pos[i, 0]), int(lens[i])
+        kk = np.concatenate([kc[:, i, :start], np.moveaxis(np.asarray(kn[i, :length - start]),
+                                                           1, 0)], 1)  # [hkv, length, d]
+        vv = np.concatenate([vc[:, i, :start], np.moveaxis(np.asarray(vn[i, :length - start]),
+                                                           1, 0)], 1)
+        assert np.isfinite(kk).all() and np.isfinite(vv).all()
+        for j in range(length - start):
+            for h in range(nh):
+                s = kk[h // (nh // hkv), : start + j + 1] @ np.asarray(q[i, j, h]) / np.sqrt(d)
+                p = np.exp(s - s.max())
+                want = (p / p.sum()) @ vv[h // (nh // hkv), : start + j + 1]
+                np.testing.assert_allclose(got[i, j, h], want, rtol=2e-4, atol=2e-5)
+
+
+# (dtype, head_dim, GQA ratio, page_size, window): every family the decode kernels read.
+CASES = [
+    ("bf16", 128, 8, 16, 0),
+    ("fp8", 64, 3, 16, 32),
+    ("int8", 128, 1, 32, 0),
+    ("int4", 64, 8, 16, 32),
+    ("kivi2", 64, 3, 32, 32),
+    ("kivi4", 128, 1, 32, 64),
+    ("turbo3.5", 64, 3, 16, 32),
+    ("turbo4", 128, 8, 16, 0),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-d{c[1]}-g{c[2]}-p{c[3]}-w{c[4]}")
+def test_ragged_kernel_matches_xla(case):
+    dtype, d, g, ps, w = case
+    q, kn, vn, seg, pt, lens, pos, slots = make_step(
+        dtype, d=d, g=g, page_size=ps, window=w, seed=zlib.crc32(repr(case).encode()))
+    layer = jnp.int32(1)
+    slots = slots if seg.window else None
+    ref = np.asarray(xla_attention(q, seg, layer, pt, lens, pos, slots, chunk_kv=(kn, vn)))
+    out = ragged_attention.ragged_paged_attention(q, kn, vn, seg, layer, pt, lens, pos, slots,
+                                                  backend="interpret")
+    assert out.shape == q.shape and out.dtype == q.dtype
+    out = np.asarray(out)
+    assert np.isfinite(out).all()
+    valid = _valid(pos, lens)
+    assert np.isfinite(ref[valid]).all()
+    np.testing.assert_allclose(out[valid], ref[valid], atol=2e-5, rtol=1e-5)
+
+
+def test_ragged_rejects_bad_shapes():
+    q, kn, vn, seg, pt, lens, pos, slots = make_step("bf16", d=64, g=1, page_size=16, window=0,
+                                                     t=4)
+    with pytest.raises(ValueError, match="k_new"):
+        ragged_attention.ragged_paged_attention(q, kn[:, :2], vn, seg, jnp.int32(1), pt, lens,
+                                                pos, backend="interpret")
+    with pytest.raises(ValueError, match="backend"):
+        ragged_attention.ragged_paged_attention(q, kn, vn, seg, jnp.int32(1), pt, lens, pos,
+                                                backend="mosaic")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from kvjax import pallas_kernels
-from kvjax.attention import attend, gather_kv
+from kvjax.attention import attend, gather_kv, paged_attention_step
 from kvjax.attention import paged_attention as xla_attention
 from kvjax.cache.paged import init_cache, write_layer
 from kvjax.calibrate import KVCalibration
@@ -191,6 +191,51 @@ def test_attention_mass_matches_numpy_and_xla(case, backend):
     np.testing.assert_allclose(np.asarray(mass), np.asarray(ref), atol=2e-6)
     np.testing.assert_allclose(np.asarray(mass).sum(-1)[lens > 0], g, rtol=1e-5)
     assert not np.asarray(mass[1]).any()
+
+
+def test_h2o_step_takes_the_kernel_and_adds_the_same_mass():
+    """paged_attention_step with impl "pallas" on a segment that tracks H2O mass runs the decode
+    kernel (its side output) and accumulates the XLA path's mass per (page, head, slot)."""
+    q, seg, pt, lens, slots = make_case("kivi2", d=64, g=3, page_size=32, window=32)
+    seg = seg.replace(mass=jnp.asarray(
+        np.random.default_rng(0).random((seg.k[0].shape[2], 2, 32)), jnp.float32))
+    args = (q, seg, jnp.int32(1), pt, lens, (lens - 1)[:, None], slots)
+    out_x, seg_x = paged_attention_step(*args, impl="xla")
+    pallas_kernels.paged_attention.clear_cache()
+    out_p, seg_p = paged_attention_step(*args, impl="pallas")
+    assert pallas_kernels.paged_attention._cache_size() == 1  # the kernel ran (not XLA)
+    np.testing.assert_allclose(np.asarray(out_p), np.asarray(out_x), atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(seg_p.mass), np.asarray(seg_x.mass), atol=2e-6)
+    assert float(jnp.sum(seg_p.mass - seg.mass)) == pytest.approx(3 * 2 * 3, rel=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["interpret", "interpret_tpu"])
+def test_ring_entries_a_row_did_not_write_are_not_read(backend):
+    """Window ring tags (seg.wpos): a position whose entry was not written by this sequence is
+    read from its page, like the XLA path does. Row 0: entries of positions [64, 80) untagged
+    and NaN (a prefix hit at 80 whose first chunk was 16 tokens); row 2: every entry tagged for
+    another sequence's positions (a reused slot) and NaN. Output and H2O mass equal XLA's."""
+    q, seg, pt, lens, slots = make_case("int8", d=64, g=3, page_size=16, window=32,
+                                        lengths=[96, 40, 70])
+    w, layer = seg.window, jnp.int32(1)
+    wpos, wk, wv = seg.wpos, seg.wk, seg.wv
+    nan = jnp.uint16(0xFFFF)
+    for pos in range(64, 80):
+        e, sl = pos % w, int(slots[0])
+        wpos, wk, wv = (wpos.at[1, sl, e].set(-1), wk.at[1, :, sl, e].set(nan),
+                        wv.at[1, :, sl, e].set(nan))
+    sl = int(slots[2])
+    wpos = wpos.at[1, sl].set(wpos[1, sl] + 7 * w)
+    wk, wv = wk.at[1, :, sl].set(nan), wv.at[1, :, sl].set(nan)
+    seg = seg.replace(wpos=wpos, wk=wk, wv=wv)
+    ref = xla_attention(q, seg, layer, pt, lens, (lens - 1)[:, None], slots)
+    out, mass = pallas_kernels.paged_attention(q, seg, layer, pt, lens, slots, backend=backend,
+                                               k_splits=2, with_mass=True)
+    assert not np.isnan(np.asarray(ref)).any()
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=1e-5)
+    k, v = gather_kv(seg, layer, pt, lens, slots)
+    _, ref_mass = attend(q, k, v, lens, (lens - 1)[:, None], with_mass=True)
+    np.testing.assert_allclose(np.asarray(mass), np.asarray(ref_mass), atol=2e-6)
 
 
 def test_one_split_and_idle_rows():

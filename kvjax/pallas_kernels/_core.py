@@ -140,12 +140,13 @@ def softmax_stats(m, den, window) -> tuple[jax.Array, jax.Array]:
 
 
 def mass_from_scores(plan: Plan, scores, big: jax.Array, denom: jax.Array, lengths: jax.Array,
-                     g: int, max_pages: int, tpu: bool) -> jax.Array:
+                     ring_lo: jax.Array, g: int, max_pages: int, tpu: bool) -> jax.Array:
     """H2O attention mass of one decode step: per cached position (page-table order), the
     softmax probability its key got, summed over the g query heads of its KV head, from the
     kernel's raw scores and the final max / denominator (so it equals the XLA path's `attend`
     mass). Positions the kernel did not score from pages (past the length, or served by the
-    window) read as 0 or from the window's scores. -> [B, Hkv, max_pages * page_size] f32."""
+    window) read as 0 or from the window's scores; ring_lo [B]: the window's first position
+    (ring_lower_bound). -> [B, Hkv, max_pages * page_size] f32."""
     s, pps, w = plan.page_size, plan.pages_per_split, plan.window
     b, hkv = plan.batch, plan.kv_heads
     sp = scores[0]
@@ -156,7 +157,7 @@ def mass_from_scores(plan: Plan, scores, big: jax.Array, denom: jax.Array, lengt
     sp = sp.reshape(b, hkv, plan.gp, -1)[:, :, :g, :max_pages * s]
     big, denom = big[:, :, :g], denom[:, :, :g]
     pos = jnp.arange(max_pages * s)
-    limit = jnp.maximum(lengths - w, 0) if w else lengths
+    limit = ring_lo if w else lengths
     valid = (pos[None, :] < limit[:, None])[:, None, None, :]  # [B, 1, 1, T]
     # where, not multiply: unscored positions hold whatever the output buffer held (NaN too)
     mass = jnp.sum(jnp.where(valid, jnp.exp(sp - big) / denom, 0.0), axis=2)  # [B, Hkv, T]
@@ -167,6 +168,22 @@ def mass_from_scores(plan: Plan, scores, big: jax.Array, denom: jax.Array, lengt
         in_ring = (pos[None, :] >= limit[:, None]) & (pos[None, :] < lengths[:, None])
         mass = jnp.where(in_ring[:, None], jnp.take(mw, pos % w, axis=2), mass)
     return mass
+
+
+def ring_lower_bound(seg, layer: jax.Array, lengths: jax.Array, slots: jax.Array) -> jax.Array:
+    """[B] first position the ring serves: the window's positions [length - W, length) from the
+    last one whose ring tag (seg.wpos: the absolute position each entry holds) does not match it
+    (never written, or written by the slot's previous sequence: a prefix-cache hit whose first
+    chunk was shorter than the window); pages serve every position below. The XLA path
+    (kvjax.attention.gather_kv) takes each position from the ring iff its tag matches; the two
+    agree whenever the unwritten entries precede the written ones, as after a prefix hit."""
+    w = seg.window
+    tags = seg.wpos[layer, slots]  # [B, W]
+    lo = lengths - w
+    pos = lo[:, None] + jnp.remainder(jnp.arange(w)[None, :] - lo[:, None], w)  # entry j's
+    bad = (pos >= 0) & (pos < lengths[:, None]) & (tags != pos)
+    last_bad = jnp.max(jnp.where(bad, pos + 1, 0), axis=1)
+    return jnp.minimum(jnp.maximum(jnp.maximum(lo, 0), last_bad), lengths).astype(jnp.int32)
 
 
 def triton_tuning(kfmt: KeyFormat, vfmt: ValueFormat, head_dim: int) -> tuple[int, int]:
@@ -271,14 +288,17 @@ def decode(q: jax.Array, seg, layer: jax.Array, page_table: jax.Array, lengths: 
         return x.reshape(n_layers * hkv * x.shape[2], *x.shape[3:])
 
     ring = None
+    lengths = lengths.astype(jnp.int32)
     if window:
         ring = (qg, flat(seg.wk), flat(seg.wv))
         slots = window_slots.astype(jnp.int32)
+        ring_lo = ring_lower_bound(seg, layer, lengths, slots)
     else:
         slots = jnp.zeros((bsz,), jnp.int32)
+        ring_lo = lengths
     accs, m, den, win, scores = launch(plan, kfmt, vfmt, qs, tuple(flat(x) for x in seg.k),
                              tuple(flat(x) for x in seg.v), ring,
-                             layer, lengths.astype(jnp.int32), slots, pt,
+                             layer, lengths, ring_lo, slots, pt,
                              backend=backend, num_warps=num_warps, num_stages=num_stages)
     out = combine(vfmt, accs, m, den, win, layer)  # [B, Hkv, Gp, D]
     out = out[:, :, :g].reshape(bsz, 1, nh, d).astype(q.dtype)
@@ -286,4 +306,4 @@ def decode(q: jax.Array, seg, layer: jax.Array, page_table: jax.Array, lengths: 
         return out
     big, denom = softmax_stats(m, den, win)
     tpu = backend in ("tpu", "interpret_tpu")
-    return out, mass_from_scores(plan, scores, big, denom, lengths.astype(jnp.int32), g, mp, tpu)
+    return out, mass_from_scores(plan, scores, big, denom, lengths, ring_lo, g, mp, tpu)

@@ -50,11 +50,12 @@ def _online(carry, s, valid, accumulate):
 WINDOW_CHUNK = 32  # ring tokens attended at once: a whole 128 x 128 ring tile spills on H100
 
 
-def _window_update(carry, qw, fetch, length, w, convert, emit=None):
+def _window_update(carry, qw, fetch, length, w, convert, emit=None, ring_lo=0):
     """Attend the ring entries [W, D] (bf16 bits) of one sequence, WINDOW_CHUNK at a time
     (fetch(start, size) -> (keys, values) raw [size, D]): entry j holds the position p in
-    [length - W, length) with p % W == j; entries with p < 0 are empty. emit(i, s): gets chunk
-    i's raw scores [Gp, WINDOW_CHUNK] (attention mass)."""
+    [length - W, length) with p % W == j; entries with p < ring_lo (>= 0) are not read (empty,
+    or not written by this sequence: its pages serve them). emit(i, s): gets chunk i's raw
+    scores [Gp, WINDOW_CHUNK] (attention mass)."""
     lo = length - w
     lo_mod = jax.lax.rem(jax.lax.rem(lo, w) + w, w)
     c = min(w, WINDOW_CHUNK)
@@ -65,8 +66,8 @@ def _window_update(carry, qw, fetch, length, w, convert, emit=None):
 
     def body(i, carry):
         j0 = i * c
-        valid = positions(j0, (1, c), 1) >= 0
-        valid_col = positions(j0, (c, 1), 0) >= 0  # an iota, not a reshape of valid (Mosaic)
+        valid = positions(j0, (1, c), 1) >= ring_lo
+        valid_col = positions(j0, (c, 1), 0) >= ring_lo  # an iota, not a reshape (Mosaic)
         wk, wv = fetch(j0, c)
         kt = jnp.where(valid_col, convert(wk, jnp.bfloat16), 0.0)
         vt = jnp.where(valid_col, convert(wv, jnp.bfloat16), 0.0)
@@ -107,8 +108,8 @@ def _init_state(plan: Plan, vfmt: ValueFormat):
 
 
 def _gather_kernel(*refs, plan: Plan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: int):
-    layer_ref, len_ref, slot_ref, pt_ref = refs[:4]
-    rest = refs[4:]
+    layer_ref, len_ref, lo_ref, slot_ref, pt_ref = refs[:5]
+    rest = refs[5:]
     q_refs, rest = rest[:n_q], rest[n_q:]
     k_refs, rest = rest[:kfmt.leaves], rest[kfmt.leaves:]
     v_refs, rest = rest[:vfmt.leaves], rest[vfmt.leaves:]
@@ -126,7 +127,7 @@ def _gather_kernel(*refs, plan: Plan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: i
     layer = layer_ref[0]
     length = len_ref[0]
     s, ppb = plan.page_size, plan.pages_per_block
-    limit = jnp.maximum(length - plan.window, 0) if plan.window else length
+    limit = lo_ref[0] if plan.window else length  # pages serve positions below the ring's
     base = (layer * plan.kv_heads + h) * plan.num_pages
     first = k * plan.pages_per_split
     n_valid = _cdiv(limit, s)
@@ -172,16 +173,16 @@ def _gather_kernel(*refs, plan: Plan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: i
                 return wk_ref[ridx, pl.ds(j0, c), :], wv_ref[ridx, pl.ds(j0, c), :]
 
             mw, lw, accw = _window_update(carry, qw_ref[...], fetch, length, plan.window,
-                                          bits_to, _emitter(sw_ref))
+                                          bits_to, _emitter(sw_ref), lo_ref[0])
             accw_ref[...] = accw
             mw_ref[...] = mw
             lw_ref[...] = lw
 
 
 def _tpu_kernel(*refs, plan: Plan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: int):
-    layer_ref, len_ref, slot_ref, pt_ref = refs[:4]
+    layer_ref, len_ref, lo_ref, slot_ref, pt_ref = refs[:5]
     del slot_ref, pt_ref  # used by the index maps
-    rest = refs[4:]
+    rest = refs[5:]
     q_refs, rest = rest[:n_q], rest[n_q:]
     k_refs, rest = rest[:kfmt.leaves], rest[kfmt.leaves:]
     v_refs, rest = rest[:vfmt.leaves], rest[vfmt.leaves:]
@@ -202,7 +203,7 @@ def _tpu_kernel(*refs, plan: Plan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: int)
     del layer_ref
     length = len_ref[b]
     s = plan.page_size
-    limit = jnp.maximum(length - plan.window, 0) if plan.window else length
+    limit = lo_ref[b] if plan.window else length
     j = k * plan.pages_per_split + i
 
     @pl.when(i == 0)
@@ -248,7 +249,7 @@ def _tpu_kernel(*refs, plan: Plan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: int)
                 return wk_ref[pl.ds(j0, c), :], wv_ref[pl.ds(j0, c), :]
 
             mw, lw, accw = _window_update(carry, qw_ref[...], fetch, length, plan.window,
-                                          int_bits_to, _emitter(sw_ref))
+                                          int_bits_to, _emitter(sw_ref), lo_ref[b])
             accw_ref[...] = accw
             mw_ref[...] = mw
             lw_ref[...] = lw
@@ -275,7 +276,8 @@ def _out_map(nd: int):
 def launch(plan: Plan, kfmt: KeyFormat, vfmt: ValueFormat, qs: tuple[jax.Array, ...],
            k_leaves: tuple[jax.Array, ...], v_leaves: tuple[jax.Array, ...],
            ring: tuple[jax.Array, jax.Array, jax.Array] | None, layer: jax.Array,
-           lengths: jax.Array, slots: jax.Array, page_table: jax.Array, *, backend: str,
+           lengths: jax.Array, ring_lo: jax.Array, slots: jax.Array, page_table: jax.Array, *,
+           backend: str,
            num_warps: int = 0, num_stages: int = 2):
     """Run the kernel; returns (accs, m, den, window, scores): accs each [B, Hkv, splits',
     *acc_shape], m, den [B, Hkv, splits', Gp, 1], window (acc [B, Hkv, Gp, D], m, den [B, Hkv,
@@ -322,6 +324,7 @@ def launch(plan: Plan, kfmt: KeyFormat, vfmt: ValueFormat, qs: tuple[jax.Array, 
         in_specs = [pl.BlockSpec((1,), lambda bi, h, k: (0,)),
                     pl.BlockSpec((1,), lambda bi, h, k: (bi,)),
                     pl.BlockSpec((1,), lambda bi, h, k: (bi,)),
+                    pl.BlockSpec((1,), lambda bi, h, k: (bi,)),
                     pl.BlockSpec((None, page_table.shape[1]), lambda bi, h, k: (bi, 0))]
         in_specs += [per_head(x) for x in qs]
         in_specs += [whole(x) for x in (*k_leaves, *v_leaves)]
@@ -345,17 +348,17 @@ def launch(plan: Plan, kfmt: KeyFormat, vfmt: ValueFormat, qs: tuple[jax.Array, 
             out_specs=out_specs, interpret=backend == "interpret",
             compiler_params=compat.triton_params(num_warps, num_stages),
             name="kvjax_paged_decode",
-        )(layer.reshape(1), lengths, slots, page_table, *inputs)
+        )(layer.reshape(1), lengths, ring_lo, slots, page_table, *inputs)
     elif tpu:
         mp, w = page_table.shape[1], plan.window
 
-        def page_map(bi, h, k, i, layer_r, len_r, slot_r, pt_r):
-            limit = jnp.maximum(len_r[bi] - w, 0) if w else len_r[bi]
+        def page_map(bi, h, k, i, layer_r, len_r, lo_r, slot_r, pt_r):
+            limit = lo_r[bi] if w else len_r[bi]
             last = jnp.maximum(_cdiv(limit, s) - 1, 0)
             jj = jnp.minimum(k * plan.pages_per_split + i, last)
             return ((layer_r[0] * hkv + h) * plan.num_pages + pt_r[bi * mp + jj], 0, 0)
 
-        def ring_map(bi, h, k, i, layer_r, len_r, slot_r, pt_r):
+        def ring_map(bi, h, k, i, layer_r, len_r, lo_r, slot_r, pt_r):
             return ((layer_r[0] * hkv + h) * plan.ring_slots + slot_r[bi], 0, 0)
 
         def per_head(x):
@@ -388,7 +391,7 @@ def launch(plan: Plan, kfmt: KeyFormat, vfmt: ValueFormat, qs: tuple[jax.Array, 
         scratch = [vmem((gp, 1), jnp.float32), vmem((gp, 1), jnp.float32)]
         scratch += [vmem(sh, jnp.float32) for sh in acc_shapes]
         grid_spec = compat.PrefetchScalarGridSpec(
-            num_scalar_prefetch=4, grid=(b, hkv, nsplit, plan.pages_per_split),
+            num_scalar_prefetch=5, grid=(b, hkv, nsplit, plan.pages_per_split),
             in_specs=in_specs, out_specs=out_specs, scratch_shapes=scratch)
         kernel = functools.partial(_tpu_kernel, plan=plan, kfmt=kfmt, vfmt=vfmt, n_q=n_q)
         out = pl.pallas_call(
@@ -397,7 +400,7 @@ def launch(plan: Plan, kfmt: KeyFormat, vfmt: ValueFormat, qs: tuple[jax.Array, 
             compiler_params=compat.tpu_params(("parallel", "parallel", "arbitrary",
                                                "arbitrary")),
             name="kvjax_paged_decode",
-        )(layer.reshape(1), lengths, slots, page_table.reshape(-1), *inputs)
+        )(layer.reshape(1), lengths, ring_lo, slots, page_table.reshape(-1), *inputs)
     else:
         raise ValueError(f"no launcher for backend {backend!r}")
     n_acc = len(acc_shapes)

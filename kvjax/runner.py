@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import math
 
 import jax
@@ -38,6 +39,16 @@ def param_dtype(cfg: Config) -> jnp.dtype:
     if jax.default_backend() == "cpu" and cfg.model.num_params() * 4 < 8 * 2**30:
         return jnp.float32
     return jnp.bfloat16
+
+
+def _ladder():
+    """Table widths in pages: 8, 12, 16, 24, 32, 48, ... (at most 1.5x the pages a step needs,
+    where powers of two alone waste up to 2x; twice the compiled widths)."""
+    w = 8
+    while True:
+        yield w
+        yield w * 3 // 2
+        w *= 2
 
 
 class Runner:
@@ -126,11 +137,12 @@ class Runner:
 
     def _table_width(self, longest: int) -> int:
         """Page-table columns for a step whose longest sequence holds `longest` tokens: the next
-        power of two of the pages it needs (at least 8), capped at max_pages. Attention reads
-        every column, so a 1K prompt in an 8K runner costs 1K of attention, not 8K; one compile
-        per width."""
+        rung of the ladder 8, 12, 16, 24, 32, 48, ... (powers of two and 1.5x them) at or above
+        the pages it needs, capped at max_pages. Attention reads every column, so a 1K prompt in
+        an 8K runner costs 1K of attention, not 8K, and a row just past a power of two (544
+        tokens) reads 48 pages, not 64; one compile per width."""
         need = max(1, math.ceil(longest / self.cfg.cache.page_size))
-        return min(self.max_pages, max(8, 1 << (need - 1).bit_length()))
+        return min(self.max_pages, next(w for w in _ladder() if w >= need))
 
     table_width = _table_width
 
@@ -138,11 +150,7 @@ class Runner:
         """Every table width `table_width` can return for sequences up to `longest` tokens (all
         of max_seq_len by default): the bounded set a warmup compiles."""
         top = self._table_width(self.max_seq_len if longest is None else longest)
-        out, w = [], min(8, self.max_pages)
-        while w < top:
-            out.append(w)
-            w *= 2
-        return [*out, top]
+        return [*itertools.takewhile(lambda w: w < top, _ladder()), top]
 
     def slots_for(self, seq_ids: list[int | None]) -> np.ndarray:
         """[batch] window ring slot per row (0 for padding rows), assigned on first use."""

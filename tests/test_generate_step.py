@@ -64,3 +64,18 @@ def test_decoder_sampling_is_seeded(params):
     assert a == run(7)
     assert a != run(8)
     assert all(0 <= t < CFG.model.vocab_size for t in a)
+
+
+def test_table_width_ladder(params):
+    """Widths step by x1.5 (8, 12, 16, 24, ...): a step reads at most 1.5x the pages its longest
+    row needs (powers of two read up to 2x), never fewer, and `widths` lists every width
+    `table_width` can return (what warmup compiles)."""
+    r = Runner(CFG, params, max_seq_len=3000)  # 375 pages of 8
+    assert r.widths()[:8] == [8, 12, 16, 24, 32, 48, 64, 96]
+    assert r.widths()[-1] == r.max_pages == 375
+    for tokens in range(1, 3001):
+        need = -(-tokens // 8)
+        w = r.table_width(tokens)
+        assert need <= w <= max(8, min(r.max_pages, 1.5 * need))
+        assert w in r.widths()
+    assert r.table_width(544) == r.table_width(768) == 96  # 68 / 96 pages: not 128

@@ -1,6 +1,6 @@
 """Kernels compile for TPU v5e and v6e with libtpu's compile-only client (no TPU needed), as
 `python -m kvjax.bench.compile --target tpu-v5e --target tpu-v6e` does: one case per process,
-two at a time. Skipped when libtpu is not installed (pip install "jax[tpu]==0.10.2").
+two at a time. Skipped when libtpu is not installed (pip install -e ".[compile-tpu]").
 
 CI time: `cases_for` picks each default case on one of the two targets, with the slowest
 compiles left out unless KVJAX_COMPILE_ALL=1 (every default case on both targets, as the
@@ -25,8 +25,9 @@ from kvjax.bench.compile import run_one
 from kvjax.bench.compile_case import KERNEL_KINDS, Case, default_cases
 from kvjax.bench.compile_model import parse as parse_model
 
-needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                  reason='libtpu is not importable: pip install "jax[tpu]==0.10.2"')
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason='libtpu is not importable: pip install -e ".[compile-tpu]"')
 
 TARGETS = ("tpu-v5e", "tpu-v6e")
 # dtype -> why Mosaic rejects it today (empty: every default case compiles on v5e and v6e).

@@ -34,101 +34,28 @@ import collections
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 
 import jax
 import numpy as np
 
-from kvjax import sampling, sharding
+from kvjax import sharding
 from kvjax.cache.paged import attention_mass
 from kvjax.config import Config
-from kvjax.engine.block_manager import BlockManager
+from kvjax.engine.batch import BatchMixin
 from kvjax.engine.eviction import EvictionConfig, H2OScores, page_scores, pages_to_drop
+from kvjax.engine.loop import LoopMixin
 from kvjax.engine.metrics import Metrics
 from kvjax.engine.planner import kv_split, size_pool
+from kvjax.engine.pool import EngineConfig, Pool, RequestError, _bucket
 from kvjax.engine.request import Request, SamplingParams
-from kvjax.engine.step import (
-    Channel,
-    StepBatch,
-    compile_sampler,
-    enable_compile_cache,
-    execute,
-    fetch,
-)
+from kvjax.engine.step import Channel, execute, fetch
+from kvjax.engine.warmup import WarmupMixin
 from kvjax.quant import weights
-from kvjax.runner import CHUNK_BUCKETS, Runner, param_dtype
+from kvjax.runner import CHUNK_BUCKETS, param_dtype
 
 log = logging.getLogger("kvjax.engine")
 
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-GIB = 2**30
-
-
-class RequestError(ValueError):
-    """A request the engine cannot serve (too long, bad parameters): a 400 for the server."""
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    max_num_seqs: int = 32  # requests in the running batch
-    max_model_len: int = 0  # prompt + output tokens per request (0 = the model's max_position)
-    max_num_batched_tokens: int = 512  # tokens per step and pool (decode rows + prefill chunks)
-    chunk_size: int = 256  # most prompt tokens one request prefills in one step
-    num_pages: int = 0  # pages in the main pool (0 = size from gpu_memory_utilization)
-    gpu_memory_utilization: float = 0.9  # fraction of device memory for weights + activations + KV
-    enable_prefix_caching: bool = False
-    eviction: EvictionConfig = field(default_factory=EvictionConfig)  # default for requests
-    full_precision_pages: int = 0  # pages of the full-precision pool (0 = no such pool)
-    full_precision_dtype: str = ""  # its cache dtype ("" = f32 on CPU, bf16 elsewhere)
-    full_precision_threshold: int = 0  # prompts longer than this go to it (0 = only if flagged)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "chunk_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError("gpu_memory_utilization must be in (0, 1]")
-
-
-def _bucket(n: int, buckets: tuple[int, ...]) -> int:
-    return next((b for b in buckets if b >= n), n)
-
-
-class Pool:
-    """One page pool: a Runner (cache + compiled forward) and the BlockManager of its pages."""
-
-    def __init__(self, name: str, cfg: Config, params: dict, num_pages: int, max_model_len: int,
-                 ecfg: EngineConfig, mesh: jax.sharding.Mesh | None = None):
-        self.name = name
-        self.cfg = cfg.replace_cache(num_pages=num_pages)
-        self.runner = Runner(self.cfg, params, max_seq_len=max_model_len,
-                             max_batch=ecfg.max_num_seqs, mesh=mesh)
-        self.page_size = self.cfg.cache.page_size
-        # Layouts with a full-precision window read a sequence's last W tokens from its own ring
-        # buffer. A prefix hit therefore stops W tokens short of the prompt's end, so prefill
-        # writes them into the new sequence's ring (pages before that hold every token's codes;
-        # KIVI's are sealed). The ring is indexed and tagged by absolute position, so eviction
-        # (whose window must cover the ring's) never corrupts it (kvjax/cache/paged.py).
-        window = self.cfg.cache.window_for(self.cfg.cache.dtype)
-        self.windowed = window > 0
-        self.bm = BlockManager(num_pages, self.page_size, self.cfg.cache.dtype,
-                               ecfg.enable_prefix_caching, recompute_tail=window)
-        self.waiting: collections.deque[Request] = collections.deque()
-        self.running: list[Request] = []
-
-    @property
-    def kv_tokens(self) -> int:
-        return (self.bm.num_pages - 1) * self.page_size
-
-    def snapshot(self) -> dict:
-        return {"pool": self.name, "usage": self.bm.usage(), "queries": self.bm.prefix_queries,
-                "hits": self.bm.prefix_hits, "running": len(self.running),
-                "waiting": len(self.waiting), "num_pages": self.bm.num_pages,
-                "page_size": self.page_size, "dtype": self.cfg.cache.dtype}
-
-
-class Engine:
+class Engine(BatchMixin, WarmupMixin, LoopMixin):
     def __init__(self, cfg: Config, params: dict, ecfg: EngineConfig | None = None,
                  eos_ids: tuple[int, ...] = (), model_name: str | None = None,
                  mesh: jax.sharding.Mesh | None = None):
@@ -423,72 +350,6 @@ class Engine:
             finished += self._recover(pool, [r for r, _, _ in group], e)
         return finished
 
-    def _build(self, pool: Pool, index: int, group: list[tuple[Request, int, int]]
-               ) -> tuple[StepBatch, list[bool]]:
-        """Host arrays of one padded forward (+ the sampling of the rows that end their tokens);
-        the page table is only as wide as the longest row needs (a width bucket)."""
-        t = _bucket(max(n for _, _, n in group), CHUNK_BUCKETS)
-        b = _bucket(len(group), BATCH_BUCKETS)
-        tokens = np.zeros((b, t), np.int32)
-        positions = np.tile(np.arange(t, dtype=np.int32), (b, 1))
-        lengths = np.zeros((b,), np.int32)
-        logits_index = np.zeros((b,), np.int32)
-        wants = []
-        for row, (req, start, n) in enumerate(group):
-            tokens[row, :n] = req.cache_tokens[start:start + n]
-            positions[row] += start
-            lengths[row] = start + n
-            logits_index[row] = n - 1
-            wants.append(start + n == len(req.cache_tokens))
-        seq_ids = [r.seq_id for r, _, _ in group]
-        held = max(len(pool.bm.pages(s)) for s in seq_ids) * pool.page_size
-        width = pool.runner.table_width(max(int(lengths.max()), held))
-        page_table = np.zeros((b, width), np.int32)
-        page_table[: len(group)] = pool.bm.page_table(seq_ids, width)
-        fresh = np.zeros((b,), np.int32)  # rows whose ring slot is handed out now
-        fresh[: len(group)] = [s not in pool.runner.window_slot for s in seq_ids]
-        slots = pool.runner.slots_for(seq_ids + [None] * (b - len(group)))
-        step = StepBatch(index, tokens, positions, page_table, lengths, slots, logits_index,
-                         fresh=fresh)
-        step.page_pos = pool.bm.page_positions(seq_ids + [None] * (b - len(group)), width)
-        step.mass = pool.runner.tracks_attention_mass
-        if any(wants):
-            step.sample, step.flags = self._sampling(group, wants, b)
-        return step, wants
-
-    def _sampling(self, group: list[tuple[Request, int, int]], wants: list[bool], b: int):
-        """Per-row sampling arrays (kvjax.sampling.pack) for the rows that sample."""
-        reqs = [req if w else None for (req, _, _), w in zip(group, wants, strict=True)]
-        rows = [None if r is None else r.params for r in reqs]
-        steps = [0 if r is None else len(r.output_ids) for r in reqs]
-        seeds = [0 if r is None else sampling.row_seed(r.params.seed,
-                                                       r.seq_id + (self.ecfg.seed << 32))
-                 for r in reqs]
-        stops = [() if r is None else (*self.eos_ids, *r.params.stop_token_ids) for r in reqs]
-        sb, flags = sampling.pack(rows, b, steps, seeds, stops)
-        if flags.penalties:  # token counts of what each row generated, and its prompt's tokens
-            v = self.cfg.model.vocab_size
-            counts = np.zeros((b, v), np.int32)
-            mask = np.zeros((b, v), bool)
-            for i, r in enumerate(reqs):
-                if r is not None:
-                    counts[i] = np.bincount(np.asarray(r.output_ids, np.int64), minlength=v)[:v]
-                    mask[i, r.prompt_ids] = True
-            sb = sb._replace(output_counts=counts, prompt_mask=mask)
-        return sb, flags
-
-    @staticmethod
-    def _record_logprobs(req: Request, host: tuple[np.ndarray, ...], row: int) -> None:
-        n = req.params.logprobs
-        if n is None or len(host) < 2:
-            return
-        req.output_logprobs.append(float(host[1][row]))
-        if n and len(host) == 4:
-            req.top_logprobs.append([(int(i), float(lp)) for i, lp in
-                                     zip(host[2][row][:n], host[3][row][:n], strict=True)])
-        else:
-            req.top_logprobs.append([])
-
     def _append(self, pool: Pool, req: Request, token: int, now: float) -> bool:
         req.output_ids.append(token)
         req.cache_tokens.append(token)
@@ -537,144 +398,5 @@ class Engine:
             req.out.put((None, reason))
 
     # ---- drivers -------------------------------------------------------------------------------
-    def generate(self, requests: list[Request]) -> list[Request]:
-        """Run these requests to completion on the calling thread (no background loop)."""
-        if self._thread is not None:
-            raise RuntimeError("the engine loop is running; use add_request")
-        for req in requests:
-            self.add_request(req)
-        while any(not r.finished for r in requests):
-            self.step()
-        return requests
-
-    def start(self) -> None:
-        """Run `step` on a background thread whenever there is work."""
-        if self._thread is None:
-            self._stop = False
-            self._thread = threading.Thread(target=self._loop, name="kvjax-engine", daemon=True)
-            self._thread.start()
-
-    def stop(self) -> None:
-        """Stop the loop; in a multi-process run this also releases the followers."""
-        self._stop = True
-        self._wake.set()
-        if self._warmup_thread is not None:  # let an in-flight compile finish before exit
-            self._warmup_thread.join(timeout=120)
-            self._warmup_thread = None
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
-        else:
-            self.channel.stop()
-
-    def _loop(self) -> None:
-        try:
-            while not self._stop:
-                if not self.has_work():
-                    self._wake.wait(timeout=0.5)
-                    self._wake.clear()
-                    continue
-                try:
-                    self.step()
-                except Exception as e:  # never let one bad step kill the server
-                    log.exception("engine step failed; failing the running requests")
-                    for pool in self.pools.values():
-                        self._recover(pool, list(pool.running), e)
-        finally:
-            self.channel.stop()  # on this thread: it orders after this thread's last send
-
-    def follow(self) -> None:
-        """Processes other than 0 of a multi-process run: run every step process 0 sends, on
-        this process's shards, until process 0 stops."""
-        runners = [p.runner for p in self.pools.values()]
-        while (step := self.channel.recv()) is not None:
-            try:
-                for slot in step.slots[step.fresh.astype(bool)]:  # as process 0's _slot did
-                    runners[step.pool].untag_slot(int(slot))
-                if step.mass:  # process 0 admitted an H2O request: the same program here
-                    runners[step.pool].track_attention_mass()
-                out = execute(runners[step.pool], step)
-                if out is not None:
-                    jax.block_until_ready(out)
-            except Exception:  # process 0 saw the same failure and failed those requests
-                log.exception("follower step failed")
-                runner = runners[step.pool]
-                if any(x.is_deleted() for x in jax.tree.leaves(runner.cache)):
-                    runner.reset_cache()
-
-    def warmup_shapes(self, max_batch: int | None = None) -> list[tuple[int, int]]:
-        """(batch, chunk) shapes the scheduler can produce: decode rows [B, 1] for each batch
-        bucket up to max_num_seqs, and prefill rows [B, T] for each chunk bucket T and the batch
-        buckets whose rows (2+ tokens each) fit the step's token budget."""
-        ecfg = self.ecfg
-        n_max = max_batch or ecfg.max_num_seqs
-        shapes = [(b, 1) for b in BATCH_BUCKETS if b <= _bucket(n_max, BATCH_BUCKETS)]
-        prev = 1
-        for t in CHUNK_BUCKETS:
-            if 1 < t <= _bucket(ecfg.chunk_size, CHUNK_BUCKETS):
-                for b in BATCH_BUCKETS:
-                    # Rows in this group are longer than the previous bucket; the fewest rows
-                    # that pad to b are b//2 + 1: does such a group fit the token budget?
-                    rows = 1 if b == 1 else b // 2 + 1
-                    if rows <= n_max and rows * (prev + 1) <= ecfg.max_num_batched_tokens:
-                        shapes.append((b, t))
-                prev = t
-        return shapes
-
-    def warmup(self, max_batch: int | None = None, background: bool = True,
-               max_len: int | None = None) -> float:
-        """Compile (without running) every step shape: the (batch, chunk) shapes of
-        `warmup_shapes` x the page-table widths up to max_len tokens (max_model_len), and the
-        greedy sampler per batch bucket. One-row decode and prefill shapes at the narrowest
-        width compile now; with background=True the others compile on a thread while the engine
-        already serves (a step that needs one first compiles it itself), else now. Compiles go
-        through JAX's persistent cache (`enable_compile_cache`), so a restart mostly loads them.
-        Returns the seconds spent here; `warmup_done` is set when every shape is compiled."""
-        t0 = time.perf_counter()
-        enable_compile_cache()
-        shapes = self.warmup_shapes(max_batch)
-        jobs = []
-        for pool in self.pools.values():
-            r = pool.runner
-            for i, w in enumerate(r.widths(max_len)):
-                jobs += [(i, r, b, t, w) for b, t in shapes]
-        # Now: one request's shapes at the narrowest width (decode and each prefill chunk),
-        # so the server answers at once; the rest by width, narrowest first, decode first.
-        first = [j for j in jobs if j[0] == 0 and j[2] == 1]
-        rest = sorted((j for j in jobs if j not in first), key=lambda j: (j[0], j[3], j[2]))
-        for _, r, b, t, w in first:
-            r.compile(b, t, w)
-        vocab = self.cfg.model.vocab_size
-        for pool in self.pools.values():
-            compile_sampler(pool.runner, 1, sampling.SamplerFlags(), vocab)
-        spent = time.perf_counter() - t0
-        log.info("warmup: compiled %d step shapes in %.1f s%s", len(first), spent,
-                 f"; {len(rest)} wider ones compile in the background" if rest and background
-                 else "")
-
-        def compile_rest() -> None:
-            t1 = time.perf_counter()
-            for b in sorted({b for b, _ in shapes}):  # greedy, then the usual client knobs
-                for flags in (sampling.SamplerFlags(), sampling.SamplerFlags(stochastic=True),
-                              sampling.SamplerFlags(stochastic=True, truncate=True)):
-                    for pool in self.pools.values():
-                        compile_sampler(pool.runner, b, flags, vocab)
-            for _, r, b, t, w in rest:
-                if self._stop:
-                    return
-                r.compile(b, t, w)
-            log.info("warmup: %d more step shapes compiled in %.1f s", len(rest),
-                     time.perf_counter() - t1)
-            self.warmup_done.set()
-
-        if background and rest:
-            self._warmup_thread = threading.Thread(target=compile_rest, name="kvjax-warmup",
-                                                   daemon=True)
-            self._warmup_thread.start()
-        else:
-            compile_rest()
-            spent = time.perf_counter() - t0
-        return spent
-
     def stats(self) -> list[dict]:
         return [p.snapshot() for p in self.pools.values()]

@@ -193,8 +193,10 @@ class Runner:
                 self.cache, jnp.asarray(page_table), jnp.asarray(lengths), jnp.asarray(slots),
                 jnp.asarray(logits_index), None if page_pos is None else jnp.asarray(page_pos))
             return logits
-        put = jnp.asarray if self.mesh is None else functools.partial(sharding.put_batch,
-                                                                      self.mesh)
+        # device_put, not jnp.asarray: jax 0.10's asarray stages numpy through a jit that
+        # compiles once per shape, which a warmed-up engine must not do.
+        put = jax.device_put if self.mesh is None else functools.partial(sharding.put_batch,
+                                                                         self.mesh)
         logits, self.cache = exe(self.params, put(tokens), put(positions), self.cache,
                                  put(page_table), put(lengths), put(slots), put(logits_index))
         return logits

@@ -104,10 +104,16 @@ def test_prefix_cache_computes_fewer_prefill_tokens_same_output(params):
     assert_drained(eng)
 
 
-@pytest.mark.parametrize("dtype,window", [("int8", 16), ("turbo3", 24), ("kivi4", 32)])
-def test_prefix_cache_with_a_full_precision_window_recomputes_the_window(params, dtype, window):
+@pytest.mark.parametrize("dtype,window,tol", [("int8", 16, 0.01), ("turbo3", 24, 0.2),
+                                              ("kivi4", 32, 0.15)])
+def test_prefix_cache_with_a_full_precision_window_recomputes_the_window(params, dtype, window,
+                                                                         tol):
     """A windowed layout reads a sequence's last W tokens from its own ring, so a prefix hit
-    stops W tokens short of the prompt's end; the pages before hold the same codes."""
+    stops W tokens short of the prompt's end and recomputes them. Under the full-precision-chunk
+    rule the recomputed chunk reads the positions before it from the (quantized) pages, where a
+    cold prefill reads them as computed: the next-token distribution equals the cold one within
+    the format's quantization error (observed max |dlogprob| int8 0.002, turbo3 0.07, kivi4
+    0.05), not bitwise."""
     kivi = dtype.startswith("kivi")  # values in 32-channel groups, keys sealed per 32 tokens
     cfg = CFG.replace_cache(dtype=dtype, window=window, page_size=32 if kivi else 8)
     if kivi:
@@ -116,13 +122,21 @@ def test_prefix_cache_with_a_full_precision_window_recomputes_the_window(params,
     rng = np.random.default_rng(2)
     system = list(map(int, rng.integers(0, 256, size=72)))
     a, b = system + [1, 2, 3], system + [9, 8, 7, 6]
+    sp = SamplingParams(max_tokens=1, logprobs=20)
+
+    def top20(eng: Engine, prompt: list[int]) -> dict[int, float]:
+        return dict(eng.generate([eng.make_request("x", prompt, sp)])[0].top_logprobs[0])
+
     base = engine(params, cfg)
-    want = run(base, [a]) + run(base, [b])
+    want_a, want_b = top20(base, a), top20(base, b)
     eng = engine(params, cfg, enable_prefix_caching=True)
     c = eng.metrics.counters
-    assert run(eng, [a]) == want[:1]
+    assert top20(eng, a) == want_a  # no hit yet: the same path as the cold engine
     first = c["prefill_kv_computed_tokens"]
-    assert run(eng, [b]) == want[1:]
+    got = top20(eng, b)
+    shared = set(got) & set(want_b)
+    assert len(shared) >= 18
+    assert max(abs(got[t] - want_b[t]) for t in shared) < tol
     page = cfg.cache.page_size
     hit = (len(b) - window) // page * page
     assert hit > 0 and c["prefill_kv_computed_tokens"] - first == len(b) - hit

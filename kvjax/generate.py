@@ -36,6 +36,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = all).", lower_bound=0)
     flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.", lower_bound=0.0, upper_bound=1.0)
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    flags.DEFINE_bool("ignore_eos", False, "Keep generating past end-of-sequence tokens (for "
+                      "long sessions and benchmarks; llama.cpp's --ignore-eos).")
     flags.DEFINE_string("weights", None, "GGUF file, HF checkpoint dir or kvjax orbax dir.")
     flags.DEFINE_bool("random_weights", False, "Random weights with the config's real shapes.")
     cli.define_eviction_flags()
@@ -188,7 +190,8 @@ def main(argv: list[str]) -> int:
     if FLAGS.kv_eviction != "none":
         generate_evicting(cfg, params, tokenizer, ids, SamplingParams(
             max_tokens=max(1, FLAGS.max_new_tokens), temperature=FLAGS.temperature,
-            top_p=FLAGS.top_p, top_k=FLAGS.top_k, seed=FLAGS.seed), mesh)
+            top_p=FLAGS.top_p, top_k=FLAGS.top_k, seed=FLAGS.seed,
+            ignore_eos=FLAGS.ignore_eos), mesh)
         return 0
     context = cfg.model.max_position
     if len(ids) >= context:
@@ -213,9 +216,10 @@ def main(argv: list[str]) -> int:
     n_new, t1 = 0, time.perf_counter()
     while n_new < budget:
         n_new += 1
-        if token in tokenizer.eos_ids:
+        if token in tokenizer.eos_ids and not FLAGS.ignore_eos:
             break
-        sys.stdout.write(stream.push(token))
+        if token not in tokenizer.eos_ids:
+            sys.stdout.write(stream.push(token))
         sys.stdout.flush()
         if n_new < budget:  # the last token is printed, never written to the cache
             token = decoder.step(token)

@@ -24,7 +24,8 @@ from kvjax import sampling
 from kvjax.runner import CHUNK_BUCKETS, Runner
 from kvjax.sampling import SampleOutput, SamplerFlags, SamplingBatch
 
-# Ahead-of-time compiled samplers: (mesh, batch, flags) -> executable (`compile_sampler`).
+# Ahead-of-time compiled samplers: (mesh, batch, vocab, flags) -> executable (`compile_sampler`).
+# The vocab is in the key: equal meshes of two engines (two models) in one process share the dict.
 _SAMPLERS: dict[tuple, object] = {}
 
 
@@ -62,7 +63,7 @@ def execute(runner: Runner, step: StepBatch) -> SampleOutput | None:
         from kvjax.sharding import put_global
 
         sb = SamplingBatch(*(None if x is None else put_global(np.asarray(x), rep) for x in sb))
-    exe = _SAMPLERS.get((runner.mesh, logits.shape[0], step.flags))
+    exe = _SAMPLERS.get((runner.mesh, *logits.shape, step.flags))
     if exe is not None:
         return exe(logits, sb)
     return sampling.sample_batch_jit(logits, sb, flags=step.flags)
@@ -117,7 +118,7 @@ def compile_sampler(runner: Runner, b: int, flags: sampling.SamplerFlags, vocab:
     def abstract(x):
         return None if x is None else jax.ShapeDtypeStruct(x.shape, x.dtype, **spec)
 
-    key = (runner.mesh, b, flags)
+    key = (runner.mesh, b, vocab, flags)
     if flags.penalties or flags.bias_width or flags.stop_width:
         return  # their arrays vary per batch: compiled by jit when first used
     if key not in _SAMPLERS:

@@ -11,6 +11,7 @@ the same weights, and a seeded sampled request is the same on both. Two meshes, 
 The caches are f32: the meshes reduce in another order than one device, and bf16 pages could
 round a near-tie the other way."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -81,7 +82,10 @@ def test_two_processes_serve_the_one_device_outputs(name):
            "--cpu-devices-per-process", str(devices), "--module", "kvjax.serve", "--timeout",
            "600", "--", "--config", config, *extra, *COMMON, "--tensor-parallel", str(tensor),
            "--data-parallel", str(data), "--port", str(port)]
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    # Own process group: the finally below can stop the servers even if the launcher dies first
+    # (fresh CI left both server processes running after this test).
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     lines = []
     try:
@@ -108,3 +112,5 @@ def test_two_processes_serve_the_one_device_outputs(name):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group is left

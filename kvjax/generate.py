@@ -40,6 +40,9 @@ def define_flags() -> None:
                       "long sessions and benchmarks; llama.cpp's --ignore-eos).")
     flags.DEFINE_string("weights", None, "GGUF file, HF checkpoint dir or kvjax orbax dir.")
     flags.DEFINE_bool("random_weights", False, "Random weights with the config's real shapes.")
+    flags.DEFINE_integer("kv_stats_every", 0, "With --kv-eviction: print KV bytes in use, tokens "
+                         "evicted and process RSS every N generated tokens (0 = only at the end).",
+                         lower_bound=0)
     cli.define_eviction_flags()
     launch.define_distributed_flags()
 
@@ -149,6 +152,12 @@ def generate_evicting(cfg: Config, params: dict, tokenizer: Tokenizer, ids: list
         for token in req.output_ids[printed:]:
             if token not in tokenizer.eos_ids:
                 sys.stdout.write(stream.push(token))
+        every = FLAGS.kv_stats_every
+        if every and printed // every != len(req.output_ids) // every:
+            print(f"\n[kv] {len(req.output_ids)} tokens, {time.perf_counter() - t0:.1f} s | KV in "
+                  f"use {int(pool.bm.num_used * page_bytes + ring_bytes):,} bytes (peak {peak:,})"
+                  f" | evicted {req.num_evicted} | RSS {_rss_bytes():,} bytes",
+                  file=launch.stats_stream(), flush=True)
         printed = len(req.output_ids)
         sys.stdout.flush()
     if req.finish_reason == "error":
@@ -160,6 +169,16 @@ def generate_evicting(cfg: Config, params: dict, tokenizer: Tokenizer, ids: list
           f"{req.num_evicted} tokens | KV in use {last:,} bytes (peak {peak:,}; budget "
           f"{budget} pages = {int(budget * page_bytes + ring_bytes):,} bytes)",
           file=launch.stats_stream())
+
+
+def _rss_bytes() -> int:
+    """This process's resident set size now (Linux /proc; 0 elsewhere)."""
+    try:
+        import os
+
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def read_prompt() -> str:

@@ -44,7 +44,8 @@ def gather_kv(seg: Segment, layer: jax.Array, page_table: jax.Array, lengths: ja
     if seg.window:
         b, max_len = page_table.shape[0], k.shape[2]
         cache_pos = jnp.broadcast_to(jnp.arange(max_len), (b, max_len))
-        abs_pos = absolute_positions(page_pos, cache_pos, seg.k_spec.page_size)
+        abs_pos = absolute_positions(page_pos, cache_pos, seg.k_spec.page_size,
+                                     page_table.shape[1])
         tags = jnp.take_along_axis(seg.wpos[layer, window_slots], abs_pos % seg.window, axis=1)
         in_window = (cache_pos >= (lengths - seg.window)[:, None]) & (tags == abs_pos)
         in_window = in_window[None, :, :, None]

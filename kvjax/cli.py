@@ -102,13 +102,16 @@ def define_eviction_flags() -> None:
     flags.DEFINE_integer("sink_tokens", 4, "StreamingLLM/H2O sink tokens.", lower_bound=0)
     flags.DEFINE_integer("eviction_window", 512, "Recent tokens kept by eviction.", lower_bound=1)
     flags.DEFINE_integer("heavy_tokens", 128, "H2O heavy-hitter tokens.", lower_bound=0)
+    flags.DEFINE_enum("kv_eviction_granularity", "page", ["page", "token"],
+                      "Evict whole pages (nothing moves) or single tokens (kept tokens "
+                      "compacted on device; a KIVI cache still evicts whole pages).")
 
 
 def eviction_from_flags():
     from kvjax.engine.eviction import EvictionConfig
 
     return EvictionConfig(FLAGS.kv_eviction, FLAGS.sink_tokens, FLAGS.eviction_window,
-                          FLAGS.heavy_tokens)
+                          FLAGS.heavy_tokens, FLAGS.kv_eviction_granularity)
 
 
 def config_from_flags():

@@ -153,7 +153,7 @@ def generate_evicting(cfg: Config, params: dict, tokenizer: Tokenizer, ids: list
             if token not in tokenizer.eos_ids:
                 sys.stdout.write(stream.push(token))
         every = FLAGS.kv_stats_every
-        if every and printed // every != len(req.output_ids) // every:
+        if every and not req.finished and printed // every != len(req.output_ids) // every:
             print(f"\n[kv] {len(req.output_ids)} tokens, {time.perf_counter() - t0:.1f} s | KV in "
                   f"use {int(pool.bm.num_used * page_bytes + ring_bytes):,} bytes (peak {peak:,})"
                   f" | evicted {req.num_evicted} | RSS {_rss_bytes():,} bytes",

@@ -112,7 +112,8 @@ class Transformer(nnx.Module):
         layer_params = {k: v[...] for k, v in self.layers.items()}
         if window_slots is None:
             window_slots = jnp.zeros(tokens.shape[:1], jnp.int32)
-        rope_positions = absolute_positions(page_pos, positions, cache.page_size)
+        rope_positions = absolute_positions(page_pos, positions, cache.page_size,
+                                            page_table.shape[1])
 
         def layer(carry, index):
             x, seg = carry

@@ -24,8 +24,10 @@ is shorter than the window, a slot's previous occupant, another tenant): such po
 to the sequence's own pages. `reset_window_slot` clears a slot's tags when a sequence takes it.
 
 Absolute positions: without eviction they equal cache positions. After eviction the caller passes
-`page_pos` [batch, max_pages], the absolute position of each page's first token; RoPE, the ring
-and the key re-rotation in kvjax/attention.py (StreamingLLM's positions within the cache) use it.
+`page_pos` [batch, max_pages], the absolute position of each page's first token (or, after
+token-granular eviction, [batch, max_pages * page_size], each slot's: kvjax/cache/compact.py);
+RoPE, the ring and the key re-rotation in kvjax/attention.py (StreamingLLM's positions within the
+cache) use it.
 
 H2O: a segment may carry `mass` [num_pages, kv_heads, page_size] f32, the softmax mass each
 cached token received, summed over layers, query rows and the query heads of each KV head
@@ -164,13 +166,18 @@ def attention_mass(cache: KVCache, pages: list[int] | np.ndarray) -> np.ndarray:
     return total
 
 
-def absolute_positions(page_pos: jax.Array | None, positions: jax.Array, page_size: int
-                       ) -> jax.Array:
-    """Cache positions [batch, n] -> absolute positions (identity without `page_pos`)."""
+def absolute_positions(page_pos: jax.Array | None, positions: jax.Array, page_size: int,
+                       max_pages: int | None = None) -> jax.Array:
+    """Cache positions [batch, n] -> absolute positions (identity without `page_pos`).
+
+    page_pos: [batch, max_pages] each page's first absolute position, or, after token-granular
+    eviction, [batch, max_pages * page_size] each slot's (told apart by `max_pages`, the page
+    table's width; the same thing when page_size is 1)."""
     if page_pos is None:
         return positions
-    idx = jnp.clip(positions // page_size, 0, page_pos.shape[1] - 1)
-    return jnp.take_along_axis(page_pos, idx, axis=1) + positions % page_size
+    unit = 1 if max_pages is not None and page_pos.shape[1] != max_pages else page_size
+    idx = jnp.clip(positions // unit, 0, page_pos.shape[1] - 1)
+    return jnp.take_along_axis(page_pos, idx, axis=1) + positions % unit
 
 
 def bytes_per_token(mc: ModelConfig, cc: CacheConfig) -> float:

@@ -83,6 +83,9 @@ class BlockManager:
         # token (pages past the list continue the tail: index * page_size + evicted).
         self._evicted: dict[int, int] = {}
         self._page_pos: dict[int, list[int]] = {}
+        # Token-granular eviction: the absolute position of each kept token (cache order);
+        # tokens past the array continue the tail (cache position + evicted).
+        self._tok_pos: dict[int, np.ndarray] = {}
         # Counters (tokens, like vLLM's prefix_cache_queries / prefix_cache_hits).
         self.prefix_queries = 0
         self.prefix_hits = 0
@@ -153,6 +156,7 @@ class BlockManager:
         self._last_hash.pop(seq_id, None)
         self._evicted.pop(seq_id, None)
         self._page_pos.pop(seq_id, None)
+        self._tok_pos.pop(seq_id, None)
 
     def fork(self, parent: int, child: int, num_tokens: int) -> None:
         """`child` shares the full pages of `parent`'s first `num_tokens` tokens by reference."""
@@ -187,6 +191,43 @@ class BlockManager:
             self._unref(page)
         self._committed[seq_id] = -1  # never commit again
         return released
+
+    def drop_tokens(self, seq_id: int, positions: list[int], num_tokens: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Token-granular eviction of the tokens at these cache positions (of the sequence's
+        first `num_tokens`): the kept tokens move down in order over the dropped ones, the pages
+        this empties are released, and each kept token keeps its absolute position. Returns the
+        moves (src pages, src slots, dst pages, dst slots) for kvjax.cache.compact."""
+        ps, table = self.page_size, self.tables[seq_id]
+        keep = np.ones(num_tokens, bool)
+        keep[np.asarray(positions, np.int64)] = False
+        abs_pos = self._token_positions(seq_id, num_tokens)
+        src = np.flatnonzero(keep)
+        dst = np.arange(len(src))
+        moved = src != dst
+        pages = np.asarray(table, np.int32)
+        moves = (pages[src[moved] // ps], (src[moved] % ps).astype(np.int32),
+                 pages[dst[moved] // ps], (dst[moved] % ps).astype(np.int32))
+        first, last = self.pages_needed(len(src)), self.pages_needed(num_tokens)
+        released = table[first:last]
+        del table[first:last]
+        for page in released:
+            self._unref(page)
+        self._tok_pos[seq_id] = abs_pos[keep]
+        self._page_pos.pop(seq_id, None)
+        self._evicted[seq_id] = self._evicted.get(seq_id, 0) + num_tokens - len(src)
+        self._committed[seq_id] = -1  # never commit again
+        return moves
+
+    def _token_positions(self, seq_id: int, n: int) -> np.ndarray:
+        """Absolute position of each of the sequence's first n cache positions."""
+        known = self._tok_pos.get(seq_id)
+        if known is None:  # page-granular (or no) eviction so far
+            pages = self._positions(seq_id, -(-n // self.page_size))
+            return (np.repeat(np.asarray(pages, np.int64), self.page_size)
+                    + np.tile(np.arange(self.page_size), len(pages)))[:n]
+        tail = np.arange(len(known), n) + self._evicted.get(seq_id, 0)
+        return np.concatenate([known, tail])[:n]
 
     # ---- prefix cache --------------------------------------------------------------------------
     def match_prefix(self, seq_id: int, tokens: list[int], salt: str | None = None) -> int:
@@ -267,9 +308,18 @@ class BlockManager:
     def page_positions(self, seq_ids: list[int | None], max_pages: int) -> np.ndarray | None:
         """[len(seq_ids), max_pages] int32 absolute position of each table entry's first token,
         for a forward after an eviction (RoPE and ring positions); None when no row has evicted
-        anything (positions are cache positions: the forward skips the re-rotation)."""
+        anything (positions are cache positions: the forward skips the re-rotation). When a row
+        has evicted single tokens, one position per cache slot instead: [len(seq_ids),
+        max_pages * page_size] (kvjax.cache.paged.absolute_positions tells them by width)."""
         if not any(s is not None and self._evicted.get(s) for s in seq_ids):
             return None
+        if any(s is not None and s in self._tok_pos for s in seq_ids):
+            n = max_pages * self.page_size
+            out = np.tile(np.arange(n, dtype=np.int32), (len(seq_ids), 1))
+            for row, sid in enumerate(seq_ids):
+                if sid is not None and self._evicted.get(sid):
+                    out[row] = self._token_positions(sid, n)
+            return out
         out = np.tile(np.arange(max_pages, dtype=np.int32) * self.page_size, (len(seq_ids), 1))
         for row, sid in enumerate(seq_ids):
             if sid is not None and self._evicted.get(sid):

@@ -42,7 +42,13 @@ from kvjax import sharding
 from kvjax.cache.paged import attention_mass
 from kvjax.config import Config
 from kvjax.engine.batch import BatchMixin
-from kvjax.engine.eviction import EvictionConfig, H2OScores, page_scores, pages_to_drop
+from kvjax.engine.eviction import (
+    EvictionConfig,
+    H2OScores,
+    evict_sequence,
+    page_scores,
+    pages_to_drop,
+)
 from kvjax.engine.loop import LoopMixin
 from kvjax.engine.metrics import Metrics
 from kvjax.engine.planner import kv_split, size_pool
@@ -151,6 +157,9 @@ class Engine(BatchMixin, WarmupMixin, LoopMixin):
             ps = self.cfg.cache.page_size
             if eviction.max_cache_tokens(ps, self.ecfg.chunk_size) > self.max_model_len:
                 raise RequestError("eviction sinks + window + chunk exceed max_model_len")
+            if eviction.granularity == "token" and jax.process_count() > 1:
+                raise RequestError("token-granular eviction runs on one process (its "
+                                   "compaction is not sent to the others); use page")
         req = Request(request_id, list(prompt_ids), params, cache_salt, eviction, precision)
         pool = self._route(req)
         ring = pool.cfg.cache.window_for(pool.cfg.cache.dtype)
@@ -243,6 +252,14 @@ class Engine(BatchMixin, WarmupMixin, LoopMixin):
     def _evict(self, pool: Pool, req: Request) -> None:
         ecfg = req.eviction
         if not ecfg.enabled:
+            return
+        if ecfg.granularity == "token":  # tokens dropped, the kept ones compacted on device
+            drop = evict_sequence(ecfg, pool.bm, pool.runner, req.seq_id, req.num_computed)
+            if drop:
+                gone = set(drop)
+                req.cache_tokens = [t for i, t in enumerate(req.cache_tokens) if i not in gone]
+                req.num_computed -= len(drop)
+                req.num_evicted += len(drop)
             return
         scores = None
         if ecfg.policy == "h2o":  # attention mass accumulated on device, read only if needed

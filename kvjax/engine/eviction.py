@@ -1,5 +1,12 @@
 """Eviction for unbounded sessions: StreamingLLM (attention sinks + a recent window) and H2O (heavy
-hitters by accumulated attention + a recent window), at page granularity.
+hitters by accumulated attention + a recent window), at page or token granularity.
+
+Token granularity (`granularity="token"`): tokens are dropped one by one and the kept ones
+compacted on device, in order (kvjax/cache/compact.py copies each moved token's codes and
+per-token metadata, and its attention mass); each token keeps its own absolute position
+(`BlockManager.page_positions` then returns one per cache slot), so keys are re-rotated per token
+by the same rule as below. A KIVI cache evicts whole pages at either granularity (its keys are
+quantized per channel over a page: see compact.py).
 
 Both policies keep the first `sink_pages` pages (StreamingLLM's 4 sink tokens live in page 0 for
 any page size >= 4) and the most recent `window` tokens, and drop *whole computed pages* in
@@ -29,6 +36,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+GRANULARITIES = ("page", "token")
+
 
 @dataclass(frozen=True)
 class EvictionConfig:
@@ -36,12 +45,17 @@ class EvictionConfig:
     sink_tokens: int = 4  # StreamingLLM: 4 initial tokens suffice (paper, Table 1)
     window: int = 512  # recent tokens always kept
     heavy_tokens: int = 128  # H2O: heavy-hitter budget beside the window
+    # "page": whole pages are dropped, nothing moves; "token": tokens are dropped one by one
+    # and the kept ones compacted on device (kvjax/cache/compact.py)
+    granularity: str = "page"
 
     def __post_init__(self) -> None:
         if self.policy not in ("none", "streaming", "h2o"):
             raise ValueError(f"unknown eviction policy {self.policy!r}; none, streaming or h2o")
         if self.sink_tokens < 0 or self.window < 1 or self.heavy_tokens < 0:
             raise ValueError("eviction sizes must be non-negative (window >= 1)")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"unknown eviction granularity {self.granularity!r}; page or token")
 
     @property
     def enabled(self) -> bool:
@@ -51,7 +65,8 @@ class EvictionConfig:
         """Tokens a sequence can hold at once under this policy (for admission checks)."""
         pages = (-(-self.sink_tokens // page_size) + -(-self.window // page_size)
                  + (-(-self.heavy_tokens // page_size) if self.policy == "h2o" else 0) + 1)
-        return pages * page_size + chunk
+        # token: up to a page of excess waits for the next compaction (tokens_to_drop)
+        return (pages + (self.granularity == "token")) * page_size + chunk
 
 
 def pages_to_drop(cfg: EvictionConfig, num_computed: int, page_size: int,
@@ -81,6 +96,39 @@ def pages_to_drop(cfg: EvictionConfig, num_computed: int, page_size: int,
     return sorted(middle[i] for i in order[:excess])
 
 
+def tokens_to_drop(cfg: EvictionConfig, num_computed: int, unit: int, page_size: int,
+                   token_scores: np.ndarray | Callable[[], np.ndarray] | None = None
+                   ) -> list[int]:
+    """Token-granular eviction: cache positions (sorted) of the tokens to drop now.
+
+    Tokens are taken in aligned units of `unit` (1; a KIVI cache's page, see compact.py). The
+    first ceil(sinks / unit) units and the units of the last `window` computed tokens stay, H2O
+    keeps its `heavy_tokens` (in units) of highest mass among the rest (ties: the newer), and
+    the others go. Nothing is dropped until at least a page's worth of tokens is excess, so
+    the compaction that follows (a copy of every kept token after the first hole) runs at most
+    once per `page_size` tokens and always releases a page. token_scores: accumulated mass per
+    cached token (H2O), or a callable returning it (read only when something is dropped)."""
+    if not cfg.enabled:
+        return []
+    full = num_computed // unit
+    sink = -(-cfg.sink_tokens // unit)
+    recent = -(-cfg.window // unit)
+    heavy = -(-cfg.heavy_tokens // unit) if cfg.policy == "h2o" else 0
+    middle = list(range(sink, max(full - recent, sink)))  # candidate units, oldest first
+    excess = len(middle) - heavy
+    if excess <= 0 or excess * unit < page_size:
+        return []
+    if cfg.policy == "streaming" or token_scores is None:
+        units = middle[:excess]
+    else:
+        if callable(token_scores):
+            token_scores = token_scores()
+        t = np.asarray(token_scores, np.float64)[: full * unit].reshape(full, unit).sum(axis=1)
+        order = np.argsort(t[middle], kind="stable")  # lowest mass first; ties -> oldest first
+        units = sorted(middle[i] for i in order[:excess])
+    return [u * unit + j for u in units for j in range(unit)]
+
+
 def page_scores(mass: np.ndarray, reduce: str = "sum") -> np.ndarray:
     """Per-page H2O scores from accumulated mass [pages, kv_heads, page_size]: the pages' tokens
     summed, over KV heads by `reduce` ("sum": all heads; "max": the head that uses the page most,
@@ -91,6 +139,48 @@ def page_scores(mass: np.ndarray, reduce: str = "sum") -> np.ndarray:
     if reduce == "max":
         return per_head.max(axis=1)
     raise ValueError(f"reduce must be sum or max, got {reduce!r}")
+
+
+def token_scores(mass: np.ndarray, reduce: str = "sum") -> np.ndarray:
+    """Per-token H2O scores from accumulated mass [pages, kv_heads, page_size] -> [pages *
+    page_size] (table order), over KV heads by `reduce` as in `page_scores`."""
+    m = np.asarray(mass, np.float64)
+    if reduce == "sum":
+        per = m.sum(axis=1)
+    elif reduce == "max":
+        per = m.max(axis=1)
+    else:
+        raise ValueError(f"reduce must be sum or max, got {reduce!r}")
+    return per.reshape(-1)
+
+
+def evict_sequence(cfg: EvictionConfig, bm, runner, seq_id: int, num_computed: int,
+                   reduce: str = "sum") -> list[int]:
+    """Apply `cfg` to one sequence held by BlockManager `bm` over `runner`'s device cache:
+    release its pages (page granularity) or drop tokens and compact the kept ones on device
+    (token granularity; the runner's cache is replaced). Returns the cache positions dropped
+    (sorted), so the caller can drop the same tokens from its own token list."""
+    from kvjax.cache.paged import attention_mass
+
+    if not cfg.enabled:
+        return []
+    ps = bm.page_size
+    pages = list(bm.pages(seq_id))
+    from kvjax.cache.compact import compact, eviction_unit
+
+    unit = eviction_unit(runner.cache)
+    if cfg.granularity == "page" or unit == ps:  # whole pages: nothing to move
+        drop = pages_to_drop(cfg, num_computed, ps, lambda: page_scores(
+            attention_mass(runner.cache, pages), reduce))
+        if drop:
+            bm.drop_pages(seq_id, drop)
+        return [i * ps + j for i in drop for j in range(ps)]
+    drop = tokens_to_drop(cfg, num_computed, unit, ps, lambda: token_scores(
+        attention_mass(runner.cache, pages), reduce))
+    if drop:
+        moves = bm.drop_tokens(seq_id, drop, num_computed)
+        runner.cache = compact(runner.cache, *moves)
+    return drop
 
 
 class H2OScores:

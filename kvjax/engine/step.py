@@ -175,8 +175,8 @@ def _layout(h: np.ndarray, vocab: int) -> list[tuple[str, tuple[int, ...], str]]
     out = [("tokens", (b, t), "i"), ("positions", (b, t), "i"), ("page_table", (b, w), "i"),
            ("lengths", (b,), "i"), ("slots", (b,), "i"), ("logits_index", (b,), "i"),
            ("fresh", (b,), "i")]
-    if h[13]:  # some row has evicted pages: their positions travel with the step
-        out.append(("page_pos", (b, w), "i"))
+    if h[13]:  # some row has evicted: positions (per page, or per slot) travel with the step
+        out.append(("page_pos", (b, int(h[13])), "i"))
     if has_sample:
         f = _flags(h)
         out += [(k, (b,), "i") for k in _SAMPLE_I32] + [(k, (b,), "f") for k in _SAMPLE_F32]
@@ -202,7 +202,7 @@ def _header(step: StepBatch) -> np.ndarray:
     h[:13] = [STEP, step.pool, b, t, step.page_table.shape[1], step.sample is not None,
               f.stochastic, f.truncate, f.penalties, f.bias_width, f.stop_width, f.logprobs,
               f.top_n]
-    h[13] = step.page_pos is not None
+    h[13] = 0 if step.page_pos is None else step.page_pos.shape[1]
     h[14] = step.mass
     return h
 

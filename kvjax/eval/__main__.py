@@ -63,10 +63,10 @@ def _longppl(cfg) -> int:
     if FLAGS.longppl_passkey:  # passkey retrieval under each method's eviction instead
         longppl.main_passkey(cfg, params, tokenizer, FLAGS.methods, FLAGS.budget, FLAGS.chunk,
                              [int(n) for n in FLAGS.longppl_passkey], FLAGS.longppl_trials,
-                             FLAGS.longppl_results)
+                             FLAGS.longppl_results, FLAGS.kv_eviction_granularity)
         return 0
     longppl.main(cfg, params, ids, FLAGS.methods, FLAGS.budget, FLAGS.chunk,
-                 FLAGS.longppl_results)
+                 FLAGS.longppl_results, FLAGS.kv_eviction_granularity)
     return 0
 
 
@@ -88,6 +88,8 @@ if __name__ == "__main__":
     flags.DEFINE_list("longppl_passkey", [], "longppl: passkey retrieval at these lengths under "
                       "each method's eviction (instead of perplexity).")
     flags.DEFINE_integer("longppl_trials", 4, "longppl_passkey: trials per length.", lower_bound=1)
+    flags.DEFINE_enum("kv_eviction_granularity", "page", ["page", "token"],
+                      "longppl: evict whole pages or single tokens (compacted on device).")
     from kvjax.eval.sweep import define_flags
 
     define_flags()

@@ -10,10 +10,11 @@ context for reference.
 Every method runs the engine's own machinery without the scheduler: a BlockManager holds the
 pages, `pages_to_drop` picks the pages to release before each chunk, `page_positions` gives the
 forward the pages' absolute positions (keys scored at their positions within the cache), and H2O
-reads the attention mass the XLA path accumulates on device. Eviction is page-granular, so a
-budget of B tokens holds between B and B + chunk tokens. With `--chunk 1` every token is scored
-exactly as in decoding; larger chunks trade that for speed (the tokens of a chunk also see the
-chunk's earlier tokens).
+reads the attention mass the XLA path accumulates on device. Eviction is page-granular by default
+(a budget of B tokens holds between B and B + chunk tokens), or token-granular with
+`--kv-eviction-granularity token` (kept tokens compacted on device; up to B + page - 1 + chunk).
+With `--chunk 1` every token is scored exactly as in decoding; larger chunks trade that for speed
+(the tokens of a chunk also see the chunk's earlier tokens).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 
 from kvjax.config import Config
 from kvjax.engine.block_manager import BlockManager
-from kvjax.engine.eviction import EvictionConfig, page_scores, pages_to_drop
+from kvjax.engine.eviction import EvictionConfig, evict_sequence
 from kvjax.runner import Runner
 
 METHODS = ("dense", "window", "streaming", "h2o", "h2o-max")
@@ -58,20 +59,24 @@ def read_text(path: str) -> str:
     return p.read_text(errors="replace")
 
 
-def eviction_for(method: str, budget: int, page_size: int, sinks: int = 4) -> EvictionConfig:
+def eviction_for(method: str, budget: int, page_size: int, sinks: int = 4,
+                 granularity: str = "page") -> EvictionConfig:
     """The policy of a method at a cache budget of `budget` tokens (page-granular: StreamingLLM's
-    4 sinks occupy one page)."""
-    sink_pages = -(-sinks // page_size)
+    4 sinks occupy one page; token-granular: 4 tokens)."""
+    unit = page_size if granularity == "page" else 1
+    sink_units = -(-sinks // unit)
     if method == "dense":
         return EvictionConfig()
     if method == "window":
-        return EvictionConfig("streaming", sink_tokens=0, window=budget)
-    rest = budget - sink_pages * page_size
+        return EvictionConfig("streaming", sink_tokens=0, window=budget, granularity=granularity)
+    rest = budget - sink_units * unit
     if method == "streaming":
-        return EvictionConfig("streaming", sink_tokens=sinks, window=rest)
+        return EvictionConfig("streaming", sink_tokens=sinks, window=rest,
+                              granularity=granularity)
     if method in ("h2o", "h2o-max"):  # half heavy hitters, half recent (H2O's 10% + 10%)
-        heavy = rest // 2 // page_size * page_size
-        return EvictionConfig("h2o", sink_tokens=sinks, window=rest - heavy, heavy_tokens=heavy)
+        heavy = rest // 2 // unit * unit
+        return EvictionConfig("h2o", sink_tokens=sinks, window=rest - heavy, heavy_tokens=heavy,
+                              granularity=granularity)
     raise ValueError(f"unknown method {method!r}; one of {', '.join(METHODS)}")
 
 
@@ -88,9 +93,9 @@ class Session:
     runner (no recompile)."""
 
     def __init__(self, cfg: Config, params: dict, method: str, budget: int, chunk: int,
-                 dense_len: int):
+                 dense_len: int, granularity: str = "page"):
         ps = cfg.cache.page_size
-        self.ecfg = eviction_for(method, budget, ps)
+        self.ecfg = eviction_for(method, budget, ps, granularity=granularity)
         # h2o: a page's score sums its mass over all heads; h2o-max: the KV head using it most
         self.reduce = "max" if method == "h2o-max" else "sum"
         cap = self.ecfg.max_cache_tokens(ps, chunk) + ps if self.ecfg.enabled else dense_len
@@ -107,14 +112,9 @@ class Session:
 
     def feed(self, piece: list[int]) -> jax.Array:
         """Logits [len(piece), vocab] (on device) of appending `piece` (<= chunk tokens)."""
-        bm, runner, sid, ps = self.bm, self.runner, self.sid, self.ps
-        if self.ecfg.enabled:
-            pages = list(bm.pages(sid))
-            drop = pages_to_drop(self.ecfg, self.held, ps,
-                                 lambda: page_scores(_mass(runner, pages), self.reduce))
-            if drop:
-                bm.drop_pages(sid, drop)
-                self.held -= len(drop) * ps
+        bm, runner, sid = self.bm, self.runner, self.sid
+        if self.ecfg.enabled:  # the engine's own eviction step (pages, or tokens + compaction)
+            self.held -= len(evict_sequence(self.ecfg, bm, runner, sid, self.held, self.reduce))
         n, held = len(piece), self.held
         bm.ensure(sid, held + n)
         width = runner.table_width(held + n)
@@ -130,11 +130,11 @@ class Session:
 
 
 def run_method(cfg: Config, params: dict, ids: list[int], method: str, budget: int,
-               chunk: int = 1, log_every: int = 0) -> LongPplResult:
+               chunk: int = 1, log_every: int = 0, granularity: str = "page") -> LongPplResult:
     """Teacher-forced NLL of ids[1:] under `method` (dense stops at the model's context)."""
     if method == "dense":
         ids = ids[: cfg.model.max_position]
-    sess = Session(cfg, params, method, budget, chunk, len(ids))
+    sess = Session(cfg, params, method, budget, chunk, len(ids), granularity)
     done = 0
     nlls: list[np.ndarray] = []
     last = None
@@ -157,7 +157,8 @@ def run_method(cfg: Config, params: dict, ids: list[int], method: str, budget: i
 
 
 def passkey(cfg: Config, params: dict, tokenizer, method: str, budget: int, chunk: int,
-            lengths: list[int], trials: int, seed: int = 0) -> dict[int, tuple[int, int, list]]:
+            lengths: list[int], trials: int, seed: int = 0, granularity: str = "page"
+            ) -> dict[int, tuple[int, int, list]]:
     """Passkey retrieval (kvjax/eval/passkey.py prompts, same keys and depths as `eval passkey`)
     with the prompt fed through the eviction policy in `chunk`-token pieces, then the answer
     decoded greedily one token at a time (also under eviction). Returns {length: (correct,
@@ -166,7 +167,7 @@ def passkey(cfg: Config, params: dict, tokenizer, method: str, budget: int, chun
     evidence by design: StreamingLLM keeps it only when it falls in the recent window)."""
     from kvjax.eval.passkey import MAX_NEW_TOKENS, check_answer, trial_prompts
 
-    sess = Session(cfg, params, method, budget, chunk, max(lengths))
+    sess = Session(cfg, params, method, budget, chunk, max(lengths), granularity)
     out = {}
     for length in lengths:
         ok, rows = 0, []
@@ -191,16 +192,7 @@ def passkey(cfg: Config, params: dict, tokenizer, method: str, budget: int, chun
 
 def _cached_positions(sess: Session) -> set[int]:
     """Absolute positions of the tokens the session's sequence holds now."""
-    n = len(sess.bm.pages(sess.sid))
-    pos = sess.bm.page_positions([sess.sid], n)
-    starts = np.arange(n) * sess.ps if pos is None else pos[0]
-    return {int(s) + j for s in starts for j in range(sess.ps)}
-
-
-def _mass(runner: Runner, pages: list[int]) -> np.ndarray:
-    from kvjax.cache.paged import attention_mass
-
-    return attention_mass(runner.cache, pages)
+    return set(sess.bm._token_positions(sess.sid, sess.held).tolist())
 
 
 def table(results: list[LongPplResult], size: int = 1000) -> str:
@@ -219,16 +211,18 @@ def table(results: list[LongPplResult], size: int = 1000) -> str:
 
 def main_passkey(cfg: Config, params: dict, tokenizer, methods: list[str], budget: int,
                  chunk: int, lengths: list[int], trials: int,
-                 results_path: str | None = None) -> dict:
+                 results_path: str | None = None, granularity: str = "page") -> dict:
     """`longppl --longppl_passkey 2048,4096,8192`: passkey accuracy per method under eviction."""
     out = {}
     for m in methods:
         t0 = time.perf_counter()
-        out[m] = passkey(cfg, params, tokenizer, m, budget, chunk, lengths, trials)
+        out[m] = passkey(cfg, params, tokenizer, m, budget, chunk, lengths, trials,
+                         granularity=granularity)
         print(f"{m}: {time.perf_counter() - t0:.0f}s", flush=True)
         if results_path:
             Path(results_path).write_text(json.dumps(
-                {"kv": cfg.cache.dtype, "budget": budget, "chunk": chunk, "passkey": out},
+                {"kv": cfg.cache.dtype, "budget": budget, "chunk": chunk,
+                 "granularity": granularity, "passkey": out},
                 indent=1))
     print(f"\nkv {cfg.cache.dtype} | budget {budget} | chunk {chunk} | {trials} trials a length")
     print("| method | " + " | ".join(str(n) for n in lengths) + " |")
@@ -241,25 +235,27 @@ def main_passkey(cfg: Config, params: dict, tokenizer, methods: list[str], budge
 
 
 def main(cfg: Config, params: dict, ids: list[int], methods: list[str], budget: int, chunk: int,
-         results_path: str | None = None) -> list[LongPplResult]:
+         results_path: str | None = None, granularity: str = "page") -> list[LongPplResult]:
     results = []
     for m in methods:
-        r = run_method(cfg, params, ids, m, budget, chunk, log_every=2000)
+        r = run_method(cfg, params, ids, m, budget, chunk, log_every=2000,
+                       granularity=granularity)
         results.append(r)
         print(f"{m}: ppl {math.exp(float(r.nll.mean())):.3f} over {len(r.nll)} tokens, "
               f"max {r.kv_tokens_max} KV tokens, {r.seconds:.0f}s", flush=True)
         if results_path:  # after every method: a long run cut short keeps what it measured
-            _write(results_path, cfg, budget, chunk, len(ids), results)
+            _write(results_path, cfg, budget, chunk, len(ids), results, granularity)
     print(f"\nkv {cfg.cache.dtype} | budget {budget} | chunk {chunk} | {len(ids)} tokens | "
-          f"config {cfg.name}")
+          f"config {cfg.name} | {granularity}-granular eviction")
     print(table(results))
     return results
 
 
 def _write(path: str, cfg: Config, budget: int, chunk: int, tokens: int,
-           results: list[LongPplResult]) -> None:
+           results: list[LongPplResult], granularity: str = "page") -> None:
     Path(path).write_text(json.dumps({
         "kv": cfg.cache.dtype, "budget": budget, "chunk": chunk, "tokens": tokens,
+        "granularity": granularity,
         "methods": {r.method: {"buckets": r.buckets(), "ppl": math.exp(float(r.nll.mean())),
                                "scored": len(r.nll), "kv_tokens_max": r.kv_tokens_max,
                                "seconds": r.seconds} for r in results}}, indent=1))

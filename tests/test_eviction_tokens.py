@@ -38,9 +38,11 @@ def test_compaction_moves_codes_metadata_and_mass_bit_for_bit(dtype):
     ps, n = 8, 37
     cache = with_attention_mass(init_cache(cfg.model, cfg.cache, num_pages=12))
     assert eviction_unit(cache) == 1
-    bm = BlockManager(12, ps)
+    bm = BlockManager(12, ps, enable_prefix_caching=True)
     table = list(bm.ensure(1, n))
-    bm.ensure(2, 9)  # another sequence's pages must not change
+    bm.commit(1, list(range(n)))  # pages 0-3 hashed: the prefix cache may hand them out
+    bm.fork(1, 2, 8)  # sequence 2 shares page 0
+    bm.ensure(2, 9)
     rng = np.random.default_rng(0)
     # Random words in every leaf (codes, scales, norms alike) and random mass.
     segs = []
@@ -57,18 +59,22 @@ def test_compaction_moves_codes_metadata_and_mass_bit_for_bit(dtype):
     moves = bm.drop_tokens(1, drop, n)
     cache = compact(cache, *moves)
     kept = [t for t in range(n) if t not in drop]
-    assert len(bm.pages(1)) == -(-len(kept) // ps) and bm.evicted(1) == len(drop)
+    now = bm.pages(1)
+    assert len(now) == -(-len(kept) // ps) and bm.evicted(1) == len(drop)
+    # Copy on write: the shared page and the hashed pages were replaced, never written.
+    assert now[0] != table[0] and bm.pages(2) == other and not set(now) & set(table[:4])
     bm.check()
     for seg, (leaves, mass) in zip(cache.segments, before, strict=True):
         for new, old in zip(seg.k + seg.v, leaves, strict=True):
             new = np.asarray(new)
             for j, t in enumerate(kept):  # token t now sits at cache position j
-                np.testing.assert_array_equal(new[:, :, table[j // ps], j % ps],
+                np.testing.assert_array_equal(new[:, :, now[j // ps], j % ps],
                                               old[:, :, table[t // ps], t % ps])
+            np.testing.assert_array_equal(new[:, :, table[:4]], old[:, :, table[:4]])
             np.testing.assert_array_equal(new[:, :, other], old[:, :, other])
         m = np.asarray(seg.mass)
         for j, t in enumerate(kept):
-            np.testing.assert_array_equal(m[table[j // ps], :, j % ps],
+            np.testing.assert_array_equal(m[now[j // ps], :, j % ps],
                                           mass[table[t // ps], :, t % ps])
     # Each kept token keeps its absolute position; new tokens continue after the evicted ones.
     width = 6

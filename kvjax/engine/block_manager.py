@@ -205,14 +205,27 @@ class BlockManager:
         src = np.flatnonzero(keep)
         dst = np.arange(len(src))
         moved = src != dst
-        pages = np.asarray(table, np.int32)
-        moves = (pages[src[moved] // ps], (src[moved] % ps).astype(np.int32),
-                 pages[dst[moved] // ps], (dst[moved] % ps).astype(np.int32))
+        old = np.asarray(table, np.int32)
         first, last = self.pages_needed(len(src)), self.pages_needed(num_tokens)
         released = table[first:last]
         del table[first:last]
         for page in released:
             self._unref(page)
+        # Copy on write: a page another sequence shares, or that the prefix cache can hand out
+        # (hashed), is never written; the tokens bound for it go to a fresh page instead (all
+        # of them, moved or not). Sources are read before any write (compact), so a fresh page
+        # may be one just released.
+        fresh = np.zeros(len(table), bool)
+        lo = int(dst[moved][0]) // ps if moved.any() else len(table)
+        for i in range(lo, first):
+            if self.refcount[table[i]] > 1 or table[i] in self._page_hash:
+                page = self._take()
+                self._unref(table[i])
+                table[i], fresh[i] = page, True
+        sel = moved | fresh[dst // ps]
+        new = np.asarray(table, np.int32)
+        moves = (old[src[sel] // ps], (src[sel] % ps).astype(np.int32),
+                 new[dst[sel] // ps], (dst[sel] % ps).astype(np.int32))
         self._tok_pos[seq_id] = abs_pos[keep]
         self._page_pos.pop(seq_id, None)
         self._evicted[seq_id] = self._evicted.get(seq_id, 0) + num_tokens - len(src)

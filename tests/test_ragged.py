@@ -1,5 +1,6 @@
 """The full-precision-chunk rule (kvjax.attention) and the ragged paged-attention kernel
-(kvjax/pallas_kernels/ragged_attention.py) against it, in interpret mode on the CPU.
+(kvjax/pallas_kernels/ragged_attention.py) against it, in interpret mode on the CPU: the
+Triton/gather launcher and the TPU (Mosaic) launcher of ragged_tpu.py.
 
 Every case builds a real segment: pools and ring poisoned with NaN bit patterns, each row's
 earlier context written through the cache's write path, then one step mixing a fresh prefill
@@ -139,6 +140,44 @@ def test_ragged_kernel_matches_xla(case):
     valid = _valid(pos, lens)
     assert np.isfinite(ref[valid]).all()
     np.testing.assert_allclose(out[valid], ref[valid], atol=2e-5, rtol=1e-5)
+
+
+# The TPU (Mosaic) launcher, interpreted: every case once, half of them with 4-token query
+# blocks (several blocks per row: the causal diagonal across blocks, blocks past a short chunk).
+@pytest.mark.parametrize("case,q_block", [(c, 4 if i % 2 else 0) for i, c in enumerate(CASES)],
+                         ids=lambda c: f"{c[0]}-d{c[1]}-g{c[2]}-p{c[3]}-w{c[4]}"
+                         if isinstance(c, tuple) else f"qb{c}")
+def test_ragged_tpu_launcher_matches_xla(case, q_block):
+    dtype, d, g, ps, w = case
+    q, kn, vn, seg, pt, lens, pos, slots = make_step(
+        dtype, d=d, g=g, page_size=ps, window=w, seed=zlib.crc32(repr(case).encode()))
+    layer = jnp.int32(1)
+    slots = slots if seg.window else None
+    ref = np.asarray(xla_attention(q, seg, layer, pt, lens, pos, slots, chunk_kv=(kn, vn)))
+    out = ragged_attention.ragged_paged_attention(q, kn, vn, seg, layer, pt, lens, pos, slots,
+                                                  backend="interpret_tpu", q_block=q_block)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    out = np.asarray(out)
+    assert np.isfinite(out).all()
+    valid = _valid(pos, lens)
+    np.testing.assert_allclose(out[valid], ref[valid], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("platform,marker", [("tpu", "tpu_custom_call"),
+                                             ("cuda", "__gpu$xla.gpu.triton")])
+def test_auto_backend_lowers_to_the_kernel(platform, marker):
+    """backend "auto" picks the lowering per platform: a step lowered for TPU holds the Mosaic
+    call (not the XLA oracle), for GPU the Triton one."""
+    q, kn, vn, seg, pt, lens, pos, slots = make_step("int4", d=64, g=3, page_size=16, window=32,
+                                                     t=8)
+
+    def f(q, kn, vn, seg, pt, lens, pos, slots):
+        return ragged_attention.ragged_paged_attention(q, kn, vn, seg, jnp.int32(1), pt, lens,
+                                                       pos, slots)
+
+    text = jax.jit(f).trace(q, kn, vn, seg, pt, lens, pos, slots).lower(
+        lowering_platforms=(platform,)).as_text()
+    assert marker in text and "kvjax_ragged_paged_attention" in text
 
 
 def test_ragged_rejects_bad_shapes():

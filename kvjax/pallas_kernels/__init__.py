@@ -8,6 +8,7 @@ interpret mode). One file per op:
                             layer and KV head)
   ragged_attention.py       prefill chunks and decode rows in one call (the chunk's own keys
                             and values at full precision)
+  ragged_tpu.py             its TPU (Mosaic) launcher
   _core.py                  decode entry point, split-KV combine, attention mass (re-exports
                             _formats and _launch)
   _formats.py               tile helpers, packed-code phases, the key / value format interface

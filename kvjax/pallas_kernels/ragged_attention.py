@@ -23,9 +23,11 @@ no work (ragged lengths cost nothing but the grid). The page part keeps its accu
 format's basis (phases, TurboQuant's rotated basis) and is finalized once outside the kernel, like
 the decode kernels; ring and chunk share a plain accumulator; the two merge by log-sum-exp.
 
-Launchers: ``triton`` (GPU) and ``interpret`` (CPU), the gather launcher of _core (an in-kernel
-gather through the page table). TPU (Mosaic) has no launcher yet: backend "auto" runs the XLA
-oracle there, so a TPU step compiles, with no kernel call for its chunks.
+Launchers: ``triton`` (GPU) and ``interpret`` (CPU), the gather launcher (an in-kernel gather
+through the page table, like _core's); ``tpu`` (Mosaic) and ``interpret_tpu``, ragged_tpu.py (one
+page per grid step through a BlockSpec, scalar prefetch). Both run the same format code and the
+same ring + chunk code (``ring_and_chunk``). Backend "auto" picks the lowering per platform when
+the step is lowered (Triton on GPU, Mosaic on TPU, the gather launcher interpreted on CPU).
 
 One difference from the oracle, by design: ring entries are used from ``ring_lo`` on, the first
 position after the last window position whose ring tag does not match (tags form a suffix in
@@ -55,8 +57,12 @@ from kvjax.pallas_kernels._core import (
     triton_tuning,
 )
 
-BACKENDS = ("auto", "triton", "interpret")
-AUTO = {"cuda": "triton", "rocm": "triton", "cpu": "interpret", "tpu": "xla"}
+BACKENDS = ("auto", "triton", "interpret", "tpu", "interpret_tpu")
+AUTO = {"cuda": "triton", "rocm": "triton", "cpu": "interpret", "tpu": "tpu"}
+# Query rows (tokens x GQA group) per TPU program: one MXU tile; KIVI / TurboQuant 32 (their
+# unpacked phases, centroid selects and one-hot lane picks are [rows, ...] VMEM temporaries:
+# turbo2.5 d128 at 128 rows needs more than v5e's 16 MiB of scoped VMEM).
+TPU_ROWS, TPU_ROWS_HEAVY = 128, 32
 
 
 def _cdiv(a, b: int):
@@ -97,6 +103,59 @@ def _online(carry, s, valid, accumulate):
     l_new = alpha * den + jnp.sum(p, axis=1, keepdims=True)
     accs = tuple(alpha * a + c for a, c in zip(accs, accumulate(p), strict=True))
     return m_new, l_new, accs
+
+
+def ring_and_chunk(qw, plan: RaggedPlan, *, active, ring_lo, ctx_end, clen, qb, fetch_ring,
+                   convert, fetch_chunk):
+    """Parts (2) and (3) of one program, both launchers: the ring [ring_lo, ctx_end) and the
+    chunk's keys up to the diagonal, one online softmax with plain [rows, D] values.
+
+    qw [rows, D] f32 (scaled queries, channel order); fetch_ring(j0, c) -> raw ring keys, values
+    [c, D] (bf16 bits) of entries j0..j0+c; convert: bits -> f32 (bits_to / int_bits_to);
+    fetch_chunk(k0, n) -> the chunk's keys, values [n, D] of tokens k0..k0+n (k0 a multiple of
+    q_block). Returns (m, l [rows, 1], acc [rows, D])."""
+    rows = plan.rows
+    carry = (jnp.full((rows, 1), MASK, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
+             (jnp.zeros((rows, plan.head_dim), jnp.float32),))
+    if plan.window:
+        w = plan.window
+        c = min(w, WINDOW_CHUNK)
+        lo = ctx_end - w  # entry j holds the position in [ctx_end - w, ctx_end) = j mod w
+        lo_mod = jax.lax.rem(jax.lax.rem(lo, w) + w, w)
+
+        def ring_ok(j0, shape, dim):
+            p = lo + jax.lax.rem(j0 + jax.lax.broadcasted_iota(jnp.int32, shape, dim) - lo_mod
+                                 + w, w)
+            return (p >= ring_lo) & (p < ctx_end)
+
+        def ring_body(i, carry):
+            j0 = i * c
+            valid, valid_col = ring_ok(j0, (1, c), 1), ring_ok(j0, (c, 1), 0)
+            rk, rv = fetch_ring(j0, c)
+            kt = jnp.where(valid_col, convert(rk, jnp.bfloat16), 0.0)
+            vt = jnp.where(valid_col, convert(rv, jnp.bfloat16), 0.0)
+            return _online(carry, dot_nt(qw, kt), valid, lambda p: (dot_nn(p, vt),))
+
+        n_ring = jnp.where(active & (ring_lo < ctx_end), jnp.int32(w // c), jnp.int32(0))
+        carry = jax.lax.fori_loop(jnp.int32(0), n_ring, ring_body, carry)
+
+    bq = plan.q_block
+    shift = plan.gpow.bit_length() - 1
+    q_tok = qb * bq + (jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0) >> shift)
+
+    def chunk_body(kb, carry):
+        k0 = kb * bq
+        key = k0 + jax.lax.broadcasted_iota(jnp.int32, (1, bq), 1)
+        valid = (key <= q_tok) & (key < clen)
+        valid_col = k0 + jax.lax.broadcasted_iota(jnp.int32, (bq, 1), 0) < clen
+        kc, vc = fetch_chunk(k0, bq)
+        kt = jnp.where(valid_col, kc.astype(jnp.float32), 0.0)
+        vt = jnp.where(valid_col, vc.astype(jnp.float32), 0.0)
+        return _online(carry, dot_nt(qw, kt), valid, lambda p: (dot_nn(p, vt),))
+
+    n_kb = jnp.where(active, jnp.minimum(qb + 1, _cdiv(clen, bq)), 0).astype(jnp.int32)
+    m2, l2, (acc2,) = jax.lax.fori_loop(jnp.int32(0), n_kb, chunk_body, carry)
+    return m2, l2, acc2
 
 
 def _kernel(*refs, plan: RaggedPlan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: int):
@@ -152,45 +211,17 @@ def _kernel(*refs, plan: RaggedPlan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: in
     l_ref[...] = den
 
     # (2) + (3): ring and chunk, plain values, one more online softmax.
-    qw = qw_ref[...]
-    carry = (jnp.full((rows, 1), MASK, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
-             (jnp.zeros((rows, plan.head_dim), jnp.float32),))
-    if plan.window:
-        w = plan.window
-        c = min(w, WINDOW_CHUNK)
-        lo = ctx_end - w  # entry j holds the position in [ctx_end - w, ctx_end) = j mod w
-        lo_mod = jax.lax.rem(jax.lax.rem(lo, w) + w, w)
-        ridx = (layer * plan.kv_heads + h) * plan.ring_slots + slot_ref[0]
+    ridx = (layer * plan.kv_heads + h) * plan.ring_slots + slot_ref[0] if plan.window else 0
 
-        def ring_ok(j0, shape, dim):
-            p = lo + jax.lax.rem(j0 + jax.lax.broadcasted_iota(jnp.int32, shape, dim) - lo_mod
-                                 + w, w)
-            return (p >= ring_lo) & (p < ctx_end)
+    def fetch_ring(j0, c):
+        return wk_ref[ridx, pl.ds(j0, c), :], wv_ref[ridx, pl.ds(j0, c), :]
 
-        def ring_body(i, carry):
-            j0 = i * c
-            valid, valid_col = ring_ok(j0, (1, c), 1), ring_ok(j0, (c, 1), 0)
-            kt = jnp.where(valid_col, bits_to(wk_ref[ridx, pl.ds(j0, c), :], jnp.bfloat16), 0.0)
-            vt = jnp.where(valid_col, bits_to(wv_ref[ridx, pl.ds(j0, c), :], jnp.bfloat16), 0.0)
-            return _online(carry, dot_nt(qw, kt), valid, lambda p: (dot_nn(p, vt),))
+    def fetch_chunk(k0, n):
+        return kc_ref[pl.ds(k0, n), :], vc_ref[pl.ds(k0, n), :]
 
-        n_ring = jnp.where(active & (ring_lo < ctx_end), jnp.int32(w // c), jnp.int32(0))
-        carry = jax.lax.fori_loop(jnp.int32(0), n_ring, ring_body, carry)
-
-    shift = plan.gpow.bit_length() - 1
-    q_tok = qb * bq + (jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0) >> shift)
-
-    def chunk_body(kb, carry):
-        k0 = kb * bq
-        key = k0 + jax.lax.broadcasted_iota(jnp.int32, (1, bq), 1)
-        valid = (key <= q_tok) & (key < clen)
-        valid_col = k0 + jax.lax.broadcasted_iota(jnp.int32, (bq, 1), 0) < clen
-        kt = jnp.where(valid_col, kc_ref[pl.ds(k0, bq), :].astype(jnp.float32), 0.0)
-        vt = jnp.where(valid_col, vc_ref[pl.ds(k0, bq), :].astype(jnp.float32), 0.0)
-        return _online(carry, dot_nt(qw, kt), valid, lambda p: (dot_nn(p, vt),))
-
-    n_kb = jnp.where(active, jnp.minimum(qb + 1, _cdiv(clen, bq)), 0).astype(jnp.int32)
-    m2, l2, (acc2,) = jax.lax.fori_loop(jnp.int32(0), n_kb, chunk_body, carry)
+    m2, l2, acc2 = ring_and_chunk(qw_ref[...], plan, active=active, ring_lo=ring_lo,
+                                  ctx_end=ctx_end, clen=clen, qb=qb, fetch_ring=fetch_ring,
+                                  convert=bits_to, fetch_chunk=fetch_chunk)
     acc2_ref[...] = acc2
     m2_ref[...] = m2
     l2_ref[...] = l2
@@ -278,11 +309,6 @@ def ragged_paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, seg
     if backend == "auto":
         def branch(name):
             def run(q, k_new, v_new, seg, layer, page_table, lengths, q_positions, slots):
-                if name == "xla":  # no Mosaic launcher yet: the oracle
-                    from kvjax.attention import paged_attention
-
-                    return paged_attention(q, seg, layer, page_table, lengths, q_positions,
-                                           slots, chunk_kv=(k_new, v_new))
                 return ragged_paged_attention(
                     q, k_new, v_new, seg, layer, page_table, lengths, q_positions, slots,
                     backend=name, q_block=q_block, pages_per_block=pages_per_block,
@@ -319,22 +345,29 @@ def ragged_paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, seg
 
     g = nh // hkv
     gpow = _pow2_at_least(g)
+    tpu = backend in ("tpu", "interpret_tpu")
     tokens, warps = triton_tuning(kfmt, vfmt, d)
-    # Query rows per program: 32, 16 for KIVI / TurboQuant (their unpacked phases and centroid
-    # selects already fill the registers: 32 rows spilled on H100), >= 16 for the dots.
+    # Query rows per program: Triton 32, 16 for KIVI / TurboQuant (their unpacked phases and
+    # centroid selects already fill the registers: 32 rows spilled on H100), >= 16 for the dots;
+    # TPU one 128-row MXU tile (VMEM holds the tiles, not registers), >= 8 tokens so the chunk's
+    # key blocks start on a sublane tile.
     heavy = any(n in type(f).__name__ for f in (kfmt, vfmt) for n in ("Kivi", "Turbo"))
-    bq = q_block or max(1, (16 if heavy else 32) // gpow)
+    rows = (TPU_ROWS_HEAVY if heavy else TPU_ROWS) if tpu else 16 if heavy else 32
+    bq = q_block or max(1, rows // gpow)
     bq = min(bq, _pow2_at_least(t))
-    while bq * gpow < 16:
+    while bq * gpow < 16 or (tpu and not q_block and bq < 8):
         bq *= 2
     tp = _pow2_at_least(max(t, bq))
     n_qb = tp // bq
-    ppb = pages_per_block or max(1, tokens // s)
-    sub = s // tokens if (not pages_per_block and tokens < s and kfmt.per_token_rows
-                          and vfmt.per_token_rows) else 1
     mp = page_table.shape[1]
-    ppb = min(ppb, _pow2_at_least(mp))
-    mpp = _pow2_at_least(-(-mp // ppb) * ppb)
+    if tpu:  # one page per grid step, fetched by its BlockSpec (ragged_tpu)
+        ppb, sub, mpp = 1, 1, mp
+    else:
+        ppb = pages_per_block or max(1, tokens // s)
+        sub = s // tokens if (not pages_per_block and tokens < s and kfmt.per_token_rows
+                              and vfmt.per_token_rows) else 1
+        ppb = min(ppb, _pow2_at_least(mp))
+        mpp = _pow2_at_least(-(-mp // ppb) * ppb)
     pt = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, mpp - mp)))
     plan = RaggedPlan(kv_heads=hkv, num_pages=n_pages, page_size=s, head_dim=d, gpow=gpow,
                       q_block=bq, pages_per_block=ppb, sub_blocks=sub, window=w,
@@ -364,11 +397,20 @@ def ragged_paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, seg
         return x.reshape(n_layers * hkv * x.shape[2], *x.shape[3:])
 
     ring = (flat(seg.wk), flat(seg.wv)) if w else ()
-    outs = _launch(plan, kfmt, vfmt, qs, qg, chunk(k_new), chunk(v_new),
-                   tuple(flat(x) for x in seg.k), tuple(flat(x) for x in seg.v), ring, layer,
-                   (lengths, ring_lo, clen, slots), pt, backend=backend,
-                   num_warps=num_warps or max(warps, 8 if plan.rows * d >= 4096 else 4),
-                   num_stages=num_stages)
+    k_leaves, v_leaves = tuple(flat(x) for x in seg.k), tuple(flat(x) for x in seg.v)
+    scalars = (lengths, ring_lo, clen, slots)
+    if tpu:
+        from kvjax.pallas_kernels import ragged_tpu
+
+        # The chunk in f32 (exact for bf16): Mosaic slices 32-bit rows at any multiple of 8.
+        outs = ragged_tpu.launch(plan, kfmt, vfmt, qs, qg, chunk(k_new).astype(jnp.float32),
+                                 chunk(v_new).astype(jnp.float32), k_leaves, v_leaves, ring,
+                                 layer, scalars, pt, interpret=backend == "interpret_tpu")
+    else:
+        outs = _launch(plan, kfmt, vfmt, qs, qg, chunk(k_new), chunk(v_new), k_leaves,
+                       v_leaves, ring, layer, scalars, pt, backend=backend,
+                       num_warps=num_warps or max(warps, 8 if plan.rows * d >= 4096 else 4),
+                       num_stages=num_stages)
     n_acc = len(vfmt.acc_shapes(plan.rows))
     accs, (m1, l1, acc2, m2, l2) = outs[:n_acc], outs[n_acc:]
     big = jnp.maximum(m1, m2)

@@ -41,6 +41,19 @@ def param_dtype(cfg: Config) -> jnp.dtype:
     return jnp.bfloat16
 
 
+def compiler_options(dtype) -> dict[str, str]:
+    """XLA options for the forward with weights in `dtype`. bf16 weights on the CPU backend
+    (f32 compute): XLA:CPU's bf16 float normalization rewrites each bf16 dynamic-slice of the
+    stacked layer weights as slice(convert-to-f32(whole stack)), and loop-invariant code motion
+    then materialises that f32 copy of every layer's weights (2x their bytes, per device) before
+    the layer loop. The forward's bf16 ops are data movement, converts and dots with f32
+    accumulation, which the backend runs natively, so the pass is off for those programs (a
+    70B-shaped layer on tensor 8: 0.43 GB of temporaries per device -> one bf16 slice)."""
+    if jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.bfloat16:
+        return {"xla_disable_hlo_passes": "float-normalization-bf16"}
+    return {}
+
+
 def _ladder():
     """Table widths in pages: 8, 12, 16, 24, 32, 48, ... (at most 1.5x the pages a step needs,
     where powers of two alone waste up to 2x; twice the compiled widths)."""
@@ -67,6 +80,7 @@ class Runner:
             params = sharding.shard_params(params, mc, mesh, dtype)
         self.graphdef, self.params = nnx.split(
             models.Transformer(mc, params, attention_impl=cfg.resolved_attention_impl()))
+        self.compiler_options = compiler_options(dtype)
         page_size = cfg.cache.page_size
         self.max_seq_len = max_seq_len
         self.max_pages = math.ceil(max_seq_len / page_size)
@@ -219,7 +233,8 @@ class Runner:
         with sharding.tracing_mesh(self.mesh) if self.mesh is not None else _null():
             self._compiled[batch, t, width] = jitted.lower(
                 self.graphdef, self.params, spec(batch, t), spec(batch, t), self.cache,
-                spec(batch, width), spec(batch), spec(batch), spec(batch)).compile()
+                spec(batch, width), spec(batch), spec(batch), spec(batch)).compile(
+                    self.compiler_options or None)
 
     def forward_batch(self, seq_ids: list[int | None], tokens: np.ndarray, positions: np.ndarray,
                       page_table: np.ndarray, lengths: np.ndarray,

@@ -30,6 +30,7 @@ from models.layers import (
     apply_rope,
     layer_weights,
     linear,
+    matmul,
     rms_norm,
     rope_attention_factor,
     rope_inv_freq,
@@ -177,10 +178,10 @@ class Transformer(nnx.Module):
         if logits_index is not None:  # the vocab projection only where a token is sampled
             x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
-        if self.lm_head is None:
-            logits = jnp.einsum("bth,vh->btv", x, self.embed[...].astype(compute))
+        if self.lm_head is None:  # `matmul`: bf16 weights are not copied to f32 compute
+            logits = matmul(x, self.embed[...], "oi")
         else:
-            logits = jnp.einsum("bth,hv->btv", x, self.lm_head[...].astype(compute))
+            logits = matmul(x, self.lm_head[...])
         if logits_index is not None:
             logits = logits[:, 0]
         return logits.astype(jnp.float32), cache

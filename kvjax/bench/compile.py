@@ -9,7 +9,8 @@ a Mosaic CHECK failure aborts the process that hit it, and is reported as that c
 line. Prints one table per target:
 
   case     [KIND:]DTYPE-dHEAD_DIM-gGQA-pPAGE_SIZE (kvjax/bench/compile_case.py; default: every
-           dtype at d64/d128, GQA and page size rotating; ``--cases all`` = the full product)
+           dtype at d64/d128, GQA and page size rotating, plus one calibrated-TurboQuant and one
+           attention-mass case per family (EXTRA_DEFAULT); ``--cases all`` = the full product)
   status   ok, or the first line of the compiler's error
   s, cpu s trace + lower + compile seconds, wall and CPU (all threads; process start not
            included)
@@ -36,7 +37,13 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from kvjax.bench.compile_case import DTYPES, Case, all_cases, default_cases
+from kvjax.bench.compile_case import (
+    DTYPES,
+    EXTRA_DEFAULT,
+    Case,
+    all_cases,
+    default_cases,
+)
 from kvjax.bench.compile_target import (
     EXTRA_HINT,
     GPU_SPECS,
@@ -255,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             print(err, file=sys.stderr)
             return 2
     if args.cases == "default":
-        cases = [c.name for c in default_cases()]
+        cases = [c.name for c in default_cases()] + EXTRA_DEFAULT
     elif args.cases == "all":
         cases = [c.name for c in all_cases()]
     elif args.cases == "none":

@@ -65,6 +65,8 @@ class Case:
                              "int4-d128-g8-p16")
         kind = m[1] or "decode"
         if kind not in KERNEL_KINDS:
+            register_kinds()
+        if kind not in KERNEL_KINDS:
             raise ValueError(f"bad case {name!r}: unknown kernel kind {kind!r}; known: "
                              f"{', '.join(KERNEL_KINDS)}")
         return cls(m[2], int(m[3]), int(m[4]), int(m[5]), -1 if m[6] is None else int(m[6]),
@@ -164,6 +166,19 @@ KERNEL_KINDS: dict[str, Callable[[Case, object], tuple[Callable, tuple]]] = {
 }
 # Kinds in the default table (`--cases default`, tests/test_compile.py) and `--cases all`.
 DEFAULT_KINDS: list[str] = ["decode"]
+# Also in the driver's default table (not in tests/test_compile.py): one case per family of
+# kvjax/bench/compile_kinds.py's kinds (calibrated TurboQuant pools, the H2O mass output).
+EXTRA_DEFAULT: list[str] = ["cal:turbo3.5-d64-g3-p16", "cal:turbo2.5-d128-g3-p32",
+                            "mass:int4-d128-g8-p16", "mass:kivi4-d64-g3-p64"]
+
+
+def register_kinds() -> None:
+    """Add compile_kinds' kinds (cal:, mass:) to KERNEL_KINDS. Lazy: compile_kinds imports this
+    module, so it cannot be imported while this one loads."""
+    if "cal" not in KERNEL_KINDS:
+        from kvjax.bench import compile_kinds
+
+        KERNEL_KINDS.update(compile_kinds.KINDS)
 
 
 def run_case(case: Case, target: str) -> dict:

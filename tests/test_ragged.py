@@ -21,6 +21,7 @@ import pytest
 from kvjax.attention import gather_kv
 from kvjax.attention import paged_attention as xla_attention
 from kvjax.cache.paged import init_cache, write_layer
+from kvjax.calibrate import KVCalibration
 from kvjax.config import CacheConfig, ModelConfig
 from kvjax.pallas_kernels import ragged_attention
 
@@ -31,14 +32,27 @@ def _poison(x: jax.Array) -> jax.Array:
     return jnp.full(x.shape, -1, jnp.int32).astype(x.dtype)  # all bits set
 
 
+def calibration_dir(path: str, *, layers: int, hkv: int, d: int, seed: int = 0) -> str:
+    """A KV calibration (kvjax/calibrate.py) with random channel orders per (layer, head) and a
+    key mean near the test keys' (outlier channel 3 at +4), saved under path."""
+    rng = np.random.default_rng(seed)
+    k_mean = 0.3 * rng.standard_normal((layers, hkv, d)).astype(np.float32)
+    k_mean[..., 3] += 4.0
+    order = np.argsort(rng.random((2, layers, hkv, d)), axis=-1)
+    KVCalibration(k_mean=k_mean, k_order=order[0], v_order=order[1]).save(path)
+    return path
+
+
 def make_step(dtype: str, *, d: int, g: int, page_size: int, window: int, t: int = 16,
-              hkv: int = 2, seed: int = 0):
+              hkv: int = 2, seed: int = 0, calibration: str = ""):
     """(q, k_new, v_new [b, t, ...], segment holding layer 1's context before the step (the
-    model attends before writing a chunk), page_table, lengths, positions, window slots)."""
+    model attends before writing a chunk), page_table, lengths, positions, window slots).
+    calibration: a KV calibration directory (TurboQuant); every 5th context key is then a short
+    "sink" (stored uncentred), so both values of the centred flag occur."""
     rng = np.random.default_rng(seed)
     mc = ModelConfig(num_layers=2, num_heads=g * hkv, num_kv_heads=hkv, head_dim=d,
                      hidden_size=64, intermediate_size=64, vocab_size=32)
-    cc = CacheConfig(dtype=dtype, page_size=page_size, window=window)
+    cc = CacheConfig(dtype=dtype, page_size=page_size, window=window, calibration=calibration)
     w = cc.window_for(dtype)
     b = 4
     max_pages = (w + 2 * t) // page_size + 3
@@ -66,6 +80,8 @@ def make_step(dtype: str, *, d: int, g: int, page_size: int, window: int, t: int
     k = rng.standard_normal((b, cap, hkv, d)).astype(np.float32)
     v = rng.standard_normal((b, cap, hkv, d)).astype(np.float32)
     k[..., 3] += 4.0  # a persistent outlier channel, like real keys
+    if calibration:
+        k[:, ::5] *= 0.1
     pos = np.tile(np.arange(cap, dtype=np.int32), (b, 1))
     hit = ctx.copy()
     hit[3] = ctx[3] - int(rng.integers(1, max(2, w // 2)))  # the prefix hit's cached part
@@ -160,6 +176,24 @@ def test_ragged_tpu_launcher_matches_xla(case, q_block):
     out = np.asarray(out)
     assert np.isfinite(out).all()
     valid = _valid(pos, lens)
+    np.testing.assert_allclose(out[valid], ref[valid], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["interpret", "interpret_tpu"])
+def test_ragged_calibrated_turbo_matches_xla(backend, tmp_path):
+    """Calibrated TurboQuant pools (keys centred + channels reordered per layer and KV head,
+    values reordered: smollm2's default) through both launchers == the oracle."""
+    case = ("turbo3.5", 64, 3, 16, 32)
+    cal = calibration_dir(str(tmp_path / "cal"), layers=2, hkv=2, d=64, seed=3)
+    q, kn, vn, seg, pt, lens, pos, slots = make_step("turbo3.5", d=64, g=3, page_size=16,
+                                                     window=32, seed=11, calibration=cal)
+    assert seg.k_spec.transformed and seg.k_spec.centred and seg.k_spec.reordered, case
+    layer = jnp.int32(1)
+    ref = np.asarray(xla_attention(q, seg, layer, pt, lens, pos, slots, chunk_kv=(kn, vn)))
+    out = np.asarray(ragged_attention.ragged_paged_attention(
+        q, kn, vn, seg, layer, pt, lens, pos, slots, backend=backend))
+    valid = _valid(pos, lens)
+    assert np.isfinite(out).all()
     np.testing.assert_allclose(out[valid], ref[valid], atol=2e-5, rtol=1e-5)
 
 

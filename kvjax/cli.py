@@ -70,7 +70,10 @@ def define_config_flags() -> None:
     flags.DEFINE_string("kv_cache_dtype", None, "KV cache dtype: auto, "
                         + ", ".join(KV_CACHE_DTYPES) + "; or auto:BYTES / auto:DTYPE, per-layer "
                         "formats within BYTES per token (or DTYPE's bytes) from the KV "
-                        "calibration's measured layer sensitivities.")
+                        "calibration's measured layer sensitivities. turbo3.5 and turbo2.5 are "
+                        "such per-layer layouts at their own bytes (at most 6 segments) when "
+                        "the calibration has sensitivities (smollm2's does), else uniform with "
+                        "a warning; uniform:turbo3.5 / uniform:turbo2.5 are always uniform.")
     flags.DEFINE_integer("page_size", None, "Tokens per KV page (a power of two).", lower_bound=1)
     flags.DEFINE_integer("kv_window", None, "Full-precision window: the most recent N tokens "
                          "of each sequence stay bf16 (default 128 for compressed dtypes; 0 gives "

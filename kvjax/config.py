@@ -128,6 +128,13 @@ KV_CACHE_DTYPES: dict[str, tuple[str, str]] = {
     "k3v2turbo": ("turbo3", "turbo2"),
 }
 FULL_PRECISION = ("bf16", "f32")
+# The fractional TurboQuant widths are averages: with a KV calibration that carries measured layer
+# sensitivities (smollm2 ships one) `turbo3.5` / `turbo2.5` mean per-layer formats within the
+# bytes of the uniform layout (auto:turbo3.5 / auto:turbo2.5 in at most 6 segments,
+# kvjax.calibrate.per_layer_or_uniform); without one they fall back to the uniform layout with a
+# one-line warning. `uniform:turbo3.5` is always uniform.
+PER_LAYER_DTYPES = ("turbo2.5", "turbo3.5")
+UNIFORM = "uniform:"
 KIVI_GROUP = 32  # KIVI's G: keys are quantized per channel over G tokens
 # Every compressed dtype keeps each sequence's most recent 128 tokens in bf16 by default: KIVI's
 # residual length R, and HF QuantizedCache's residual_length. On SmolLM2 it is the lever that
@@ -161,9 +168,14 @@ class CacheConfig:
             if not self.calibration:
                 raise ConfigError(f"{self.dtype} needs a KV calibration with layer "
                                   "sensitivities (--kv-calibration DIR)")
+        elif self.dtype.startswith(UNIFORM):
+            if self.dtype[len(UNIFORM):] not in PER_LAYER_DTYPES:
+                raise ConfigError(f"{self.dtype}: uniform: applies to "
+                                  f"{', '.join(PER_LAYER_DTYPES)} (the others are uniform)")
         elif self.dtype not in KV_CACHE_DTYPES:
             raise ConfigError(f"unknown kv cache dtype {self.dtype!r}; choose from "
-                              f"auto, auto:BYTES, auto:DTYPE, {', '.join(KV_CACHE_DTYPES)}")
+                              f"auto, auto:BYTES, auto:DTYPE, {', '.join(KV_CACHE_DTYPES)}, "
+                              f"{', '.join(UNIFORM + d for d in PER_LAYER_DTYPES)}")
         kivi = self.dtype.startswith("kivi")
         if self.page_size == 0:
             object.__setattr__(self, "page_size", KIVI_GROUP if kivi else 16)
@@ -196,7 +208,13 @@ def layer_formats(num_layers: int, cc: CacheConfig) -> list[str]:
     if cc.dtype in FULL_PRECISION:
         return [cc.dtype] * num_layers
     chosen = [cc.dtype] * num_layers
-    if cc.dtype.startswith("auto:"):  # edge / listed bf16 layers still apply on top
+    if cc.dtype.startswith(UNIFORM):
+        chosen = [cc.dtype[len(UNIFORM):]] * num_layers
+    elif cc.dtype in PER_LAYER_DTYPES:  # per-layer when the calibration has sensitivities
+        from kvjax.calibrate import per_layer_or_uniform
+
+        chosen = list(per_layer_or_uniform(cc.calibration, cc.dtype, num_layers))
+    elif cc.dtype.startswith("auto:"):  # edge / listed bf16 layers still apply on top
         from kvjax.calibrate import auto_formats, resolve
 
         try:

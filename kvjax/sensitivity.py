@@ -67,8 +67,9 @@ def layer_bytes(mc, fmt: str) -> float:
 def masks(t: int, prefix: int, window: int) -> tuple[np.ndarray, np.ndarray]:
     """(read exactly, read from codes) [T, T]: what query t sees in the engine's protocol."""
     pos = np.arange(t)
-    length = np.where(pos < prefix, np.minimum((pos // PREFILL_CHUNK + 1) * PREFILL_CHUNK, prefix),
-                      pos + 1)
+    # Prefix rows: 256-token chunks under the full-precision-chunk rule (own chunk exact, the cache
+    # before it as earlier steps left it: window = the positions before the chunk).
+    length = np.where(pos < prefix, (pos // PREFILL_CHUNK) * PREFILL_CHUNK, pos + 1)
     ws = length - window
     causal = pos[None, :] <= pos[:, None]
     return causal & (pos[None, :] >= ws[:, None]), causal & (pos[None, :] < ws[:, None])
@@ -194,7 +195,7 @@ def with_sensitivity(cal: KVCalibration, mc, params: dict, ids: np.ndarray, pref
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from kvjax.calibrate import budget_bytes, cached_calibration, choose_formats
+    from kvjax.calibrate import budget_bytes, cached_calibration, choose_formats, count_segments
     from kvjax.config import KV_CACHE_DTYPES
 
     ap = argparse.ArgumentParser(prog="python -m kvjax.sensitivity", description=__doc__.split(
@@ -206,7 +207,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=int, default=128)
     ap.add_argument("--kv-calibration", default=None, help="default: the config's")
     ap.add_argument("--dtypes", required=True, help="comma list: dtypes and auto:BYTES|DTYPE")
+    ap.add_argument("--shrink", default=None, help="auto: comma list of shrink values to try "
+                    "(default: kvjax.calibrate.AUTO_SHRINK)")
+    ap.add_argument("--max-segments", default=None, help="auto: comma list of segment caps to "
+                    "try (0 = none; default: kvjax.calibrate.AUTO_MAX_SEGMENTS)")
     args = ap.parse_args(argv)
+    shrinks = [None] if args.shrink is None else [float(x) for x in args.shrink.split(",")]
+    caps = [None] if args.max_segments is None else [int(x) for x in args.max_segments.split(",")]
     try:
         cfg, params, ids = load(args.config, Path(args.text_file).read_text(), args.tokens)
         path = cfg.cache.calibration if args.kv_calibration is None else args.kv_calibration
@@ -217,20 +224,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bf16 ppl {ref_ppl:.4f} | {args.text_file} | {len(ids)} tokens, prefix "
               f"{args.prefix}, window {args.window} | calibration {path}")
         for d in args.dtypes.split(","):
+            runs = []
             if d.startswith("auto:"):
                 if cal is None:
                     raise ValueError(f"{d} needs a KV calibration")
-                fmts, used, pred = choose_formats(cal, budget_bytes(cal, d[5:], n), n)
-                extra = f" | predicted KL {pred:.5f} | {' '.join(fmts)}"
+                for sh in shrinks:
+                    for cap in caps:
+                        fmts, used, pred = choose_formats(cal, budget_bytes(cal, d[5:], n), n,
+                                                          sh, cap)
+                        tag = "".join(f" {k}={v:g}" for k, v in (("shrink", sh), ("segs", cap))
+                                      if v is not None)
+                        runs.append((d + tag, fmts, used, f" | predicted KL {pred:.5f} | "
+                                     f"{count_segments(fmts)} segments | {' '.join(fmts)}"))
             elif d in KV_CACHE_DTYPES:
-                fmts, extra = [d] * n, ""
-                used = sum(layer_bytes(cfg.model, f) for f in fmts)
+                fmts = [d] * n
+                runs.append((d, fmts, sum(layer_bytes(cfg.model, f) for f in fmts), ""))
             else:
                 raise ValueError(f"unknown dtype {d!r}")
-            r = em.run(fmts)
-            print(f"{d:16s} {used:8.1f} B/token | ppl {r['ppl']:.4f} "
-                  f"({100 * (r['ppl'] / ref_ppl - 1):+.2f}%) | KL {r['kl']:.5f} | top-1 "
-                  f"{r['top1']:.4f}{extra}", flush=True)
+            for name, fmts, used, extra in runs:
+                r = em.run(fmts)
+                print(f"{name:16s} {used:8.1f} B/token | ppl {r['ppl']:.4f} "
+                      f"({100 * (r['ppl'] / ref_ppl - 1):+.2f}%) | KL {r['kl']:.5f} | top-1 "
+                      f"{r['top1']:.4f}{extra}", flush=True)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax.numpy as jnp
@@ -223,6 +224,33 @@ def test_choose_formats_is_the_brute_force_optimum(rng):
         choose_formats(base, 1e9)
 
 
+def test_choose_formats_shrink_and_segment_cap_are_the_brute_force_optimum(rng):
+    """With shrinkage toward each format's mean layer KL and a cap on runs of equal formats, the
+    DP's pick equals exhaustive search over every assignment with at most that many runs."""
+    import itertools
+
+    from kvjax.calibrate import choose_formats, count_segments
+
+    mc = _tiny_mc(6)
+    base = from_samples(rng.standard_normal((6, 2, 32, 16)), rng.standard_normal((6, 2, 32, 16)))
+    formats = ("turbo4", "turbo3.5", "turbo3")
+    kl = rng.exponential(1.0, (6, 3)) * np.array([1.0, 2.0, 4.0])
+    cal = _with_sens(base, mc, kl, formats)
+    b = np.array(cal.sens_bytes)
+    for shrink, cap in ((0.0, 2), (0.5, 0), (0.5, 3), (1.0, 1)):
+        kls = (1 - shrink) * kl + shrink * kl.mean(axis=0, keepdims=True)
+        for budget in np.linspace(6 * b.min(), 6 * b.max(), 5):
+            picks, used, loss = choose_formats(cal, budget, shrink=shrink, max_segments=cap)
+            best = min(sum(kls[i, f] for i, f in enumerate(c))
+                       for c in itertools.product(range(3), repeat=6)
+                       if sum(b[list(c)]) <= budget + 1e-9
+                       and (cap == 0 or count_segments(c) <= cap))
+            assert used <= budget + 1e-9 and loss == pytest.approx(best, abs=1e-12)
+            assert cap == 0 or count_segments(picks) <= cap
+    with pytest.raises(ValueError, match="shrink"):
+        choose_formats(cal, 1e9, shrink=1.5)
+
+
 def test_sensitivity_round_trip_and_old_files(rng, tmp_path):
     """The sensitivity block survives save/load; the npz and digest are unchanged by it, and a
     file without it (the earlier layout) still loads."""
@@ -275,6 +303,39 @@ def test_auto_dtype_segments_and_bytes(rng, tmp_path):
         CacheConfig("auto:4000")
     with pytest.raises(ConfigError, match="below the smallest"):
         layer_formats(4, CacheConfig("auto:10", calibration=str(tmp_path / "c")))
+
+
+def test_fractional_dtypes_are_per_layer_with_sensitivities(rng, tmp_path, capfd):
+    """turbo3.5 / turbo2.5 mean auto:turbo3.5 / auto:turbo2.5 (same bytes) when the calibration
+    has layer sensitivities; uniform:NAME and a calibration without them (or none) give the
+    uniform layout, the latter with a one-line warning."""
+    from kvjax.cache.paged import bytes_per_token
+    from kvjax.config import CacheConfig, ConfigError, layer_formats
+
+    mc = dataclasses.replace(_tiny_mc(4), head_dim=64)  # turbo4 > turbo3.5 > turbo3 > turbo2.5
+    base = from_samples(rng.standard_normal((4, 2, 32, 64)) + 2.0,
+                        rng.standard_normal((4, 2, 32, 64)))
+    formats = ("turbo4", "turbo3.5", "turbo3", "turbo2.5", "k3v2turbo")
+    kl = np.array([[1, 2, 3, 9, 12], [0.1, 0.2, 0.3, 0.4, 0.5], [2, 5, 8, 20, 30],
+                   [0.01, 0.02, 0.03, 0.04, 0.05]])
+    _with_sens(base, mc, kl, formats).save(tmp_path / "c")
+    base.save(tmp_path / "plain")
+    for d in ("turbo3.5", "turbo2.5"):
+        cc = CacheConfig(d, calibration=str(tmp_path / "c"))
+        auto = layer_formats(4, CacheConfig(f"auto:{d}", calibration=str(tmp_path / "c")))
+        assert layer_formats(4, cc) == auto and len(set(auto)) > 1  # 4 layers: under the cap
+        assert bytes_per_token(mc, cc) <= bytes_per_token(mc, CacheConfig(f"uniform:{d}"))
+        assert layer_formats(4, CacheConfig(f"uniform:{d}", calibration=str(tmp_path / "c"))
+                             ) == [d] * 4
+    capfd.readouterr()
+    assert layer_formats(4, CacheConfig("turbo3.5", calibration=str(tmp_path / "plain"))
+                         ) == ["turbo3.5"] * 4
+    assert layer_formats(3, CacheConfig("turbo2.5")) == ["turbo2.5"] * 3
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("warning: turbo") for line in err)
+    assert "no layer sensitivities" in err[0] and "no KV calibration" in err[1]
+    with pytest.raises(ConfigError, match="uniform"):
+        CacheConfig("uniform:turbo4")
 
 
 @pytest.mark.parametrize("method", ["turbo3.5", "turbo4", "fp8_e4m3"])

@@ -203,6 +203,28 @@ def test_norm_correction_keeps_the_length(rng):
         np.testing.assert_array_equal(nc.quantize(x).idx, plain.quantize(x).idx)
 
 
+def test_unbiased_norm_makes_scores_unbiased(rng):
+    # norm_correct="unbiased" stores |x| / <y, c[idx]>: the dequantized vector's component along
+    # x is exactly |x| (to f16 rounding), so q . x_hat regresses on q . x with slope 1 where the
+    # length-corrected ("nc") codes shrink it by about sqrt(1 - D_mse) (0.94 at 2 bits).
+    x = rng.standard_normal((20_000, D)).astype(np.float32) * 3.0
+    q = rng.standard_normal((20_000, D)).astype(np.float32)
+    exact = np.sum(q * x, axis=-1)
+    slopes = {}
+    for mode in (True, "unbiased"):
+        qz = TurboMse.build(D, 2, seed=11, norm_correct=mode)
+        deq = np.asarray(qz.dequantize(qz.quantize(x)))
+        slopes[mode] = float(np.sum(np.sum(q * deq, -1) * exact) / np.sum(exact * exact))
+        if mode == "unbiased":
+            along = np.sum(deq * x, axis=-1) / np.linalg.norm(x, axis=-1)
+            np.testing.assert_allclose(along, np.linalg.norm(x, axis=-1), rtol=2e-3)
+    # slope SE ~ 0.35 / sqrt(20000) = 0.0025: 1 +- 0.015 is 6 SE
+    assert abs(slopes["unbiased"] - 1) < 0.015, slopes
+    assert abs(slopes[True] - math.sqrt(1 - 0.1160)) < 0.015, slopes
+    with pytest.raises(ValueError, match="norm_correct"):
+        TurboMse.build(D, 2, norm_correct="yes")
+
+
 def test_polarquant_distortion(rng):
     qz = PolarQuantizer.build(D, seed=int(rng.integers(1 << 30)))
     got = float(_mse(qz, unit(rng, 10_000)))

@@ -32,9 +32,11 @@ Fake = Callable[[int, jax.Array], jax.Array]
 
 
 def window_start(t: np.ndarray, prefix: int, window: int) -> np.ndarray:
-    """First position query t reads from the bf16 window (engine protocol, see module doc)."""
-    length = np.where(t < prefix, np.minimum((t // PREFILL_CHUNK + 1) * PREFILL_CHUNK, prefix),
-                      t + 1)
+    """First position query t reads exactly (engine protocol, see module doc). Prefix rows are
+    256-token prefill chunks under the full-precision-chunk rule (kvjax/attention.py): a chunk
+    reads its own keys as computed and the cache as earlier steps left it, whose bf16 window holds
+    the `window` positions before the chunk; decode rows read the window before and at t."""
+    length = np.where(t < prefix, (t // PREFILL_CHUNK) * PREFILL_CHUNK, t + 1)
     return length - window
 
 

@@ -23,7 +23,9 @@ Names (``VALID_NAMES``):
                             and values. QJL is off for keys: measured on SmolLM2 (decode-step KL
                             vs bf16, turbo4) prod keys 0.0266 against 0.0144 for mse keys at fewer
                             bytes, as vLLM and others found (BENCHMARKS.md lever table); norm
-                            correction 0.0144 -> 0.0124. ``turbo_prodB`` keeps the QJL form.
+                            correction 0.0144 -> 0.0124; keys store the unbiased norm
+                            (norm_correct="unbiased": q.k not shrunk), values the length
+                            correction. ``turbo_prodB`` keeps the QJL form.
   qjl                       1-bit QJL sketch of keys (``sketch_dim``, default head_dim)
   polar                     PolarQuant, 4 levels, (4, 2, 2, 2) bits: 3.875 bits/coord
 
@@ -31,8 +33,9 @@ Fractional TurboQuant widths B split the channels: n_outliers = (B - floor B) * 
 at ceil(B) bits, the rest at floor(B), each set its own TurboQuant instance; call
 ``qz.calibrate(sample)`` to choose the outliers as the highest-energy channels (turboquant.py).
 Options: ``rotation`` ("haar" | "hadamard" | "hadamard1"), ``projection`` ("orthogonal" |
-"gaussian", the QJL sketch), ``n_outliers``, ``norm_correct`` (mse stages; default on for turboB,
-off for turbo_mseB), ``meta_dtype``.
+"gaussian", the QJL sketch), ``n_outliers``, ``norm_correct`` (mse stages: False, True or
+"unbiased"; default "unbiased" for turboB keys, True for turboB values, off for turbo_mseB),
+``meta_dtype``.
 
 Rotations and codebooks are deterministic in (seed, head_dim, bits): use different seeds for K and V
 (and per layer if desired); every host building the same quantizer gets identical constants.
@@ -143,7 +146,9 @@ def make_quantizer(
             variant, bits = "prod", float(name[len("turbo_prod") :])
         else:
             variant, bits = "mse", float(name[len("turbo") :])
-            nc = kw.get("norm_correct", True)
+            # Keys: the unbiased norm (no shrinkage of q.k); values: the length correction
+            # (BENCHMARKS.md "Stored norm" screen: keys -3 to -9% KL, values no gain).
+            nc = kw.get("norm_correct", "unbiased" if role == "key" else True)
         qz = build_turbo(
             head_dim,
             bits,

@@ -81,15 +81,21 @@ class TurboMse(Quantizer):
     bits: int = struct.field(pytree_node=False)
     meta_dtype: object = struct.field(pytree_node=False, default=META_DTYPE)
     # Norm correction (vLLM's "nc"): store |x| / |c[idx]| instead of |x|, so the dequantized
-    # vector has exactly the input's length (undoes the (1 - D_mse) shrinkage of MSE codes).
-    # Only the stored number changes: dequantize, scores and the kernels read it as before.
-    norm_correct: bool = struct.field(pytree_node=False, default=False)
+    # vector has exactly the input's length (undoes the (1 - D_mse) shrinkage of MSE codes, down
+    # to sqrt(1 - D_mse) along x). "unbiased": store |x| / <y, c[idx]> (y = the rotated unit
+    # input), so the dequantized vector's component along x is exactly |x| and the error is
+    # orthogonal to x: no shrinkage of q.k at all (zero-mean over the rotation). Only the stored
+    # number changes: dequantize, scores and the kernels read it as before.
+    norm_correct: bool | str = struct.field(pytree_node=False, default=False)
 
     @classmethod
     def build(
         cls, head_dim: int, bits: int, seed: int = 0, rotation_kind: str = "haar",
-        norm_correct: bool = False,
+        norm_correct: bool | str = False,
     ) -> TurboMse:
+        if norm_correct not in (False, True, "unbiased"):
+            raise ValueError(f"norm_correct must be False, True or 'unbiased', got "
+                             f"{norm_correct!r}")
         cb = sphere_codebook(head_dim, bits)
         return cls(
             rot=rotation(rotation_kind, seed, head_dim),
@@ -108,10 +114,15 @@ class TurboMse(Quantizer):
 
     def quantize(self, x: jax.Array) -> TurboMseCodes:
         """x: [..., head_dim] -> TurboMseCodes"""
-        idx, _, nu = self.quantize_rotated(x)
+        idx, y, nu = self.quantize_rotated(x)
         if self.norm_correct:
-            c_norm = safe_norm(jnp.asarray(self.centroids)[idx])
-            nu = nu / jnp.where(c_norm > 0, c_norm, 1.0)
+            c = jnp.asarray(self.centroids)[idx]
+            c_norm = safe_norm(c)
+            scale = jnp.where(c_norm > 0, c_norm, 1.0)
+            if self.norm_correct == "unbiased":  # <y, c> ~ sqrt(1 - D) |c| > 0; guard x = 0
+                dot = jnp.sum(y * c, axis=-1, keepdims=True)
+                scale = jnp.where(dot > 0.5 * scale * scale, dot, scale)
+            nu = nu / scale
         return TurboMseCodes(idx=pack_bits(idx, self.bits), norm=to_meta(nu, self.meta_dtype))
 
     def rotated_values(self, codes: TurboMseCodes) -> jax.Array:
@@ -285,10 +296,10 @@ def build_turbo(
     rotation_kind: str = "haar",
     projection_kind: str = "orthogonal",
     n_outliers: int | None = None,
-    norm_correct: bool = False,
+    norm_correct: bool | str = False,
 ) -> Quantizer:
     """TurboQuant_{variant} at ``bits`` (integer, or fractional via an outlier ChannelSplit).
-    norm_correct applies to mse quantizers (prod keeps the unbiased |x|)."""
+    norm_correct (False, True or "unbiased") applies to mse quantizers (prod keeps |x|)."""
 
     def one(d: int, b: int, s: int) -> Quantizer:
         if variant == "mse":

@@ -292,3 +292,22 @@ def test_polar_has_no_kernel_and_falls_back():
     a = xla_attention(q, seg, jnp.int32(1), pt, lens, (lens - 1)[:, None], impl="pallas")
     b = xla_attention(q, seg, jnp.int32(1), pt, lens, (lens - 1)[:, None])
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_tpu_call_takes_one_layer_of_the_pool():
+    """The Mosaic call gets the layer's slice of each pool leaf, not the [layers, ...] pool: XLA
+    relayouts TPU operands whose last dim is under 128 lanes, and a whole-pool operand made that
+    a copy of every layer's pages in every layer (SmolLM2 bf16 at 128K did not fit v5e HBM)."""
+    q, seg, pt, lens, slots = make_case("int8", d=64, g=3, page_size=16)
+    n_layers, hkv, n_pages, rows, n = seg.k[0].shape  # [layers, kv_heads, pages, 16, 64]
+    assert n_layers == 2
+
+    def f(q, seg, pt, lens, slots):
+        return pallas_kernels.paged_attention(q, seg, jnp.int32(1), pt, lens, slots,
+                                              backend="tpu")
+
+    text = jax.jit(f).trace(q, seg, pt, lens, slots).lower(lowering_platforms=("tpu",)).as_text()
+    call = next(ln for ln in text.splitlines() if "tpu_custom_call" in ln)
+    assert f"tensor<{hkv * n_pages}x{rows}x{n}xi8>" in call  # int8 codes
+    assert f"tensor<{hkv * n_pages}x{rows}x1xui16>" in call  # f16 scales (raw bits)
+    assert f"tensor<{n_layers * hkv * n_pages}x" not in call

@@ -10,9 +10,10 @@ interpret mode). One file per op:
                             and values at full precision)
   ragged_tpu.py             its TPU (Mosaic) launcher
   _core.py                  decode entry point, split-KV combine, attention mass (re-exports
-                            _formats and _launch)
+                            _formats, _launch and _pallas_call)
   _formats.py               tile helpers, packed-code phases, the key / value format interface
-  _launch.py                kernel bodies, the gather (Triton) and tpu (Mosaic) launchers
+  _launch.py                decode kernel bodies (gather: Triton / interpret; tpu: Mosaic)
+  _pallas_call.py           the two launchers' pallas_calls (grids, BlockSpecs, outputs)
   compat.py                 Pallas API differences between jax 0.10 and 0.11
 
 New tokens' codes are written by the cache's own write path (kvjax/cache/layout.py), in XLA.

@@ -38,8 +38,9 @@ segment with a full-precision window gets one extra program per (batch, head) th
 ring's valid entries (positions in [length - W, length)) with the original query; pages then only
 serve positions below length - W.
 
-Files: tile helpers and formats in _formats.py, kernel bodies and launchers in _launch.py (both
-re-exported here), the entry point ``decode``, ``combine`` and the mass here.
+Files: tile helpers and formats in _formats.py, kernel bodies in _launch.py, the two launchers'
+pallas_calls in _pallas_call.py (all re-exported here); the entry point ``decode``, ``combine``
+and the mass here.
 """
 
 
@@ -77,11 +78,10 @@ from kvjax.pallas_kernels._launch import (  # noqa: F401
     _gather_kernel,
     _init_state,
     _online,
-    _out_map,
     _tpu_kernel,
     _window_update,
-    launch,
 )
+from kvjax.pallas_kernels._pallas_call import _out_map, launch  # noqa: F401
 
 BACKENDS = ("auto", "triton", "tpu", "interpret", "interpret_tpu", "mosaic_gpu")
 
@@ -284,8 +284,19 @@ def decode(q: jax.Array, seg, layer: jax.Array, page_table: jax.Array, lengths: 
     layer = jnp.asarray(layer, jnp.int32)
     qs = kfmt.prepare_q_layer(qg, layer)
 
+    # TPU: the Mosaic call takes its operands row-major with (8|16|32, 128) tiles, which is not
+    # the layout XLA gives a leaf whose last dim is under 128 lanes (head_dim 64, packed codes,
+    # per-token scales: pages become the lane dim), so XLA relayouts every operand before the
+    # call. Passing the whole [layers, ...] pool made that a copy of every layer's pages in
+    # every layer (temp 16 GB for SmolLM2 bf16 at 128K); the layer's slice bounds it to one
+    # layer's pages. (No copy at all needs lane-dense pages: see BENCHMARKS, compiled steps.)
+    per_layer = backend in ("tpu", "interpret_tpu")
+    n_flat = 1 if per_layer else n_layers
+
     def flat(x):
-        return x.reshape(n_layers * hkv * x.shape[2], *x.shape[3:])
+        if per_layer:
+            x = jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=True)
+        return x.reshape(n_flat * hkv * x.shape[2], *x.shape[3:])
 
     ring = None
     lengths = lengths.astype(jnp.int32)
@@ -298,7 +309,8 @@ def decode(q: jax.Array, seg, layer: jax.Array, page_table: jax.Array, lengths: 
         ring_lo = lengths
     accs, m, den, win, scores = launch(plan, kfmt, vfmt, qs, tuple(flat(x) for x in seg.k),
                              tuple(flat(x) for x in seg.v), ring,
-                             layer, lengths, ring_lo, slots, pt,
+                             jnp.zeros((), jnp.int32) if per_layer else layer, lengths,
+                             ring_lo, slots, pt,
                              backend=backend, num_warps=num_warps, num_stages=num_stages)
     out = combine(vfmt, accs, m, den, win, layer)  # [B, Hkv, Gp, D]
     out = out[:, :, :g].reshape(bsz, 1, nh, d).astype(q.dtype)

@@ -1,16 +1,16 @@
-"""The kernel bodies and their two launchers (gather: Triton / interpret; tpu: Mosaic with
-scalar prefetch), the online softmax and the window program. Re-exported by _core."""
+"""The kernel bodies of the two launchers (gather: Triton / interpret; tpu: Mosaic with scalar
+prefetch; their pallas_calls are in _pallas_call.py), the online softmax and the window program.
+Re-exported by _core."""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kvjax.pallas_kernels import compat
 from kvjax.pallas_kernels._formats import (
     KeyFormat,
     Loader,
@@ -107,21 +107,63 @@ def _init_state(plan: Plan, vfmt: ValueFormat):
     return m, den, accs
 
 
+@dataclasses.dataclass
+class Refs:
+    """The kernel's refs by role, in the launchers' order: 5 scalars (layer, lengths, ring_lo,
+    window slots, page table), inputs (q parts, key leaves, value leaves, then the ring's q, wk,
+    wv), outputs (accs, m, l, then the window's acc, m, l, then with mass the pages' and the
+    window's scores), and `scratch`: what is left (the TPU launcher's VMEM scratch)."""
+
+    layer: Any
+    lengths: Any
+    ring_lo: Any
+    slots: Any
+    page_table: Any
+    q: tuple
+    k: tuple
+    v: tuple
+    acc: tuple
+    m: Any
+    den: Any
+    qw: Any = None
+    wk: Any = None
+    wv: Any = None
+    accw: Any = None
+    mw: Any = None
+    lw: Any = None
+    scores: Any = None  # gather: [Gp, pages_per_split * page]; tpu: [Gp, page]
+    scores_w: Any = None  # the window's [chunks, Gp, chunk]
+    scratch: tuple = ()
+
+
+def _split_refs(refs, plan: Plan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: int) -> Refs:
+    it = iter(refs)
+
+    def take(n):
+        return tuple(next(it) for _ in range(n))
+
+    out = Refs(*take(5), q=take(n_q), k=take(kfmt.leaves), v=take(vfmt.leaves),
+               acc=(), m=None, den=None)
+    if plan.window:
+        out.qw, out.wk, out.wv = take(3)
+    out.acc = take(len(vfmt.acc_shapes(plan.gp)))
+    out.m, out.den = take(2)
+    if plan.window:
+        out.accw, out.mw, out.lw = take(3)
+    if plan.mass:
+        out.scores = next(it)
+        if plan.window:
+            out.scores_w = next(it)
+    out.scratch = tuple(it)
+    return out
+
+
 def _gather_kernel(*refs, plan: Plan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: int):
-    layer_ref, len_ref, lo_ref, slot_ref, pt_ref = refs[:5]
-    rest = refs[5:]
-    q_refs, rest = rest[:n_q], rest[n_q:]
-    k_refs, rest = rest[:kfmt.leaves], rest[kfmt.leaves:]
-    v_refs, rest = rest[:vfmt.leaves], rest[vfmt.leaves:]
-    if plan.window:
-        qw_ref, wk_ref, wv_ref, *rest = rest
-    n_acc = len(vfmt.acc_shapes(plan.gp))
-    acc_refs, (m_ref, l_ref), rest = rest[:n_acc], rest[n_acc:n_acc + 2], rest[n_acc + 2:]
-    if plan.window:
-        (accw_ref, mw_ref, lw_ref), rest = rest[:3], rest[3:]
-    sp_ref = sw_ref = None
-    if plan.mass:  # scores of this split's pages [Gp, pages_per_split * page_size]; window's
-        sp_ref, sw_ref = rest[0], (rest[1] if plan.window else None)
+    rf = _split_refs(refs, plan, kfmt, vfmt, n_q)
+    layer_ref, len_ref, lo_ref, slot_ref, pt_ref = (rf.layer, rf.lengths, rf.ring_lo, rf.slots,
+                                                    rf.page_table)
+    q_refs, k_refs, v_refs, acc_refs, m_ref, l_ref = rf.q, rf.k, rf.v, rf.acc, rf.m, rf.den
+    sp_ref = rf.scores
 
     h, k = pl.program_id(1), pl.program_id(2)
     layer = layer_ref[0]
@@ -167,40 +209,21 @@ def _gather_kernel(*refs, plan: Plan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: i
         @pl.when(k == plan.splits)
         def _():
             ridx = (layer * plan.kv_heads + h) * plan.ring_slots + slot_ref[0]
-            m0, l0, _ = _init_state(plan, vfmt)
-            carry = (m0, l0, (jnp.zeros((plan.gp, plan.head_dim), jnp.float32),))
-            def fetch(j0, c):
-                return wk_ref[ridx, pl.ds(j0, c), :], wv_ref[ridx, pl.ds(j0, c), :]
 
-            mw, lw, accw = _window_update(carry, qw_ref[...], fetch, length, plan.window,
-                                          bits_to, _emitter(sw_ref), lo_ref[0])
-            accw_ref[...] = accw
-            mw_ref[...] = mw
-            lw_ref[...] = lw
+            def fetch(j0, c):
+                return rf.wk[ridx, pl.ds(j0, c), :], rf.wv[ridx, pl.ds(j0, c), :]
+
+            _window_program(rf, plan, vfmt, fetch, length, bits_to, lo_ref[0])
 
 
 def _tpu_kernel(*refs, plan: Plan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: int):
-    layer_ref, len_ref, lo_ref, slot_ref, pt_ref = refs[:5]
-    del slot_ref, pt_ref  # used by the index maps
-    rest = refs[5:]
-    q_refs, rest = rest[:n_q], rest[n_q:]
-    k_refs, rest = rest[:kfmt.leaves], rest[kfmt.leaves:]
-    v_refs, rest = rest[:vfmt.leaves], rest[vfmt.leaves:]
-    if plan.window:
-        qw_ref, wk_ref, wv_ref, *rest = rest
-    n_acc = len(vfmt.acc_shapes(plan.gp))
-    acc_refs, (m_ref, l_ref), rest = rest[:n_acc], rest[n_acc:n_acc + 2], rest[n_acc + 2:]
-    if plan.window:
-        accw_ref, mw_ref, lw_ref, *rest = rest
-    sp_ref = sw_ref = None
-    if plan.mass:  # this page's scores [Gp, page_size]; the window's [chunks, Gp, chunk]
-        sp_ref, *rest = rest
-        if plan.window:
-            sw_ref, *rest = rest
-    m_sc, l_sc, *acc_sc = rest
+    rf = _split_refs(refs, plan, kfmt, vfmt, n_q)  # layer, slots, page table: the index maps'
+    len_ref, lo_ref = rf.lengths, rf.ring_lo
+    q_refs, k_refs, v_refs, acc_refs, m_ref, l_ref = rf.q, rf.k, rf.v, rf.acc, rf.m, rf.den
+    sp_ref = rf.scores
+    m_sc, l_sc, *acc_sc = rf.scratch
 
     b, k, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-    del layer_ref
     length = len_ref[b]
     s = plan.page_size
     limit = lo_ref[b] if plan.window else length
@@ -243,16 +266,21 @@ def _tpu_kernel(*refs, plan: Plan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: int)
     if plan.window:
         @pl.when((k == plan.splits) & (i == 0))
         def _():
-            m0, l0, _ = _init_state(plan, vfmt)
-            carry = (m0, l0, (jnp.zeros((plan.gp, plan.head_dim), jnp.float32),))
             def fetch(j0, c):
-                return wk_ref[pl.ds(j0, c), :], wv_ref[pl.ds(j0, c), :]
+                return rf.wk[pl.ds(j0, c), :], rf.wv[pl.ds(j0, c), :]
 
-            mw, lw, accw = _window_update(carry, qw_ref[...], fetch, length, plan.window,
-                                          int_bits_to, _emitter(sw_ref), lo_ref[b])
-            accw_ref[...] = accw
-            mw_ref[...] = mw
-            lw_ref[...] = lw
+            _window_program(rf, plan, vfmt, fetch, length, int_bits_to, lo_ref[b])
+
+
+def _window_program(rf: Refs, plan: Plan, vfmt: ValueFormat, fetch, length, convert, ring_lo):
+    """The window's program: attend the ring with the original query, write its (acc, m, l)."""
+    m0, l0, _ = _init_state(plan, vfmt)
+    carry = (m0, l0, (jnp.zeros((plan.gp, plan.head_dim), jnp.float32),))
+    mw, lw, accw = _window_update(carry, rf.qw[...], fetch, length, plan.window, convert,
+                                  _emitter(rf.scores_w), ring_lo)
+    rf.accw[...] = accw
+    rf.mw[...] = mw
+    rf.lw[...] = lw
 
 
 def _emitter(ref):
@@ -264,147 +292,3 @@ def _emitter(ref):
     def emit(i, sc):
         ref[i] = sc
     return emit
-
-
-def _out_map(nd: int):
-    """Output block (b, h, split, 0...) whatever else the grid and scalar prefetch pass."""
-    def index_map(bi, h, k, *rest):
-        return (bi, h, k) + (0,) * nd
-    return index_map
-
-
-def launch(plan: Plan, kfmt: KeyFormat, vfmt: ValueFormat, qs: tuple[jax.Array, ...],
-           k_leaves: tuple[jax.Array, ...], v_leaves: tuple[jax.Array, ...],
-           ring: tuple[jax.Array, jax.Array, jax.Array] | None, layer: jax.Array,
-           lengths: jax.Array, ring_lo: jax.Array, slots: jax.Array, page_table: jax.Array, *,
-           backend: str,
-           num_warps: int = 0, num_stages: int = 2):
-    """Run the kernel; returns (accs, m, den, window, scores): accs each [B, Hkv, splits',
-    *acc_shape], m, den [B, Hkv, splits', Gp, 1], window (acc [B, Hkv, Gp, D], m, den [B, Hkv,
-    Gp, 1]) or None, scores (plan.mass: the pages' and the window's raw scores, layouts in
-    mass_from_scores) or None. k_leaves/v_leaves are flat pools [layers * Hkv * pages, rows, n];
-    ring = (q_win [B, Hkv, Gp, D] f32, wk, wv flat [layers * Hkv * slots', W, D] uint16)."""
-    nsplit = plan.splits + (1 if plan.window else 0)
-    b, hkv, gp, d = plan.batch, plan.kv_heads, plan.gp, plan.head_dim
-    s, pps = plan.page_size, plan.pages_per_split
-    acc_shapes = vfmt.acc_shapes(gp)
-    out_shape = [jax.ShapeDtypeStruct((b, hkv, nsplit, *sh), jnp.float32) for sh in acc_shapes]
-    out_shape += [jax.ShapeDtypeStruct((b, hkv, nsplit, gp, 1), jnp.float32)] * 2
-    if plan.window:
-        out_shape += [jax.ShapeDtypeStruct((b, hkv, gp, d), jnp.float32),
-                      jax.ShapeDtypeStruct((b, hkv, gp, 1), jnp.float32),
-                      jax.ShapeDtypeStruct((b, hkv, gp, 1), jnp.float32)]
-    tpu = backend in ("tpu", "interpret_tpu")
-    n_main = len(out_shape)
-    wchunk = min(plan.window, WINDOW_CHUNK)
-    if plan.mass:
-        # Scores, raw: TPU one [Gp, page] block per grid step; the gather launcher one
-        # [Gp, pages_per_split * page] row block per split; the window [chunks, Gp, chunk].
-        out_shape.append(jax.ShapeDtypeStruct((b, hkv, nsplit * pps, gp, s) if tpu else
-                                              (b, hkv, nsplit, gp, pps * s), jnp.float32))
-        if plan.window:
-            out_shape.append(jax.ShapeDtypeStruct((b, hkv, plan.window // wchunk, gp, wchunk),
-                                                  jnp.float32))
-    inputs = [*qs, *k_leaves, *v_leaves]
-    if plan.window:
-        inputs += list(ring)
-    n_q = len(qs)
-
-    def zeros_map(nd):
-        return lambda *a: (0,) * nd
-
-    if backend in ("triton", "interpret"):
-        def per_head(x):
-            return pl.BlockSpec((None, None, *x.shape[2:]),
-                                lambda bi, h, k, n=x.ndim: (bi, h) + (0,) * (n - 2))
-
-        def whole(x):
-            return pl.BlockSpec(x.shape, zeros_map(x.ndim))
-
-        in_specs = [pl.BlockSpec((1,), lambda bi, h, k: (0,)),
-                    pl.BlockSpec((1,), lambda bi, h, k: (bi,)),
-                    pl.BlockSpec((1,), lambda bi, h, k: (bi,)),
-                    pl.BlockSpec((1,), lambda bi, h, k: (bi,)),
-                    pl.BlockSpec((None, page_table.shape[1]), lambda bi, h, k: (bi, 0))]
-        in_specs += [per_head(x) for x in qs]
-        in_specs += [whole(x) for x in (*k_leaves, *v_leaves)]
-        if plan.window:
-            in_specs += [per_head(ring[0]), whole(ring[1]), whole(ring[2])]
-        out_specs = [pl.BlockSpec((None, None, None, *s),
-                                  _out_map(len(s)))
-                     for s in (*acc_shapes, (gp, 1), (gp, 1))]
-        if plan.window:
-            out_specs += [pl.BlockSpec((None, None, gp, d), lambda bi, h, k: (bi, h, 0, 0)),
-                          pl.BlockSpec((None, None, gp, 1), lambda bi, h, k: (bi, h, 0, 0)),
-                          pl.BlockSpec((None, None, gp, 1), lambda bi, h, k: (bi, h, 0, 0))]
-        if plan.mass:
-            out_specs.append(pl.BlockSpec((None, None, None, gp, pps * s), _out_map(2)))
-            if plan.window:
-                out_specs.append(pl.BlockSpec((None, None, *out_shape[-1].shape[2:]),
-                                              lambda bi, h, k: (bi, h, 0, 0, 0)))
-        kernel = functools.partial(_gather_kernel, plan=plan, kfmt=kfmt, vfmt=vfmt, n_q=n_q)
-        out = pl.pallas_call(
-            kernel, out_shape=out_shape, grid=(b, hkv, nsplit), in_specs=in_specs,
-            out_specs=out_specs, interpret=backend == "interpret",
-            compiler_params=compat.triton_params(num_warps, num_stages),
-            name="kvjax_paged_decode",
-        )(layer.reshape(1), lengths, ring_lo, slots, page_table, *inputs)
-    elif tpu:
-        mp, w = page_table.shape[1], plan.window
-
-        def page_map(bi, h, k, i, layer_r, len_r, lo_r, slot_r, pt_r):
-            limit = lo_r[bi] if w else len_r[bi]
-            last = jnp.maximum(_cdiv(limit, s) - 1, 0)
-            jj = jnp.minimum(k * plan.pages_per_split + i, last)
-            return ((layer_r[0] * hkv + h) * plan.num_pages + pt_r[bi * mp + jj], 0, 0)
-
-        def ring_map(bi, h, k, i, layer_r, len_r, lo_r, slot_r, pt_r):
-            return ((layer_r[0] * hkv + h) * plan.ring_slots + slot_r[bi], 0, 0)
-
-        def per_head(x):
-            return pl.BlockSpec((None, None, *x.shape[2:]),
-                                lambda bi, h, k, i, *_, n=x.ndim: (bi, h) + (0,) * (n - 2))
-
-        def page_spec(x):
-            return pl.BlockSpec((None, *x.shape[1:]), page_map)
-
-        in_specs = [per_head(x) for x in qs]
-        in_specs += [page_spec(x) for x in (*k_leaves, *v_leaves)]
-        if plan.window:
-            in_specs += [per_head(ring[0]),
-                         pl.BlockSpec((None, *ring[1].shape[1:]), ring_map),
-                         pl.BlockSpec((None, *ring[2].shape[1:]), ring_map)]
-        out_specs = [pl.BlockSpec((None, None, None, *sh),
-                                  _out_map(len(sh)))
-                     for sh in (*acc_shapes, (gp, 1), (gp, 1))]
-        if plan.window:
-            out_specs += [pl.BlockSpec((None, None, gp, d), lambda bi, h, k, i, *_: (bi, h, 0, 0)),
-                          pl.BlockSpec((None, None, gp, 1), lambda bi, h, k, i, *_: (bi, h, 0, 0)),
-                          pl.BlockSpec((None, None, gp, 1), lambda bi, h, k, i, *_: (bi, h, 0, 0))]
-        if plan.mass:
-            out_specs.append(pl.BlockSpec((None, None, None, gp, s),
-                                          lambda bi, h, k, i, *_: (bi, h, k * pps + i, 0, 0)))
-            if plan.window:
-                out_specs.append(pl.BlockSpec((None, None, *out_shape[-1].shape[2:]),
-                                              lambda bi, h, k, i, *_: (bi, h, 0, 0, 0)))
-        vmem = compat.pltpu.VMEM
-        scratch = [vmem((gp, 1), jnp.float32), vmem((gp, 1), jnp.float32)]
-        scratch += [vmem(sh, jnp.float32) for sh in acc_shapes]
-        grid_spec = compat.PrefetchScalarGridSpec(
-            num_scalar_prefetch=5, grid=(b, hkv, nsplit, plan.pages_per_split),
-            in_specs=in_specs, out_specs=out_specs, scratch_shapes=scratch)
-        kernel = functools.partial(_tpu_kernel, plan=plan, kfmt=kfmt, vfmt=vfmt, n_q=n_q)
-        out = pl.pallas_call(
-            kernel, out_shape=out_shape, grid_spec=grid_spec,
-            interpret=backend == "interpret_tpu",
-            compiler_params=compat.tpu_params(("parallel", "parallel", "arbitrary",
-                                               "arbitrary")),
-            name="kvjax_paged_decode",
-        )(layer.reshape(1), lengths, ring_lo, slots, page_table.reshape(-1), *inputs)
-    else:
-        raise ValueError(f"no launcher for backend {backend!r}")
-    n_acc = len(acc_shapes)
-    accs, (m, den) = tuple(out[:n_acc]), out[n_acc:n_acc + 2]
-    window = tuple(out[n_acc + 2:n_main]) if plan.window else None
-    scores = tuple(out[n_main:]) if plan.mass else None
-    return accs, m, den, window, scores

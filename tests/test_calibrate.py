@@ -327,6 +327,16 @@ def test_fractional_dtypes_are_per_layer_with_sensitivities(rng, tmp_path, capfd
         assert bytes_per_token(mc, cc) <= bytes_per_token(mc, CacheConfig(f"uniform:{d}"))
         assert layer_formats(4, CacheConfig(f"uniform:{d}", calibration=str(tmp_path / "c"))
                              ) == [d] * 4
+    # Many layers whose best formats alternate: the plain name stays within the segment cap.
+    from kvjax.calibrate import PLAIN_MAX_SEGMENTS, count_segments
+
+    many = dataclasses.replace(mc, num_layers=16)
+    wide = from_samples(rng.standard_normal((16, 2, 32, 64)), rng.standard_normal((16, 2, 32, 64)))
+    alt = np.tile([[1, 2, 3, 9, 12], [0.01, 0.02, 0.03, 0.04, 0.05]], (8, 1))
+    _with_sens(wide, many, alt, formats).save(tmp_path / "alt")
+    uncapped = layer_formats(16, CacheConfig("auto:turbo3.5", calibration=str(tmp_path / "alt")))
+    plain = layer_formats(16, CacheConfig("turbo3.5", calibration=str(tmp_path / "alt")))
+    assert count_segments(uncapped) > PLAIN_MAX_SEGMENTS >= count_segments(plain) > 1
     capfd.readouterr()
     assert layer_formats(4, CacheConfig("turbo3.5", calibration=str(tmp_path / "plain"))
                          ) == ["turbo3.5"] * 4

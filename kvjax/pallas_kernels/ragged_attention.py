@@ -324,7 +324,7 @@ def ragged_paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, seg
         raise ValueError(f"q must be [batch, tokens, num_heads, head_dim], got {q.shape}")
     bsz, t, nh, d = q.shape
     leaf = seg.k[0]
-    n_layers, hkv, n_pages, s = leaf.shape[0], leaf.shape[1], leaf.shape[2], seg.k_spec.page_size
+    hkv, n_pages, s = leaf.shape[1], leaf.shape[2], seg.k_spec.page_size
     if k_new.shape != (bsz, t, hkv, d) or v_new.shape != k_new.shape:
         raise ValueError(f"k_new, v_new must be [batch={bsz}, tokens={t}, kv_heads={hkv}, "
                          f"head_dim={d}], got {k_new.shape}, {v_new.shape}")
@@ -394,7 +394,11 @@ def ragged_paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, seg
         return jnp.pad(jnp.moveaxis(x, 2, 1), ((0, 0), (0, 0), (0, tp - t), (0, 0)))
 
     def flat(x):
-        return x.reshape(n_layers * hkv * x.shape[2], *x.shape[3:])
+        if tpu:  # the layer's slice: XLA relayouts Mosaic operands with under 128 lanes, and a
+            # whole [layers, ...] pool would copy every layer's pages in every layer (as in
+            # _core.decode); the kernel then addresses layer 0 of the slice
+            x = jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=True)
+        return x.reshape(x.shape[0] * hkv * x.shape[2], *x.shape[3:])
 
     ring = (flat(seg.wk), flat(seg.wv)) if w else ()
     k_leaves, v_leaves = tuple(flat(x) for x in seg.k), tuple(flat(x) for x in seg.v)
@@ -405,7 +409,8 @@ def ragged_paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, seg
         # The chunk in f32 (exact for bf16): Mosaic slices 32-bit rows at any multiple of 8.
         outs = ragged_tpu.launch(plan, kfmt, vfmt, qs, qg, chunk(k_new).astype(jnp.float32),
                                  chunk(v_new).astype(jnp.float32), k_leaves, v_leaves, ring,
-                                 layer, scalars, pt, interpret=backend == "interpret_tpu")
+                                 jnp.zeros((), jnp.int32), scalars, pt,
+                                 interpret=backend == "interpret_tpu")
     else:
         outs = _launch(plan, kfmt, vfmt, qs, qg, chunk(k_new), chunk(v_new), k_leaves,
                        v_leaves, ring, layer, scalars, pt, backend=backend,

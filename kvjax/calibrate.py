@@ -277,19 +277,26 @@ def per_layer_or_uniform(calibration: str, dtype: str, num_layers: int) -> tuple
     """What a plain fractional dtype (config.PER_LAYER_DTYPES: turbo3.5, turbo2.5) means: the
     per-layer formats of auto:DTYPE (the same bytes) in at most PLAIN_MAX_SEGMENTS segments when
     `calibration` has layer sensitivities for this model, else DTYPE on every layer, with a
-    one-line warning (once per process)."""
-    why = "no KV calibration"
-    if calibration:
-        try:
-            path = str(resolve(calibration).resolve())
-            if cached_calibration(path).sens_formats:
-                return auto_formats(path, dtype, num_layers, PLAIN_MAX_SEGMENTS)
-            why = f"KV calibration {calibration} has no layer sensitivities"
-        except (OSError, ValueError) as e:
-            why = str(e)
-    print(f"warning: {dtype}: {why}; using the uniform {dtype} layout (per-layer formats need "
-          "python -m kvjax.calibrate)", file=sys.stderr)
+    one-line warning (once per process) when a calibration was given but cannot serve. Without
+    any calibration (the 70B configs) the uniform layout is the documented meaning: no warning,
+    so a user error that follows stays the only line on stderr."""
+    if not calibration:
+        return (dtype,) * num_layers
+    try:
+        path = str(resolve(calibration).resolve())
+        if cached_calibration(path).sens_formats:
+            return auto_formats(path, dtype, num_layers, PLAIN_MAX_SEGMENTS)
+        why = f"KV calibration {calibration} has no layer sensitivities"
+    except (OSError, ValueError) as e:
+        why = str(e)
+    if (dtype, why) not in _WARNED:
+        _WARNED.add((dtype, why))
+        print(f"warning: {dtype}: {why}; using the uniform {dtype} layout (per-layer formats need "
+              "python -m kvjax.calibrate)", file=sys.stderr)
     return (dtype,) * num_layers
+
+
+_WARNED: set[tuple[str, str]] = set()
 
 
 def channel_order(energy: np.ndarray) -> np.ndarray:

@@ -72,8 +72,9 @@ def define_config_flags() -> None:
                         "formats within BYTES per token (or DTYPE's bytes) from the KV "
                         "calibration's measured layer sensitivities. turbo3.5 and turbo2.5 are "
                         "such per-layer layouts at their own bytes (at most 6 segments) when "
-                        "the calibration has sensitivities (smollm2's does), else uniform with "
-                        "a warning; uniform:turbo3.5 / uniform:turbo2.5 are always uniform.")
+                        "the calibration has sensitivities (smollm2's does), else uniform (with "
+                        "a warning if a calibration was given); uniform:turbo3.5 / "
+                        "uniform:turbo2.5 are always uniform.")
     flags.DEFINE_integer("page_size", None, "Tokens per KV page (a power of two).", lower_bound=1)
     flags.DEFINE_integer("kv_window", None, "Full-precision window: the most recent N tokens "
                          "of each sequence stay bf16 (default 128 for compressed dtypes; 0 gives "

@@ -131,8 +131,9 @@ FULL_PRECISION = ("bf16", "f32")
 # The fractional TurboQuant widths are averages: with a KV calibration that carries measured layer
 # sensitivities (smollm2 ships one) `turbo3.5` / `turbo2.5` mean per-layer formats within the
 # bytes of the uniform layout (auto:turbo3.5 / auto:turbo2.5 in at most 6 segments,
-# kvjax.calibrate.per_layer_or_uniform); without one they fall back to the uniform layout with a
-# one-line warning. `uniform:turbo3.5` is always uniform.
+# kvjax.calibrate.per_layer_or_uniform); without a calibration they mean the uniform layout, and a
+# calibration that has no sensitivities falls back to it with a one-line warning.
+# `uniform:turbo3.5` is always uniform.
 PER_LAYER_DTYPES = ("turbo2.5", "turbo3.5")
 UNIFORM = "uniform:"
 KIVI_GROUP = 32  # KIVI's G: keys are quantized per channel over G tokens

@@ -158,16 +158,31 @@ def ring_and_chunk(qw, plan: RaggedPlan, *, active, ring_lo, ctx_end, clen, qb, 
     return m2, l2, acc2
 
 
-def _kernel(*refs, plan: RaggedPlan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: int):
-    (layer_ref, len_ref, rlo_ref, clen_ref, slot_ref, pt_ref), rest = refs[:6], refs[6:]
+N_SCALARS = 6  # layer, lengths, ring_lo, chunk lengths, window slots, page table
+
+
+def split_refs(refs: tuple, plan: RaggedPlan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: int
+               ) -> tuple:
+    """The refs both launchers (Triton here, Mosaic in ragged_tpu.py) pass, by role: the
+    N_SCALARS scalars, the query leaves, (window queries, chunk K, chunk V), the K and V page
+    leaves, the ring's (K, V) ((None, None) without a window), the accumulated outputs, and
+    what follows them (the launcher's own outputs and scratch)."""
+    scalars, rest = refs[:N_SCALARS], refs[N_SCALARS:]
     q_refs, rest = rest[:n_q], rest[n_q:]
-    qw_ref, kc_ref, vc_ref, *rest = rest
+    chunk, rest = rest[:3], rest[3:]
     k_refs, rest = rest[:kfmt.leaves], rest[kfmt.leaves:]
     v_refs, rest = rest[:vfmt.leaves], rest[vfmt.leaves:]
+    ring = (None, None)
     if plan.window:
-        wk_ref, wv_ref, *rest = rest
+        ring, rest = rest[:2], rest[2:]
     n_acc = len(vfmt.acc_shapes(plan.rows))
-    acc_refs, (m_ref, l_ref, acc2_ref, m2_ref, l2_ref) = rest[:n_acc], rest[n_acc:]
+    return scalars, q_refs, chunk, k_refs, v_refs, ring, rest[:n_acc], rest[n_acc:]
+
+
+def _kernel(*refs, plan: RaggedPlan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: int):
+    ((layer_ref, len_ref, rlo_ref, clen_ref, slot_ref, pt_ref), q_refs, (qw_ref, kc_ref, vc_ref),
+     k_refs, v_refs, (wk_ref, wv_ref), acc_refs, (m_ref, l_ref, acc2_ref, m2_ref, l2_ref)
+     ) = split_refs(refs, plan, kfmt, vfmt, n_q)
 
     h, qb = pl.program_id(1), pl.program_id(2)
     layer, length, ring_lo, clen = layer_ref[0], len_ref[0], rlo_ref[0], clen_ref[0]

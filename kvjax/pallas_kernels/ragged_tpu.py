@@ -39,22 +39,19 @@ from kvjax.pallas_kernels._core import (
     _cdiv,
     int_bits_to,
 )
-from kvjax.pallas_kernels.ragged_attention import RaggedPlan, _online, ring_and_chunk
-
-N_SCALARS = 6  # layer, lengths, ring_lo, chunk lengths, window slots, page table (flat)
+from kvjax.pallas_kernels.ragged_attention import (
+    N_SCALARS,
+    RaggedPlan,
+    _online,
+    ring_and_chunk,
+    split_refs,
+)
 
 
 def _kernel(*refs, plan: RaggedPlan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: int,
             n_steps: int):
-    (_, len_ref, rlo_ref, clen_ref, _, _), rest = refs[:N_SCALARS], refs[N_SCALARS:]
-    q_refs, rest = rest[:n_q], rest[n_q:]
-    qw_ref, kc_ref, vc_ref, *rest = rest
-    k_refs, rest = rest[:kfmt.leaves], rest[kfmt.leaves:]
-    v_refs, rest = rest[:vfmt.leaves], rest[vfmt.leaves:]
-    if plan.window:
-        wk_ref, wv_ref, *rest = rest
-    n_acc = len(vfmt.acc_shapes(plan.rows))
-    acc_refs, rest = rest[:n_acc], rest[n_acc:]
+    ((_, len_ref, rlo_ref, clen_ref, _, _), q_refs, (qw_ref, kc_ref, vc_ref), k_refs, v_refs,
+     (wk_ref, wv_ref), acc_refs, rest) = split_refs(refs, plan, kfmt, vfmt, n_q)
     (m_ref, l_ref, acc2_ref, m2_ref, l2_ref), (m_sc, l_sc, *acc_sc) = rest[:5], rest[5:]
 
     b, qb, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)

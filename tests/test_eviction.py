@@ -355,11 +355,13 @@ DTYPES = [("bf16", {}), ("fp8", {"window": 16}), ("kivi4", {"window": 32}),
           ("turbo3.5", {"window": 16})]
 
 
-@pytest.mark.parametrize("dtype,extra", DTYPES, ids=[d for d, _ in DTYPES])
-def test_long_generation_under_eviction_equals_a_dense_reference(dtype, extra):
-    """StreamingLLM and H2O sessions (in one batch) several times longer than their budget: the
-    engine keeps exactly the reference's tokens, and each greedy token is the reference's argmax
-    (teacher-forced: the reference consumes the engine's tokens), with the same evictions."""
+def generate_against_reference(dtype: str, extra: dict, seed: int, granularity: str,
+                               reference: type) -> tuple[list, list, bool]:
+    """StreamingLLM and H2O sessions (in one batch) of tiny_llama with a `dtype` cache, several
+    times longer than their budget, checked step by step against `reference` (a dense model that
+    applies the same evictions, teacher-forced on the engine's tokens): each greedy token is the
+    reference's argmax, and the engine evicted and kept exactly the reference's tokens.
+    Returns (requests, references, kivi) for the caller's own checks."""
     from kvjax.engine import Engine, EngineConfig, EvictionConfig, SamplingParams
 
     kivi = dtype.startswith("kivi")
@@ -367,19 +369,19 @@ def test_long_generation_under_eviction_equals_a_dense_reference(dtype, extra):
                                                   **extra)
     if kivi:  # values in 32-channel groups
         cfg = cfg.replace_model(head_dim=32)
-    params = _np_params(cfg.model, seed=5)
-    ring = cfg.cache.window_for(dtype)
-    win = max(ring, 16)
-    policies = [EvictionConfig("streaming", 4, win), EvictionConfig("h2o", 4, win, win)]
+    params = _np_params(cfg.model, seed=seed)
+    win = max(cfg.cache.window_for(dtype), 16)
+    policies = [EvictionConfig("streaming", 4, win, granularity=granularity),
+                EvictionConfig("h2o", 4, win, win, granularity=granularity)]
     eng = Engine(cfg, params, EngineConfig(max_model_len=256, num_pages=64, chunk_size=16,
                                            max_num_batched_tokens=512))
-    rng = np.random.default_rng(6)
+    rng = np.random.default_rng(seed + 1)
     prompt = list(map(int, rng.integers(0, 256, 24)))
     sp = SamplingParams(max_tokens=110 if kivi else 50, ignore_eos=True)
     reqs = eng.generate([eng.make_request(e.policy, prompt, sp, eviction=e) for e in policies])
-    np_params = params
+    refs = []
     for req, ecfg in zip(reqs, policies, strict=True):
-        ref = DenseEvictingModel(cfg, np_params, ecfg)
+        ref = reference(cfg, params, ecfg)
         logits = None
         for i in range(0, len(prompt), 16):
             ref.evict()
@@ -394,5 +396,15 @@ def test_long_generation_under_eviction_equals_a_dense_reference(dtype, extra):
                 logits = ref.step([tok])
         assert ref.evicted == req.num_evicted > 0, ecfg.policy
         assert ref.tokens == req.cache_tokens[:len(ref.tokens)], ecfg.policy
+        refs.append(ref)
+    return reqs, refs, kivi
+
+
+@pytest.mark.parametrize("dtype,extra", DTYPES, ids=[d for d, _ in DTYPES])
+def test_long_generation_under_eviction_equals_a_dense_reference(dtype, extra):
+    """StreamingLLM and H2O sessions (in one batch) several times longer than their budget: the
+    engine keeps exactly the reference's tokens, and each greedy token is the reference's argmax
+    (teacher-forced: the reference consumes the engine's tokens), with the same evictions."""
+    reqs, _, _ = generate_against_reference(dtype, extra, 5, "page", DenseEvictingModel)
     a, b = reqs
     assert a.cache_tokens != b.cache_tokens  # H2O keeps other pages than StreamingLLM

@@ -13,7 +13,7 @@ from kvjax.cache.paged import absolute_positions, with_attention_mass
 from kvjax.config import load_config
 from kvjax.engine.block_manager import BlockManager
 from kvjax.engine.eviction import EvictionConfig, tokens_to_drop
-from tests.test_eviction import DenseEvictingModel, _np_params
+from tests.test_eviction import DenseEvictingModel, generate_against_reference
 
 
 def test_tokens_to_drop_keeps_sinks_window_and_heaviest():
@@ -115,42 +115,10 @@ def test_token_eviction_generation_equals_a_dense_reference(dtype, extra):
     """StreamingLLM and H2O at token granularity (one batch), several times their budget: the
     engine keeps exactly the reference's tokens at the reference's absolute positions, and each
     greedy token is the reference's argmax (teacher-forced on the engine's tokens)."""
-    from kvjax.engine import Engine, EngineConfig, SamplingParams
-
-    kivi = dtype.startswith("kivi")
-    cfg = load_config("tiny_llama").replace_cache(dtype=dtype, page_size=32 if kivi else 8,
-                                                  **extra)
-    if kivi:  # values in 32-channel groups
-        cfg = cfg.replace_model(head_dim=32)
-    params = _np_params(cfg.model, seed=7)
-    ring = cfg.cache.window_for(dtype)
-    win = max(ring, 16)
-    policies = [EvictionConfig("streaming", 4, win, granularity="token"),
-                EvictionConfig("h2o", 4, win, win, granularity="token")]
-    eng = Engine(cfg, params, EngineConfig(max_model_len=256, num_pages=64, chunk_size=16,
-                                           max_num_batched_tokens=512))
-    rng = np.random.default_rng(8)
-    prompt = list(map(int, rng.integers(0, 256, 24)))
-    sp = SamplingParams(max_tokens=110 if kivi else 50, ignore_eos=True)
-    reqs = eng.generate([eng.make_request(e.policy, prompt, sp, eviction=e) for e in policies])
-    for req, ecfg in zip(reqs, policies, strict=True):
-        ref = TokenEvictingModel(cfg, params, ecfg)
-        logits = None
-        for i in range(0, len(prompt), 16):
-            ref.evict()
-            logits = ref.step(prompt[i:i + 16])
-        for t, tok in enumerate(req.output_ids):
-            top = float(logits.max())
-            # A rounding-boundary code flip moves a logit by < 1% of the scale (see
-            # test_cache_quantized); a wrong key, position or eviction by far more.
-            assert logits[tok] >= top - 0.01 * np.abs(logits).max(), (ecfg.policy, t)
-            if t + 1 < len(req.output_ids):
-                ref.evict()
-                logits = ref.step([tok])
-        assert ref.evicted == req.num_evicted > 0, ecfg.policy
-        assert ref.tokens == req.cache_tokens[:len(ref.tokens)], ecfg.policy
+    reqs, refs, kivi = generate_against_reference(dtype, extra, 7, "token", TokenEvictingModel)
+    for ref, req in zip(refs, reqs, strict=True):
         if not kivi:  # single tokens went: some page of the text is kept in part
             counts = np.bincount(ref.abs[:-16] // 8)  # (the last 16 may be partly written)
-            assert ((counts > 0) & (counts < 8)).any(), ecfg.policy
+            assert ((counts > 0) & (counts < 8)).any(), req.request_id
     a, b = reqs
     assert a.cache_tokens != b.cache_tokens  # H2O keeps other tokens than StreamingLLM

@@ -140,8 +140,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-d{c[1]}-g{c[2]}-p{c[3]}-w{c[4]}")
-def test_ragged_kernel_matches_xla(case):
+def _assert_matches_xla(case: tuple, backend: str, q_block: int = 0) -> None:
+    """One CASES step through the ragged kernel with `backend` == the XLA oracle on every
+    valid query row."""
     dtype, d, g, ps, w = case
     q, kn, vn, seg, pt, lens, pos, slots = make_step(
         dtype, d=d, g=g, page_size=ps, window=w, seed=zlib.crc32(repr(case).encode()))
@@ -149,7 +150,7 @@ def test_ragged_kernel_matches_xla(case):
     slots = slots if seg.window else None
     ref = np.asarray(xla_attention(q, seg, layer, pt, lens, pos, slots, chunk_kv=(kn, vn)))
     out = ragged_attention.ragged_paged_attention(q, kn, vn, seg, layer, pt, lens, pos, slots,
-                                                  backend="interpret")
+                                                  backend=backend, q_block=q_block)
     assert out.shape == q.shape and out.dtype == q.dtype
     out = np.asarray(out)
     assert np.isfinite(out).all()
@@ -158,25 +159,18 @@ def test_ragged_kernel_matches_xla(case):
     np.testing.assert_allclose(out[valid], ref[valid], atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-d{c[1]}-g{c[2]}-p{c[3]}-w{c[4]}")
+def test_ragged_kernel_matches_xla(case):
+    _assert_matches_xla(case, "interpret")
+
+
 # The TPU (Mosaic) launcher, interpreted: every case once, half of them with 4-token query
 # blocks (several blocks per row: the causal diagonal across blocks, blocks past a short chunk).
 @pytest.mark.parametrize("case,q_block", [(c, 4 if i % 2 else 0) for i, c in enumerate(CASES)],
                          ids=lambda c: f"{c[0]}-d{c[1]}-g{c[2]}-p{c[3]}-w{c[4]}"
                          if isinstance(c, tuple) else f"qb{c}")
 def test_ragged_tpu_launcher_matches_xla(case, q_block):
-    dtype, d, g, ps, w = case
-    q, kn, vn, seg, pt, lens, pos, slots = make_step(
-        dtype, d=d, g=g, page_size=ps, window=w, seed=zlib.crc32(repr(case).encode()))
-    layer = jnp.int32(1)
-    slots = slots if seg.window else None
-    ref = np.asarray(xla_attention(q, seg, layer, pt, lens, pos, slots, chunk_kv=(kn, vn)))
-    out = ragged_attention.ragged_paged_attention(q, kn, vn, seg, layer, pt, lens, pos, slots,
-                                                  backend="interpret_tpu", q_block=q_block)
-    assert out.shape == q.shape and out.dtype == q.dtype
-    out = np.asarray(out)
-    assert np.isfinite(out).all()
-    valid = _valid(pos, lens)
-    np.testing.assert_allclose(out[valid], ref[valid], atol=2e-5, rtol=1e-5)
+    _assert_matches_xla(case, "interpret_tpu", q_block)
 
 
 @pytest.mark.parametrize("backend", ["interpret", "interpret_tpu"])

@@ -79,19 +79,29 @@ def pages_to_drop(cfg: EvictionConfig, num_computed: int, page_size: int,
     """
     if not cfg.enabled:
         return []
-    full = num_computed // page_size
-    sink = -(-cfg.sink_tokens // page_size)
-    recent = -(-cfg.window // page_size)
-    heavy = -(-cfg.heavy_tokens // page_size) if cfg.policy == "h2o" else 0
-    middle = list(range(sink, max(full - recent, sink)))  # candidates, oldest first
+    scores = None
+    if page_scores is not None:
+        scores = page_scores if callable(page_scores) else (lambda: page_scores)
+    return _units_to_drop(cfg, num_computed // page_size, page_size, 1, scores)
+
+
+def _units_to_drop(cfg: EvictionConfig, full: int, unit: int, min_excess: int,
+                   unit_scores: Callable[[], np.ndarray] | None) -> list[int]:
+    """The rule both granularities share, over `full` complete units of `unit` tokens (a page,
+    or a token / KIVI page for token granularity): the first ceil(sinks / unit) units and the
+    last ceil(window / unit) stay; H2O keeps its ceil(heavy_tokens / unit) units of highest mass
+    among the rest; the others go (sorted), unless fewer than `min_excess` would.
+    unit_scores: returns the accumulated mass per unit, read only when something is dropped."""
+    sink = -(-cfg.sink_tokens // unit)
+    recent = -(-cfg.window // unit)
+    heavy = -(-cfg.heavy_tokens // unit) if cfg.policy == "h2o" else 0
+    middle = list(range(sink, max(full - recent, sink)))  # candidate units, oldest first
     excess = len(middle) - heavy
-    if excess <= 0:
+    if excess <= 0 or excess < min_excess:
         return []
-    if cfg.policy == "streaming" or page_scores is None:
+    if cfg.policy == "streaming" or unit_scores is None:
         return middle[:excess]
-    if callable(page_scores):
-        page_scores = page_scores()
-    scores = np.asarray(page_scores, np.float64)[middle]
+    scores = np.asarray(unit_scores(), np.float64)[middle]
     order = np.argsort(scores, kind="stable")  # lowest mass first; ties -> oldest first
     return sorted(middle[i] for i in order[:excess])
 
@@ -111,21 +121,13 @@ def tokens_to_drop(cfg: EvictionConfig, num_computed: int, unit: int, page_size:
     if not cfg.enabled:
         return []
     full = num_computed // unit
-    sink = -(-cfg.sink_tokens // unit)
-    recent = -(-cfg.window // unit)
-    heavy = -(-cfg.heavy_tokens // unit) if cfg.policy == "h2o" else 0
-    middle = list(range(sink, max(full - recent, sink)))  # candidate units, oldest first
-    excess = len(middle) - heavy
-    if excess <= 0 or excess * unit < page_size:
-        return []
-    if cfg.policy == "streaming" or token_scores is None:
-        units = middle[:excess]
-    else:
-        if callable(token_scores):
-            token_scores = token_scores()
-        t = np.asarray(token_scores, np.float64)[: full * unit].reshape(full, unit).sum(axis=1)
-        order = np.argsort(t[middle], kind="stable")  # lowest mass first; ties -> oldest first
-        units = sorted(middle[i] for i in order[:excess])
+
+    def unit_scores() -> np.ndarray:
+        scores = token_scores() if callable(token_scores) else token_scores
+        return np.asarray(scores, np.float64)[: full * unit].reshape(full, unit).sum(axis=1)
+
+    units = _units_to_drop(cfg, full, unit, -(-page_size // unit),
+                           None if token_scores is None else unit_scores)
     return [u * unit + j for u in units for j in range(unit)]
 
 

@@ -7,7 +7,7 @@
 # 2. the ragged prefill+decode kernel against the XLA oracle (tests/test_ragged.py, when present),
 # 3. python -m kvjax.bench.attention at 4K, 32K and 128K (Pallas vs XLA, every dtype, GB/s vs a
 #    device copy).
-# Each step has its own timeout and they sum to 570 s, inside one 10-minute device command; a step
+# Each step has its own timeout and they sum to 420 s, inside one 10-minute device command; a step
 # that times out leaves what it printed in the results file. Dry run on a CPU: DEVICE_CHECK_DRY=1
 # (tiny bench, JAX on the CPU; the GPU-only tests skip).
 set -uo pipefail
@@ -23,7 +23,8 @@ if [ "${DEVICE_CHECK_DRY:-0}" = 1 ]; then
 else
   # tests/conftest.py defaults JAX_PLATFORMS to cpu: name the GPU, or every GPU test skips.
   export JAX_PLATFORMS=cuda,cpu
-  BENCH=(--contexts 4096,32768,131072 --batches 1,8 --iters 10)
+  BENCH=(--contexts 4096,32768,131072 --batches 1,8 --iters 10
+         --dtypes bf16,fp8,int8,int4,kivi4,kivi2,turbo4,turbo3.5,turbo2.5)
 fi
 log() { echo "$*" | tee -a "$R"; }
 step() {  # step SECONDS TITLE CMD...: run with a timeout, output into the results file
@@ -39,7 +40,7 @@ step 30 "machine" bash -c "date -u; nvidia-smi --query-gpu=name,memory.total,dri
 print('python', sys.version.split()[0], 'jax', jax.__version__, 'jaxlib', jaxlib.__version__, \
 'flax', flax.__version__, 'backend', jax.default_backend(), jax.devices())\""
 
-step 200 "decode kernels compiled on the GPU vs the XLA oracle (tests/test_kernels.py)" \
+step 120 "decode kernels compiled on the GPU vs the XLA oracle (tests/test_kernels.py)" \
   "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py \
   -k "triton_kernel_matches_xla_on_gpu or one_split" -rs
 
@@ -48,12 +49,12 @@ if [ -f tests/test_ragged.py ]; then
   sel=(-k "gpu or triton")
   "$PY" -m pytest -q -p no:cacheprovider --collect-only tests/test_ragged.py "${sel[@]}" \
     > /dev/null 2>&1 || sel=()
-  step 90 "ragged prefill+decode kernel vs the XLA oracle (tests/test_ragged.py ${sel[*]})" \
+  step 60 "ragged prefill+decode kernel vs the XLA oracle (tests/test_ragged.py ${sel[*]})" \
     "$PY" -m pytest -q -p no:cacheprovider tests/test_ragged.py "${sel[@]}" -rs
 else
   log "## tests/test_ragged.py: absent, skipped"
 fi
 
-step 250 "python -m kvjax.bench.attention ${BENCH[*]}" \
+step 210 "python -m kvjax.bench.attention ${BENCH[*]}" \
   "$PY" -m kvjax.bench.attention "${BENCH[@]}"
 log "done $(date -u +%T)"

@@ -1,10 +1,15 @@
-"""Kernels compile for TPU v5e and v6e with libtpu's compile-only client (no TPU needed), as
-`python -m kvjax.bench.compile --target tpu-v5e --target tpu-v6e` does: one case per process,
-two at a time. Skipped when libtpu is not installed (pip install -e ".[compile-tpu]").
+"""Kernels compile for TPU v5e and v6e with libtpu's compile-only client (no TPU needed), and for
+H100 with XLA's GPU compiler and ptxas, as `python -m kvjax.bench.compile` does: one case per
+process, two at a time. The TPU tests are skipped when libtpu is not installed
+(pip install -e ".[compile-tpu]"), the H100 test without the CUDA plugin and ptxas
+(pip install -e ".[compile]" and a CUDA 13 toolkit).
 
-CI time: `cases_for` picks each default case on one of the two targets, with the slowest
-compiles left out unless KVJAX_COMPILE_ALL=1 (every default case on both targets, as the
-driver does); see TEST_SKIP for why each is out and what covers it.
+CI time: CI_CASES puts every dtype's paged decode kernel on one TPU target and its ragged
+prefill+decode kernel on the other (the cheaper head_dim of the driver's rotation), one
+calibrated-TurboQuant and one attention-mass case, and two SmolLM2 steps (a 512-token prefill
+chunk and a turbo3.5 one-layer decode): ~160 s of compile CPU, ~1.5-2 min on 2 idle cores.
+H100_CASES: every dtype's decode and ragged kernel at head_dim 128 (where registers run out),
+checked for spills. KVJAX_COMPILE_ALL=1: the driver's whole default table on every target.
 
 Cases listed in TPU_GAPS do not compile yet; the test fails if one of them starts compiling (so
 the list only shrinks) or if any other case stops compiling. The driver's table logic (bytes
@@ -16,75 +21,148 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from kvjax.bench import compile as driver
 from kvjax.bench.compile import run_one
-from kvjax.bench.compile_case import KERNEL_KINDS, Case, default_cases
+from kvjax.bench.compile_case import (
+    DEFAULT_KINDS,
+    DTYPES,
+    EXTRA_DEFAULT,
+    KERNEL_KINDS,
+    Case,
+    default_cases,
+    register_kinds,
+)
 from kvjax.bench.compile_model import parse as parse_model
 
+
+def _found(mod: str) -> bool:
+    try:
+        return importlib.util.find_spec(mod) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 needs_libtpu = pytest.mark.skipif(
-    importlib.util.find_spec("libtpu") is None,
-    reason='libtpu is not importable: pip install -e ".[compile-tpu]"')
+    not _found("libtpu"), reason='libtpu is not importable: pip install -e ".[compile-tpu]"')
+needs_cuda = pytest.mark.skipif(
+    not _found("jax_plugins.xla_cuda13") or shutil.which("ptxas") is None,
+    reason='no CUDA plugin or ptxas: pip install -e ".[compile]" and a CUDA 13 toolkit')
 
 TARGETS = ("tpu-v5e", "tpu-v6e")
 # dtype -> why Mosaic rejects it today (empty: every default case compiles on v5e and v6e).
 TPU_GAPS: dict[str, str] = {}
-# Default cases left out of the CI subset: 8-bit codes at page 32 and head_dim 64 take 5-10x
-# the CPU of any other case (unrolled byte unpacking; 25-35 s alone, minutes on a loaded
-# 2-core machine). Their format families stay covered by the d128 / p16 cases of the subset.
-TEST_SKIP = {"fp8-d64-g3-p32", "int4-d64-g1-p32", "k8v4turbo-d64-g8-p32", "turbo3-d64-g1-p32",
-             "turbo4-d64-g8-p32", "k8v4-d128-g1-p32"}
-MODEL_CASE = "smollm2-int8-32768-l1"  # a whole (one-layer) decode step holds the Mosaic call
+# The CI subset (rotation cases of the default table; compile CPU seconds on this machine in
+# brackets, from the session-3 tables): decode on one target and ragged on the other per dtype,
+# the TurboQuant ragged cases on v5e (v6e's take 2-4x the CPU).
+CI_CASES: dict[str, list[str]] = {
+    "tpu-v5e": [
+        "bf16-d128-g8-p32", "int8-d64-g8-p16", "k8v4-d64-g3-p16", "kivi4-d64-g3-p64",  # 1-4 s
+        "turbo3-d128-g8-p16", "turbo4-d128-g3-p16",  # 3-4 s
+        "ragged:fp8-d128-g1-p16", "ragged:int4-d128-g8-p16", "ragged:k8v4turbo-d128-g3-p16",
+        "ragged:kivi2-d64-g1-p32",  # 2-5 s
+        "ragged:turbo2.5-d64-g8-p16", "ragged:turbo3.5-d64-g3-p16",  # 23 s, 14 s
+        "cal:turbo3.5-d64-g3-p16",  # 5 s
+        "model:smollm2-bf16-32768-p512",  # 6 s: the whole model, its chunk on the ragged kernel
+    ],
+    "tpu-v6e": [
+        "fp8-d128-g1-p16", "int4-d128-g8-p16", "k8v4turbo-d128-g3-p16", "kivi2-d64-g1-p32",
+        "turbo2.5-d64-g8-p16", "turbo3.5-d64-g3-p16",  # 3-5 s
+        "ragged:bf16-d64-g1-p16", "ragged:int8-d64-g8-p16", "ragged:k8v4-d64-g3-p16",
+        "ragged:kivi4-d128-g1-p32", "ragged:turbo3-d64-g1-p32", "ragged:turbo4-d128-g3-p16",
+        "mass:int4-d128-g8-p16",  # 5 s
+        "model:smollm2-turbo3.5-32768-l1",  # 15 s: a calibrated turbo3.5 decode step
+    ],
+}
+# H100: every dtype at head_dim 128, decode and ragged (1-3.5 s each), for spills.
+H100_CASES = ([c.name for c in default_cases() if c.head_dim == 128]
+              + ["cal:turbo2.5-d128-g3-p32", "mass:int4-d128-g8-p16"])
 
 
-def cases_for(target: str) -> list[Case]:
-    """Each default case on one of the two targets (v5e takes the d64 case of every other dtype
-    and the d128 case of the rest, v6e the opposite), minus TEST_SKIP; KVJAX_COMPILE_ALL=1:
-    every default case on both."""
-    cases = default_cases()
+def cases_for(target: str) -> list[str]:
+    """The CI subset of the target; KVJAX_COMPILE_ALL=1: the driver's default table (and the
+    subset's model steps)."""
+    subset = H100_CASES if target == "h100" else CI_CASES[target]
     if os.environ.get("KVJAX_COMPILE_ALL") == "1":
-        return cases
-    side = TARGETS.index(target)
-    return [c for i, c in enumerate(cases)
-            if (i + i // 2) % 2 == side and c.name not in TEST_SKIP]
+        return ([c.name for c in default_cases()] + EXTRA_DEFAULT
+                + [c for c in subset if c.startswith("model:")])
+    return subset
+
+
+def _compile_all(targets: tuple[str, ...]) -> dict[tuple[str, str], dict]:
+    work = [(t, c) for t in targets for c in cases_for(t)]
+    with ThreadPoolExecutor(2) as pool:
+        out = list(pool.map(lambda tc: run_one(*tc, timeout=600), work))
+    return {(r["target"], r["case"]): r for r in out}
 
 
 @pytest.fixture(scope="module")
 def results() -> dict[tuple[str, str], dict]:
-    work = [(t, c.name) for t in TARGETS for c in cases_for(t)]
-    work.append(("tpu-v5e", f"model:{MODEL_CASE}"))
-    with ThreadPoolExecutor(2) as pool:
-        out = list(pool.map(lambda tc: run_one(*tc, timeout=600), work))
-    return {(r["target"], r["case"]): r for r in out}
+    return _compile_all(TARGETS)
 
 
 @needs_libtpu
 @pytest.mark.parametrize("target", TARGETS)
 def test_every_case_compiles_for_tpu(results, target):
     bad, fixed = [], []
-    for c in cases_for(target):
-        r = results[(target, c.name)]
-        if c.dtype in TPU_GAPS:
+    for name in cases_for(target):
+        r = results[(target, name)]
+        if name.startswith("model:"):
+            continue  # test_model_steps_hold_the_kernel_on_tpu
+        if Case.parse(name).dtype in TPU_GAPS:
             if r.get("ok"):
-                fixed.append(c.name)
+                fixed.append(name)
         elif not r.get("ok") or r.get("kernel_calls", 0) < 1:
-            bad.append(f"{c.name}: {r.get('error')}")
+            bad.append(f"{name}: {r.get('error')}")
         elif not 0 < r.get("vmem_bytes", 0) <= r.get("vmem_limit_bytes", 0):
             # the kernel's scoped VMEM, read from libtpu's log: present and within the limit
-            bad.append(f"{c.name}: scoped VMEM {r.get('vmem_bytes')} of "
+            bad.append(f"{name}: scoped VMEM {r.get('vmem_bytes')} of "
                        f"{r.get('vmem_limit_bytes')}")
     assert not bad, f"{target}: cases that do not compile:\n" + "\n".join(bad)
     assert not fixed, f"{target}: these now compile, remove them from TPU_GAPS: {fixed}"
 
 
 @needs_libtpu
-def test_model_step_holds_the_kernel_on_tpu(results):
-    r = results[("tpu-v5e", f"model:{MODEL_CASE}")]
-    assert r.get("ok") and r["kernel_calls"] >= 1, r.get("error")
-    assert r["bytes_accessed"] > r["cache_bytes"] > 0 and r["kv_bytes_per_token"] > 0
+def test_model_steps_hold_the_kernel_on_tpu(results):
+    steps = [(t, c) for t in TARGETS for c in cases_for(t) if c.startswith("model:")]
+    assert steps
+    for key in steps:
+        r = results[key]
+        assert r.get("ok") and r["kernel_calls"] >= 1, (key, r.get("error"))
+        assert r["bytes_accessed"] > r["cache_bytes"] > 0 and r["kv_bytes_per_token"] > 0
+
+
+@needs_cuda
+def test_every_case_compiles_for_h100_without_spills():
+    res = _compile_all(("h100",))
+    bad = []
+    for (_, name), r in res.items():
+        if not r.get("ok") or r.get("kernel_calls", 0) < 1:
+            bad.append(f"{name}: {r.get('error')}")
+        elif r.get("spill_bytes", 0) > 0:
+            bad.append(f"{name}: spills {r['spill_bytes']} B, {r.get('registers')} registers")
+    assert not bad, "h100: cases that fail or spill:\n" + "\n".join(bad)
+
+
+def test_ci_subset_covers_every_family():
+    """Every kernel kind of the default table meets every dtype in the TPU CI subset (on one
+    target or the other), and each extra kind (cal:, mass:) and a model step are in it."""
+    register_kinds()
+    names = [c for t in TARGETS for c in CI_CASES[t]]
+    cases = [Case.parse(c) for c in names if not c.startswith("model:")]
+    for kind in DEFAULT_KINDS:
+        missing = set(DTYPES) - {c.dtype for c in cases if c.kind == kind}
+        assert not missing, f"{kind}: no CI case for {sorted(missing)}"
+    assert set(KERNEL_KINDS) == {c.kind for c in cases}
+    assert {c.kind for c in map(Case.parse, H100_CASES)} >= set(DEFAULT_KINDS)
+    assert {Case.parse(c).dtype for c in H100_CASES} == set(DTYPES)
+    defaults = {c.name for c in default_cases()} | set(EXTRA_DEFAULT)
+    assert all(c in defaults for c in names if not c.startswith("model:"))
+    assert any(c.startswith("model:") for c in names)
 
 
 def test_model_case_names():
@@ -109,7 +187,6 @@ def test_case_registry():
     with pytest.raises(ValueError, match="unknown kernel kind"):
         Case.parse("nosuchkind:int4-d128-g8-p16")
     assert all(c.kind in KERNEL_KINDS for c in default_cases())
-    assert {c.name for c in default_cases()} >= TEST_SKIP
 
 
 def test_bytes_table_flags_excess_over_bf16():
@@ -128,6 +205,10 @@ def test_bytes_table_flags_excess_over_bf16():
     text = driver.model_table(rows)
     assert "| 1.08 |" in text and "**1.60**" in text and "| 1.00 |" in text
     assert text.count("**") == 2 and "smollm2-int4-32768-l1 (1.60)" in text
+    # rest/cache: the XLA bytes a format adds over bf16's beyond the predicted relayout
+    rows[0]["relayout_bytes"], rows[2]["relayout_bytes"] = 50, 170
+    line = next(ln for ln in driver.model_table(rows).splitlines() if "int4-32768" in ln)
+    assert line.endswith("| -3.00 | 170 | -4.20 |")  # (300 - 600) / 100, then - (170 - 50) / 100
 
 
 def test_tpu_log_parsing(tmp_path):
@@ -156,3 +237,19 @@ def test_missing_extra_is_one_line(monkeypatch):
         msg = driver.check_extra(target)
         assert msg and ".[compile]" in msg and "\n" not in msg
     assert driver.main(["--target", "tpu-v6e"]) == 2
+
+
+def test_tables_from_saved_results(tmp_path, capsys):
+    """--from-json prints the saved results' tables without compiling (and without the extra);
+    exit 1 when a saved case failed or spilled."""
+    import json
+
+    ok = {"case": "int4-d128-g8-p16", "target": "h100", "ok": True, "seconds": 3.0,
+          "registers": 168, "spill_bytes": 0, "smem_bytes": 43008, "kernel_calls": 1}
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(ok) + "\n")
+    assert driver.main(["--target", "h100", "--from-json", str(path)]) == 0
+    assert "| int4-d128-g8-p16 | ok | 3.0 | - | 42K | 168 | 0 |" in capsys.readouterr().out
+    path.write_text(json.dumps([ok, dict(ok, case="int8-d64-g8-p16", spill_bytes=8)]))
+    assert driver.main(["--target", "h100", "--from-json", str(path)]) == 1
+    assert "SPILLS 8 B" in capsys.readouterr().out

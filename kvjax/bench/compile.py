@@ -1,4 +1,4 @@
-"""Compile every decode-kernel case for a TPU or H100/H200 without the hardware.
+"""Compile every attention-kernel case for a TPU or H100/H200 without the hardware.
 
     python -m kvjax.bench.compile --target tpu-v5e [--target h100 ...] [--cases all|NAME,...]
         [--models [NAME,...]] [--jobs 2] [--json FILE]
@@ -9,8 +9,9 @@ a Mosaic CHECK failure aborts the process that hit it, and is reported as that c
 line. Prints one table per target:
 
   case     [KIND:]DTYPE-dHEAD_DIM-gGQA-pPAGE_SIZE (kvjax/bench/compile_case.py; default: every
-           dtype at d64/d128, GQA and page size rotating, plus one calibrated-TurboQuant and one
-           attention-mass case per family (EXTRA_DEFAULT); ``--cases all`` = the full product)
+           dtype at d64/d128, GQA and page size rotating, for the paged decode kernel (no prefix)
+           and the ragged prefill+decode kernel (``ragged:``), plus one calibrated-TurboQuant and
+           one attention-mass case per family (EXTRA_DEFAULT); ``--cases all`` = the product)
   status   ok, or the first line of the compiler's error
   s, cpu s trace + lower + compile seconds, wall and CPU (all threads; process start not
            included)
@@ -21,9 +22,10 @@ line. Prints one table per target:
   temp     compiled temp bytes (memory_analysis); calls: kernel custom calls in the lowered step
 
 ``--models [NAME,...]`` adds whole model steps on the kernels (kvjax/bench/compile_model.py;
-default MODEL_CASES: SmolLM2 decode per dtype at 32K and 128K, 512-token prefill chunks, one
-Llama-3.1-70B layer over 8 devices): kernel calls (none is a failure), compiled memory per
-device and, on TPU, cost_analysis bytes accessed per step against bf16's x the KV byte ratio.
+default MODEL_CASES: SmolLM2 decode per dtype at 32K and 128K, 512-token prefill chunks at 32K
+and 128K, one Llama-3.1-70B layer over 8 devices (decode and a 512-token chunk at 32K and
+128K)): kernel calls (none is a failure), compiled memory per device and, on TPU,
+cost_analysis bytes accessed per step against bf16's x the KV byte ratio.
 
 Exit status 1 if any case fails to compile or spills.
 """
@@ -66,6 +68,8 @@ MODEL_CASES = (
     + [f"smollm2-{dt}-{ctx}-p512" for ctx in (32768, 131072) for dt in ("bf16", "turbo3.5")]
     + [f"llama70b_turbo-{dt}-{ctx}-l1-tp8" for ctx in (32768, 131072)
        for dt in ("bf16", "int8", "turbo3.5")]
+    + [f"llama70b_turbo-{dt}-{ctx}-p512-l1-tp8" for ctx in (32768, 131072)
+       for dt in ("bf16", "turbo3.5")]
 )
 FLAG_RATIO = 1.1  # issue 10: bytes > bf16 bytes x byte ratio x 1.1 is a defect to explain
 
@@ -197,7 +201,11 @@ def model_table(results: list[dict]) -> str:
                     (a whole-cache copy per step shows as >= 2)
       dxla/cache    (xla bytes - bf16's xla bytes) / cache: the XLA traffic the format adds
                     (relayouts, side arrays) per byte of its cache; ~0 when only the kernel
-                    differs"""
+                    differs
+      relayout      TPU: predicted traffic of copying the pool leaves narrower than 128 lanes
+                    into the Mosaic operand layout (compile_model.tpu_operand_bytes)
+      rest/cache    (dxla - the relayout's difference from bf16's) / cache: what the format adds
+                    beyond that copy; ~0 when the relayout is the whole excess"""
     from kvjax.bench.compile_model import parse
 
     base = {}
@@ -211,7 +219,7 @@ def model_table(results: list[dict]) -> str:
             base[r["group"]] = r
     rows = ["| model step | status | s | calls | cache | weights | args | temp | vmem "
             "| xla bytes | kernel reads | total | x bf16 | kv ratio | /(bf16 x kv) "
-            "| xla-w/cache | dxla/cache |", "|" + "---|" * 17]
+            "| xla-w/cache | dxla/cache | relayout | rest/cache |", "|" + "---|" * 19]
     flagged = []
     for r in results:
         b = base.get(r["group"], {})
@@ -227,9 +235,13 @@ def model_table(results: list[dict]) -> str:
         extra = "-"
         if r.get("bytes_accessed") and r.get("cache_bytes"):
             extra = f"{(r['bytes_accessed'] - r.get('weight_bytes', 0)) / r['cache_bytes']:.2f}"
-        dxla = "-"
+        dxla = rest = "-"
         if r.get("bytes_accessed") and b.get("bytes_accessed") and r.get("cache_bytes"):
-            dxla = f"{(r['bytes_accessed'] - b['bytes_accessed']) / r['cache_bytes']:.2f}"
+            d = r["bytes_accessed"] - b["bytes_accessed"]
+            dxla = f"{d / r['cache_bytes']:.2f}"
+            if r.get("relayout_bytes") is not None and b.get("relayout_bytes") is not None:
+                d -= r["relayout_bytes"] - b["relayout_bytes"]
+                rest = f"{d / r['cache_bytes']:.2f}"
         status = "ok" if r.get("ok") else r.get("error", "failed").replace("|", "/")
         rows.append(f"| {r['case'][6:]} | {status} | {r.get('seconds', '-')} | "
                     f"{r.get('kernel_calls', '-')} | {_fmt_bytes(r.get('cache_bytes'))} | "
@@ -237,7 +249,8 @@ def model_table(results: list[dict]) -> str:
                     f"{_fmt_bytes(r.get('temp_bytes'))} | {_fmt_bytes(r.get('vmem_bytes'))} | "
                     f"{_fmt_bytes(r.get('bytes_accessed'))} | "
                     f"{_fmt_bytes(r.get('kernel_read_bytes'))} | {_fmt_bytes(tot)} | "
-                    f"{_ratio(tot, b_tot)} | {kv} | {norm} | {extra} | {dxla} |")
+                    f"{_ratio(tot, b_tot)} | {kv} | {norm} | {extra} | {dxla} | "
+                    f"{_fmt_bytes(r.get('relayout_bytes'))} | {rest} |")
     n_ok = sum(bool(r.get("ok")) for r in results)
     rows.append(f"\n{n_ok}/{len(results)} model steps compiled with the kernel call")
     if flagged:
@@ -256,7 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="cases compiled at once")
     ap.add_argument("--json", help="write every result to this file (and each as it ends to "
                                    "FILE + 'l', JSON lines)")
+    ap.add_argument("--from-json", metavar="FILE", help="compile nothing: print the tables of "
+                    "the results saved in FILE (--json's file or its JSON lines)")
     args = ap.parse_args(argv)
+    if args.from_json:
+        return print_tables(args.target, _load(args.from_json))
     for t in args.target:
         if err := check_extra(t):
             print(err, file=sys.stderr)
@@ -299,8 +316,24 @@ def main(argv: list[str] | None = None) -> int:
 
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
         results = list(pool.map(one, work))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return print_tables(args.target, results)
+
+
+def _load(path: str) -> list[dict]:
+    with open(path) as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        return json.loads(text)
+    return [json.loads(ln) for ln in text.splitlines() if ln.strip()]
+
+
+def print_tables(targets: list[str], results: list[dict]) -> int:
+    """Print each target's kernel and model-step tables; 1 if any case failed or spilled."""
     bad = 0
-    for t in args.target:
+    for t in targets:
         rs = [r for r in results if r["target"] == t]
         print(f"\n## {t}\n")
         kernels = [r for r in rs if not r["case"].startswith("model:")]
@@ -310,9 +343,6 @@ def main(argv: list[str] | None = None) -> int:
         if models:
             print(("\n" if kernels else "") + model_table(models), flush=True)
         bad += sum(failed(r) for r in rs)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
     return 1 if bad else 0
 
 

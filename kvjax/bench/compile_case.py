@@ -7,14 +7,15 @@ process, so the driver runs each case in its own process. Targets and what each 
 kvjax/bench/compile_target.py.
 
 Case names: ``[KIND:]DTYPE-dHEAD_DIM-gGQA-pPAGE_SIZE[-wWINDOW]``. KIND picks the kernel step from
-``KERNEL_KINDS`` (no prefix: ``decode``, the paged decode kernel); ``model:NAME`` compiles a
-whole model step (kvjax/bench/compile_model.py). Every argument is an abstract
+``KERNEL_KINDS`` (no prefix: ``decode``, the paged decode kernel; ``ragged:``, the ragged
+prefill+decode kernel; ``cal:`` / ``mass:`` from kvjax/bench/compile_kinds.py); ``model:NAME``
+compiles a whole model step (kvjax/bench/compile_model.py). Every argument is an abstract
 ``jax.ShapeDtypeStruct`` placed on the target's device, so nothing is allocated and the kernels
 pick their lowering from the platform of the step (backend "auto").
 
-To add a kernel family (e.g. a ragged prefill+decode kernel): write
-``build(case, dev) -> (step_fn, abstract_args)`` and register it in ``KERNEL_KINDS``; add its
-name to ``DEFAULT_KINDS`` to put it in the default table (``--cases default``) and in CI.
+To add a kernel family: write ``build(case, dev) -> (step_fn, abstract_args)`` and register it in
+``KERNEL_KINDS``; add its name to ``DEFAULT_KINDS`` to put its rotation in the default table
+(``--cases default``), and a case or two to tests/test_compile.py's CI subset.
 """
 
 from __future__ import annotations
@@ -164,10 +165,11 @@ KERNEL_KINDS: dict[str, Callable[[Case, object], tuple[Callable, tuple]]] = {
     "decode": decode_step,
     "ragged": ragged_step,
 }
-# Kinds in the default table (`--cases default`, tests/test_compile.py) and `--cases all`.
-DEFAULT_KINDS: list[str] = ["decode"]
-# Also in the driver's default table (not in tests/test_compile.py): one case per family of
-# kvjax/bench/compile_kinds.py's kinds (calibrated TurboQuant pools, the H2O mass output).
+# Kinds whose rotation (every dtype at head_dim 64 and 128) is in the default table
+# (`--cases default`) and whose product is `--cases all`.
+DEFAULT_KINDS: list[str] = ["decode", "ragged"]
+# Also in the driver's default table: one case per family of kvjax/bench/compile_kinds.py's
+# kinds (calibrated TurboQuant pools, the H2O mass output).
 EXTRA_DEFAULT: list[str] = ["cal:turbo3.5-d64-g3-p16", "cal:turbo2.5-d128-g3-p32",
                             "mass:int4-d128-g8-p16", "mass:kivi4-d64-g3-p64"]
 

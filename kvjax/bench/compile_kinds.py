@@ -4,9 +4,9 @@
                 centred per token, channels reordered per layer and KV head; smollm2's default)
     mass:CASE   the decode kernel with the H2O attention-mass side output (with_mass=True)
 
-``KINDS`` has the same shape as compile_case.KERNEL_KINDS (``build(case, dev) -> (step, args)``),
-so the driver can take them with ``KERNEL_KINDS.update(compile_kinds.KINDS)``. Until then one case
-compiles with
+``KINDS`` has the same shape as compile_case.KERNEL_KINDS (``build(case, dev) -> (step, args)``);
+compile_case.register_kinds() adds them when a case names one, so the driver and its worker take
+them like any other kind (``--cases cal:turbo3.5-d64-g3-p16``). One case also compiles with
 
     python -m kvjax.bench.compile_kinds --target tpu-v5e --case cal:turbo3.5-d64-g3-p16 [--json]
 

@@ -1,7 +1,7 @@
 """Compile every attention-kernel case for a TPU or H100/H200 without the hardware.
 
     python -m kvjax.bench.compile --target tpu-v5e [--target h100 ...] [--cases all|NAME,...]
-        [--models [NAME,...]] [--jobs 2] [--json FILE]
+        [--models [NAME,...]] [--jobs 2] [--timeout 600] [--json FILE] [--from-json FILE]
 
 Needs the compile extra (``pip install -e ".[compile]"``: libtpu and the CUDA plugin for the
 jax already installed). Each case is compiled in its own process (``kvjax.bench.compile_case``):
@@ -267,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="also compile whole model steps: the default list, or a comma list of "
                          "CONFIG-DTYPE[-CONTEXT][-pCHUNK][-lLAYERS][-tpT] names")
     ap.add_argument("--jobs", type=int, default=2, help="cases compiled at once")
+    ap.add_argument("--timeout", type=int, default=600, help="seconds per case (its process)")
     ap.add_argument("--json", help="write every result to this file (and each as it ends to "
                                    "FILE + 'l', JSON lines)")
     ap.add_argument("--from-json", metavar="FILE", help="compile nothing: print the tables of "
@@ -306,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     work = [(t, c) for t in args.target for c in cases]
 
     def one(tc):
-        r = run_one(*tc)
+        r = run_one(*tc, timeout=args.timeout)
         print(f"{r['target']} {r['case']}: {'FAILED' if failed(r) else 'ok'} "
               f"{r.get('seconds', '')}", file=sys.stderr, flush=True)  # progress, as they end
         if args.json:  # each result as it ends, so a run cut short keeps what it compiled

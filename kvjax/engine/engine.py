@@ -24,6 +24,9 @@ is a Runner (its own cache layout and dtype, the same parameter arrays) plus a B
 "full precision" pool and a compressed pool share one engine and one set of weights; requests over a
 token threshold, or flagged by the client, are routed to the full-precision pool.
 
+Steps 1-2 are `_schedule` (kvjax/engine/schedule.py), step 3 `_execute` here and `_build`
+(kvjax/engine/batch.py).
+
 Threading: `add_request` / `abort` may be called from any thread; `step` runs on one thread (the
 background loop started by `start`, or the caller's in `generate`).
 """
@@ -39,21 +42,15 @@ import jax
 import numpy as np
 
 from kvjax import sharding
-from kvjax.cache.paged import attention_mass
 from kvjax.config import Config
 from kvjax.engine.batch import BatchMixin
-from kvjax.engine.eviction import (
-    EvictionConfig,
-    H2OScores,
-    evict_sequence,
-    page_scores,
-    pages_to_drop,
-)
+from kvjax.engine.eviction import EvictionConfig
 from kvjax.engine.loop import LoopMixin
 from kvjax.engine.metrics import Metrics
 from kvjax.engine.planner import kv_split, size_pool
 from kvjax.engine.pool import EngineConfig, Pool, RequestError, _bucket
 from kvjax.engine.request import Request, SamplingParams
+from kvjax.engine.schedule import ScheduleMixin
 from kvjax.engine.step import Channel, execute, fetch
 from kvjax.engine.warmup import WarmupMixin
 from kvjax.quant import weights
@@ -61,7 +58,7 @@ from kvjax.runner import CHUNK_BUCKETS, param_dtype
 
 log = logging.getLogger("kvjax.engine")
 
-class Engine(BatchMixin, WarmupMixin, LoopMixin):
+class Engine(ScheduleMixin, BatchMixin, WarmupMixin, LoopMixin):
     def __init__(self, cfg: Config, params: dict, ecfg: EngineConfig | None = None,
                  eos_ids: tuple[int, ...] = (), model_name: str | None = None,
                  mesh: jax.sharding.Mesh | None = None):
@@ -235,98 +232,6 @@ class Engine(BatchMixin, WarmupMixin, LoopMixin):
             pool.bm.reset_prefix_cache()  # their pages' contents went with the cache
             pool.runner.reset_cache()
         return done
-
-    def _preempt(self, pool: Pool, req: Request) -> None:
-        pool.bm.free(req.seq_id)
-        pool.runner.free(req.seq_id)
-        req.num_computed = 0
-        req.num_preemptions += 1
-        if req.h2o is not None:
-            req.h2o = H2OScores(pool.page_size)
-        pool.running.remove(req)
-        pool.waiting.appendleft(req)
-        self.metrics.inc("num_preemptions")
-        log.info("preempted request %s (%d tokens) to free pages", req.request_id,
-                 len(req.cache_tokens))
-
-    def _evict(self, pool: Pool, req: Request) -> None:
-        ecfg = req.eviction
-        if not ecfg.enabled:
-            return
-        if ecfg.granularity == "token":  # tokens dropped, the kept ones compacted on device
-            drop = evict_sequence(ecfg, pool.bm, pool.runner, req.seq_id, req.num_computed)
-            if drop:
-                gone = set(drop)
-                req.cache_tokens = [t for i, t in enumerate(req.cache_tokens) if i not in gone]
-                req.num_computed -= len(drop)
-                req.num_evicted += len(drop)
-            return
-        scores = None
-        if ecfg.policy == "h2o":  # attention mass accumulated on device, read only if needed
-            pages = list(pool.bm.pages(req.seq_id))
-            scores = lambda: page_scores(attention_mass(pool.runner.cache, pages))  # noqa: E731
-        drop = pages_to_drop(ecfg, req.num_computed, pool.page_size, scores)
-        if not drop:
-            return
-        pool.bm.drop_pages(req.seq_id, drop)
-        ps = pool.page_size
-        for i in sorted(drop, reverse=True):
-            del req.cache_tokens[i * ps:(i + 1) * ps]
-        req.num_computed -= len(drop) * ps
-        req.num_evicted += len(drop) * ps
-        if req.h2o is not None:
-            req.h2o.drop(drop)
-
-    def _schedule(self, pool: Pool) -> list[tuple[Request, int, int]]:
-        """(request, start, n): append cache_tokens[start:start+n] of each request this step."""
-        ecfg, bm = self.ecfg, pool.bm
-        budget = ecfg.max_num_batched_tokens
-        rows: list[tuple[Request, int, int]] = []
-        preempted = False
-        limit = pool.runner.max_seq_len
-        i = 0
-        while i < len(pool.running) and budget > 0:
-            req = pool.running[i]
-            self._evict(pool, req)
-            start = req.num_computed
-            n = min(len(req.cache_tokens) - start, budget, ecfg.chunk_size, limit - start)
-            if n <= 0:
-                i += 1
-                continue
-            while not bm.can_grow(req.seq_id, start + n):
-                victim = pool.running[-1]
-                self._preempt(pool, victim)
-                preempted = True
-                if victim is req:
-                    break
-            if req not in pool.running:
-                break
-            bm.ensure(req.seq_id, start + n)
-            rows.append((req, start, n))
-            budget -= n
-            i += 1
-        while (not preempted and pool.waiting and budget > 0
-               and len(pool.running) < ecfg.max_num_seqs):
-            req = pool.waiting[0]
-            hit = bm.match_prefix(req.seq_id, req.cache_tokens, req.cache_salt)
-            n = min(len(req.cache_tokens) - hit, budget, ecfg.chunk_size, limit - hit)
-            if not bm.can_grow(req.seq_id, hit + n):
-                bm.free(req.seq_id)
-                break
-            bm.ensure(req.seq_id, hit + n)
-            bm.record_query(len(req.cache_tokens), hit)
-            if req.num_cached_prompt < 0:
-                req.num_cached_prompt = hit
-            req.num_computed = hit
-            if req.eviction.policy == "h2o" and req.h2o is None:
-                req.h2o = H2OScores(pool.page_size)
-            if req.eviction.policy == "h2o":  # idempotent; a reset cache starts without it
-                pool.runner.track_attention_mass()
-            pool.waiting.popleft()
-            pool.running.append(req)
-            rows.append((req, hit, n))
-            budget -= n
-        return rows
 
     def _execute(self, pool: Pool, rows: list[tuple[Request, int, int]]) -> list[Request]:
         finished = []

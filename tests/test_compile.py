@@ -205,10 +205,35 @@ def test_bytes_table_flags_excess_over_bf16():
     text = driver.model_table(rows)
     assert "| 1.08 |" in text and "**1.60**" in text and "| 1.00 |" in text
     assert text.count("**") == 2 and "smollm2-int4-32768-l1 (1.60)" in text
-    # rest/cache: the XLA bytes a format adds over bf16's beyond the predicted relayout
-    rows[0]["relayout_bytes"], rows[2]["relayout_bytes"] = 50, 170
+    # rest/cache: the XLA bytes a format adds over bf16's beyond its copies' (read + write)
+    rows[0].update(copy_bytes=20, copy_tiled_bytes=30)
+    rows[2].update(copy_bytes=50, copy_tiled_bytes=120)
     line = next(ln for ln in driver.model_table(rows).splitlines() if "int4-32768" in ln)
     assert line.endswith("| -3.00 | 170 | -4.20 |")  # (300 - 600) / 100, then - (170 - 50) / 100
+
+
+def test_hlo_copy_bytes():
+    """Copies outside fusions at their tiled size: (8,128) tiles of 32-bit words, (k,1) packs k
+    narrow elements per word along the second-minor dim of the layout."""
+    from kvjax.bench.compile_target import hlo_copy_bytes
+
+    hlo = """%fused_computation.1 (p: u8[4]) -> u8[4] {
+  %copy.1 = u8[4]{0} copy(%p)
+}
+
+ENTRY %main (a: u16[1,2,1025,16,1], b: u8[2,1025,16,12]) -> u16[1,2,1025,16,1] {
+  %copy.91 = u16[1,2,1025,16,1]{3,2,1,4,0:T(8,128)(2,1)S(1)} copy(%slice.25), metadata={}
+  %copy.53 = u8[2,1025,16,12]{3,2,1,0:T(8,128)(4,1)} copy(%b)
+  %copy-start = (s32[4]{0}, s32[4]{0}, u32[]) copy-start(%x)
+  ROOT %copy.2 = f32[3,5]{1,0} copy(%y)
+}
+"""
+    got = hlo_copy_bytes(hlo)
+    # u16: pages 1025 -> 1040 rows (16 per tile), tokens 16 -> 128 lanes; u8: 16 -> 32 rows,
+    # 12 -> 128 lanes; the untiled f32 copy as it is; the fused copy and copy-start not counted
+    assert got == {"copy_count": 3,
+                   "copy_bytes": 2 * 2 * 1025 * 16 + 2 * 1025 * 16 * 12 + 60,
+                   "copy_tiled_bytes": 2 * 2 * 1040 * 128 + 2 * 1025 * 32 * 128 + 60}
 
 
 def test_tpu_log_parsing(tmp_path):

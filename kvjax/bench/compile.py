@@ -202,10 +202,12 @@ def model_table(results: list[dict]) -> str:
       dxla/cache    (xla bytes - bf16's xla bytes) / cache: the XLA traffic the format adds
                     (relayouts, side arrays) per byte of its cache; ~0 when only the kernel
                     differs
-      relayout      TPU: predicted traffic of copying the pool leaves narrower than 128 lanes
-                    into the Mosaic operand layout (compile_model.tpu_operand_bytes)
-      rest/cache    (dxla - the relayout's difference from bf16's) / cache: what the format adds
-                    beyond that copy; ~0 when the relayout is the whole excess"""
+      copies        TPU: traffic of the step's copy instructions (compile_target.hlo_copy_bytes:
+                    logical bytes read + tiled bytes written), i.e. the relayouts XLA inserts,
+                    such as pool leaves narrower than 128 lanes copied into the row-major
+                    128-lane layout a Mosaic operand must have
+      rest/cache    (dxla - copies' difference from bf16's) / cache: what the format adds
+                    beyond the copies; ~0 when the relayouts are the whole excess"""
     from kvjax.bench.compile_model import parse
 
     base = {}
@@ -219,8 +221,11 @@ def model_table(results: list[dict]) -> str:
             base[r["group"]] = r
     rows = ["| model step | status | s | calls | cache | weights | args | temp | vmem "
             "| xla bytes | kernel reads | total | x bf16 | kv ratio | /(bf16 x kv) "
-            "| xla-w/cache | dxla/cache | relayout | rest/cache |", "|" + "---|" * 19]
+            "| xla-w/cache | dxla/cache | copies | rest/cache |", "|" + "---|" * 19]
     flagged = []
+    for r in results:
+        if r.get("copy_tiled_bytes") is not None:
+            r["copy_traffic"] = r["copy_bytes"] + r["copy_tiled_bytes"]
     for r in results:
         b = base.get(r["group"], {})
         tot, b_tot = r.get("total_bytes"), b.get("total_bytes")
@@ -239,8 +244,8 @@ def model_table(results: list[dict]) -> str:
         if r.get("bytes_accessed") and b.get("bytes_accessed") and r.get("cache_bytes"):
             d = r["bytes_accessed"] - b["bytes_accessed"]
             dxla = f"{d / r['cache_bytes']:.2f}"
-            if r.get("relayout_bytes") is not None and b.get("relayout_bytes") is not None:
-                d -= r["relayout_bytes"] - b["relayout_bytes"]
+            if r.get("copy_traffic") is not None and b.get("copy_traffic") is not None:
+                d -= r["copy_traffic"] - b["copy_traffic"]
                 rest = f"{d / r['cache_bytes']:.2f}"
         status = "ok" if r.get("ok") else r.get("error", "failed").replace("|", "/")
         rows.append(f"| {r['case'][6:]} | {status} | {r.get('seconds', '-')} | "
@@ -250,7 +255,7 @@ def model_table(results: list[dict]) -> str:
                     f"{_fmt_bytes(r.get('bytes_accessed'))} | "
                     f"{_fmt_bytes(r.get('kernel_read_bytes'))} | {_fmt_bytes(tot)} | "
                     f"{_ratio(tot, b_tot)} | {kv} | {norm} | {extra} | {dxla} | "
-                    f"{_fmt_bytes(r.get('relayout_bytes'))} | {rest} |")
+                    f"{_fmt_bytes(r.get('copy_traffic'))} | {rest} |")
     n_ok = sum(bool(r.get("ok")) for r in results)
     rows.append(f"\n{n_ok}/{len(results)} model steps compiled with the kernel call")
     if flagged:

@@ -68,33 +68,6 @@ def parse(name: str) -> ModelCase:
     return ModelCase(parts[0], parts[1], **kw)
 
 
-def tpu_operand_bytes(cache) -> dict:
-    """Per device, the leaves a Mosaic attention call takes (pool leaves and bf16 rings):
-    ``operand_bytes`` as stored, ``padded_operand_bytes`` in the layout a Mosaic operand must
-    have (row-major, (8 x 32-bit rows, 128 lanes) tiles: the last dim padded to 128 elements, the
-    second-minor to 8 / 16 / 32 rows for 32 / 16 / 8-bit), and ``relayout_bytes``: the traffic of
-    copying the leaves whose last dim is not a multiple of 128 into that layout (read as stored +
-    write padded). XLA keeps such a leaf in another layout, so it copies each layer's slice
-    before each call: a step's predicted extra XLA traffic on TPU (BENCHMARKS.md, "TPU pool
-    relayout"); a 128-lane leaf (llama's bf16 d128) is passed as it is."""
-    import math
-
-    import jax.numpy as jnp
-
-    out = dict(operand_bytes=0, padded_operand_bytes=0, relayout_bytes=0)
-    for seg in cache.segments:
-        for leaf in (*seg.k, *seg.v, *(x for x in (seg.wk, seg.wv) if x is not None)):
-            *lead, r, c = leaf.sharding.shard_shape(leaf.shape)
-            size = jnp.dtype(leaf.dtype).itemsize
-            rows = 8 * max(1, 4 // size)
-            raw = math.prod(lead) * r * c * size
-            padded = math.prod(lead) * -(-r // rows) * rows * -(-c // 128) * 128 * size
-            out["operand_bytes"] += raw
-            out["padded_operand_bytes"] += padded
-            out["relayout_bytes"] += (raw + padded) if c % 128 else 0
-    return out
-
-
 def run_model(name: str, target: str) -> dict:
     import jax
     import jax.numpy as jnp
@@ -161,6 +134,4 @@ def run_model(name: str, target: str) -> dict:
                weight_bytes=sharding.per_device_bytes(params), kv_bytes_per_token=bpt,
                kernel_read_bytes=int(kernel), group=mc_.group, dtype=mc_.dtype,
                devices=len(devices))
-    if target.startswith("tpu"):
-        out.update(tpu_operand_bytes(cache))
     return out

@@ -117,6 +117,8 @@ def compile_fn(fn, args, target: str, marker_required: bool = True, **jit_kw) ->
         out["out_bytes"] = int(mem.output_size_in_bytes)
         out["alias_bytes"] = int(mem.alias_size_in_bytes)
         out["code_bytes"] = int(getattr(mem, "generated_code_size_in_bytes", 0))
+    if target.startswith("tpu"):
+        out.update(hlo_copy_bytes(compiled.as_text()))
     try:
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
@@ -125,6 +127,41 @@ def compile_fn(fn, args, target: str, marker_required: bool = True, **jit_kw) ->
     except Exception:  # noqa: BLE001 - GPU compile-only clients report no cost
         pass
     return out
+
+
+_ITEM = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2, "f16": 2,
+         "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+_COPY = re.compile(r"^\s*(?:ROOT )?%?[\w.-]+ = (\w+)\[([\d,]*)\]\{([\d,]*)(?::T\((\d+),(\d+)\)"
+                   r"(?:\((\d+),1\))?)?[^}]*\} copy\(")
+
+
+def hlo_copy_bytes(hlo: str) -> dict:
+    """The copy instructions of an optimized HLO module outside fusions: their count, logical
+    bytes and bytes at their tiled layout (a copy in a loop body counts once). On TPU these are
+    the relayouts XLA inserts, e.g. a pool leaf copied into the row-major 128-lane layout a
+    Mosaic operand must have: such a copy reads ~its logical bytes and writes its tiled bytes."""
+    import math
+
+    n = logical = tiled = 0
+    fused = False
+    for line in hlo.splitlines():
+        if line and not line[0].isspace():  # a computation header
+            fused = line.lstrip("%").startswith("fused")
+            continue
+        m = _COPY.match(line)
+        if fused or not m or m[1] not in _ITEM:
+            continue
+        dims = [int(d) for d in m[2].split(",") if d]
+        order = [int(d) for d in m[3].split(",") if d]  # minor to major
+        logical += _ITEM[m[1]] * math.prod(dims)
+        if m[4] and len(order) >= 2:
+            pack = int(m[6] or 1)  # narrow types: (k,1) = k elements per 32-bit word
+            rows, lanes = int(m[4]) * pack, int(m[5])
+            dims[order[1]] = -(-dims[order[1]] // rows) * rows
+            dims[order[0]] = -(-dims[order[0]] // lanes) * lanes
+        n += 1
+        tiled += _ITEM[m[1]] * math.prod(dims)
+    return {"copy_count": n, "copy_bytes": logical, "copy_tiled_bytes": tiled}
 
 
 def ptxas_report(dump: str, prefix: str = "kvjax") -> dict:

@@ -100,3 +100,25 @@ def test_warmup_leaves_nothing_to_compile(params):
         eng.generate(reqs)  # decode grows through table widths 8 -> 16 pages
     assert n() == 0
     assert all(len(r.output_ids) == 70 for r in reqs)
+
+
+def test_decode_rows_pad_to_the_ladder_and_match_solo_runs(params, monkeypatch):
+    """Ten decoding rows run as a [12, 1] step (the 1.5x rung), not [16, 1], with the tokens each
+    request gets alone; warmup lists the rung."""
+    eng = make(params, max_num_seqs=12, max_num_batched_tokens=256, chunk_size=16)
+    assert (12, 1) in eng.warmup_shapes() and (16, 1) not in eng.warmup_shapes()
+    prompts = [[1 + i, 2 * i + 3, 7] for i in range(10)]
+    sp = SamplingParams(max_tokens=4, ignore_eos=True)
+    solo = [eng.generate([eng.make_request(f"s{i}", p, sp)])[0].output_ids
+            for i, p in enumerate(prompts)]
+    shapes = []
+    real = engine_mod.execute
+
+    def record(runner, step):
+        shapes.append(step.tokens.shape)
+        return real(runner, step)
+
+    monkeypatch.setattr(engine_mod, "execute", record)
+    reqs = eng.generate([eng.make_request(f"b{i}", p, sp) for i, p in enumerate(prompts)])
+    assert [r.output_ids for r in reqs] == solo
+    assert (12, 1) in shapes and all(b != 16 for b, t in shapes if t == 1)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from kvjax import sampling
-from kvjax.engine.pool import BATCH_BUCKETS, Pool, _bucket
+from kvjax.engine.pool import BATCH_BUCKETS, DECODE_BUCKETS, Pool, _bucket
 from kvjax.engine.request import Request
 from kvjax.engine.step import StepBatch
 from kvjax.runner import CHUNK_BUCKETS
@@ -21,7 +21,7 @@ class BatchMixin:
         """Host arrays of one padded forward (+ the sampling of the rows that end their tokens);
         the page table is only as wide as the longest row needs (a width bucket)."""
         t = _bucket(max(n for _, _, n in group), CHUNK_BUCKETS)
-        b = _bucket(len(group), BATCH_BUCKETS)
+        b = _bucket(len(group), DECODE_BUCKETS if t == 1 else BATCH_BUCKETS)
         tokens = np.zeros((b, t), np.int32)
         positions = np.tile(np.arange(t, dtype=np.int32), (b, 1))
         lengths = np.zeros((b,), np.int32)

@@ -14,6 +14,11 @@ from kvjax.engine.request import Request
 from kvjax.runner import Runner
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# Decode steps ([B, 1]) also take the 1.5x rungs past 8: a decode step's cost grows with its rows
+# (XLA attention reads every row's pages, padding rows included), and the rows of a draining batch
+# pass through every count, so 17 rows padded to 32 paid for 15 empty rows (kvjax/engine/
+# batch.py). Prefill groups keep powers of two (few rows; each rung is a compile per width).
+DECODE_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 GIB = 2**30
 
 

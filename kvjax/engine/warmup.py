@@ -9,7 +9,7 @@ import threading
 import time
 
 from kvjax import sampling
-from kvjax.engine.pool import BATCH_BUCKETS, _bucket
+from kvjax.engine.pool import BATCH_BUCKETS, DECODE_BUCKETS, _bucket
 from kvjax.engine.step import compile_sampler, enable_compile_cache
 from kvjax.runner import CHUNK_BUCKETS
 
@@ -20,12 +20,12 @@ class WarmupMixin:
     """Methods of `Engine` (kvjax/engine/engine.py) that compile its step shapes."""
 
     def warmup_shapes(self, max_batch: int | None = None) -> list[tuple[int, int]]:
-        """(batch, chunk) shapes the scheduler can produce: decode rows [B, 1] for each batch
+        """(batch, chunk) shapes the scheduler can produce: decode rows [B, 1] for each decode
         bucket up to max_num_seqs, and prefill rows [B, T] for each chunk bucket T and the batch
         buckets whose rows (2+ tokens each) fit the step's token budget."""
         ecfg = self.ecfg
         n_max = max_batch or ecfg.max_num_seqs
-        shapes = [(b, 1) for b in BATCH_BUCKETS if b <= _bucket(n_max, BATCH_BUCKETS)]
+        shapes = [(b, 1) for b in DECODE_BUCKETS if b <= _bucket(n_max, DECODE_BUCKETS)]
         prev = 1
         for t in CHUNK_BUCKETS:
             if 1 < t <= _bucket(ecfg.chunk_size, CHUNK_BUCKETS):

@@ -10,8 +10,20 @@ from kvjax.cache.paged import attention_mass
 from kvjax.engine.eviction import H2OScores, evict_sequence, page_scores, pages_to_drop
 from kvjax.engine.pool import Pool
 from kvjax.engine.request import Request
+from kvjax.runner import CHUNK_BUCKETS
 
 log = logging.getLogger("kvjax.engine")
+
+
+def chunk_len(n: int, rest: int) -> int:
+    """Tokens to prefill now: n, or, when the step's budget (or chunk_size) cuts the request short
+    of its remaining `rest` tokens, the largest chunk bucket <= n. A forward pads each chunk to
+    its bucket and each group's rows to a power of two, so budget-cut chunks (224 tokens run as
+    256, then a 32-token tail as 64) made padding a large share of the prefill work at
+    concurrency 32, where the decode rows leave 480 of the 512 tokens (BENCHMARKS.md)."""
+    if n >= rest or n <= CHUNK_BUCKETS[1]:
+        return n
+    return max(b for b in CHUNK_BUCKETS if b <= n)
 
 
 class ScheduleMixin:
@@ -70,7 +82,8 @@ class ScheduleMixin:
             req = pool.running[i]
             self._evict(pool, req)
             start = req.num_computed
-            n = min(len(req.cache_tokens) - start, budget, ecfg.chunk_size, limit - start)
+            rest = len(req.cache_tokens) - start
+            n = chunk_len(min(rest, budget, ecfg.chunk_size, limit - start), rest)
             if n <= 0:
                 i += 1
                 continue
@@ -90,7 +103,8 @@ class ScheduleMixin:
                and len(pool.running) < ecfg.max_num_seqs):
             req = pool.waiting[0]
             hit = bm.match_prefix(req.seq_id, req.cache_tokens, req.cache_salt)
-            n = min(len(req.cache_tokens) - hit, budget, ecfg.chunk_size, limit - hit)
+            rest = len(req.cache_tokens) - hit
+            n = chunk_len(min(rest, budget, ecfg.chunk_size, limit - hit), rest)
             if not bm.can_grow(req.seq_id, hit + n):
                 bm.free(req.seq_id)
                 break

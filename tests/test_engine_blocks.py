@@ -146,3 +146,18 @@ def test_h2o_keeps_heavy_hitters():
     assert drop == [1, 3, 4]
     scores.drop(drop)
     assert scores.page_scores(4).tolist() == [0.0, 20.0, 0.0, 0.0]
+
+
+def test_budget_cut_chunks_are_cut_at_a_chunk_bucket():
+    """A chunk the step's budget cuts short runs unpadded (a bucket length); a request's last
+    piece and chunks of at most 16 tokens keep their length."""
+    from kvjax.engine.schedule import chunk_len
+    from kvjax.runner import CHUNK_BUCKETS
+
+    assert chunk_len(224, 256) == 64 and chunk_len(480, 1000) == 256
+    assert chunk_len(63, 300) == 16 and chunk_len(65, 300) == 64
+    assert chunk_len(200, 200) == 200 and chunk_len(10, 300) == 10 and chunk_len(0, 0) == 0
+    for rest in range(1, 600, 7):
+        for n in range(1, min(rest, 256) + 1):
+            m = chunk_len(n, rest)
+            assert 0 < m <= n and (m == rest or m in CHUNK_BUCKETS or m == n <= 16)

@@ -61,7 +61,7 @@ def supports(seg) -> bool:
 @functools.partial(jax.jit, static_argnames=("backend", "k_splits", "pages_per_block",
                                              "num_warps", "num_stages", "with_mass"))
 def paged_attention(q, seg, layer, page_table, lengths, window_slots=None, *,
-                    backend: str = "auto", k_splits: int = 8, pages_per_block: int = 0,
+                    backend: str = "auto", k_splits: int = 0, pages_per_block: int = 0,
                     num_warps: int = 0, num_stages: int = 2, with_mass: bool = False):
     """Decode attention of q [batch, 1, num_heads, head_dim] over one layer of any supported
     cache segment; see _core.decode for the arguments. Returns [batch, 1, num_heads, head_dim]

@@ -20,6 +20,10 @@ interleave: for b in {1, 2, 4, 8} byte j holds channels j*P + r (P = 8 / b) at b
 each 3-byte group j holds channels 8j + r. Channel j*P + r is "phase r, column j": the query is
 permuted into phases once per step, scores sum one dot per phase, values accumulate per phase and
 are permuted back once per step. Only shifts, masks and dots run in the kernel.
+On the gather launchers (Triton, interpret) a format's ``gather_form()`` reads codes whose phase
+tiles would be 16 columns or fewer as one channel-order tile instead (``unpack_channels``: the
+word tile broadcast over its phases, shifted, merged), so every dot is >= 16 wide; Mosaic keeps
+the phases.
 
 Launchers (one kernel body, two ways to fetch a tile):
 
@@ -59,14 +63,18 @@ from kvjax.pallas_kernels._formats import (  # noqa: F401
     Loader,
     ValueFormat,
     bits_to,
+    code_tiles,
     dot_nn,
     dot_nt,
     from_phases,
     int_bits_to,
     lookup,
+    n_tiles,
     phases_of,
+    q_tiles,
     sanitize,
     to_phases,
+    unpack_channels,
     unpack_phases,
 )
 from kvjax.pallas_kernels._launch import (  # noqa: F401
@@ -80,6 +88,7 @@ from kvjax.pallas_kernels._launch import (  # noqa: F401
     _online,
     _tpu_kernel,
     _window_update,
+    scratch_page_step,
 )
 from kvjax.pallas_kernels._pallas_call import _out_map, launch  # noqa: F401
 
@@ -187,16 +196,43 @@ def ring_lower_bound(seg, layer: jax.Array, lengths: jax.Array, slots: jax.Array
 
 
 def triton_tuning(kfmt: KeyFormat, vfmt: ValueFormat, head_dim: int) -> tuple[int, int]:
-    """(tokens per block, num_warps) for the Triton kernel, from `python -m kvjax.bench.compile
-    --target h100` (ptxas registers and spills; 255 registers is the cap): TurboQuant tiles hold
-    a code, a centroid select chain and (keys) 8 sign phases per channel, so they take 16 tokens
-    over 8 warps; head_dim 128 takes 32 tokens, 64 takes 64."""
+    """(tokens per block, num_warps) for the Triton kernel, from compiling for h100 (ptxas
+    registers and spills, 255 the cap; PTX instructions per loop iteration x warps / tokens as
+    the issue cost per token): head_dim 128 takes 32 tokens, 64 takes 64, over 4 warps.
+    TurboQuant took 16 tokens over 8 warps while its 3-bit phases ran the multiply-and-reduce
+    fallback near the register cap; with those merged (_formats.merged) and the select tree,
+    32 tokens over 4 warps cost 220-253 warp-instructions a token at d128 (turbo4 / 3.5 / 2.5:
+    123 / 168 / 128 registers) against 342-638 at 16 tokens over 4 or 8 warps. Phase-tile
+    forms (the ragged kernel's) keep the old rule: 16 tokens, 8 warps for channel splits
+    (turbo2.5/3.5) and d64, else 4."""
     if "Turbo" in type(kfmt).__name__ or "Turbo" in type(vfmt).__name__:
-        # 8 warps for channel splits (turbo2.5/3.5: two sets of phases live at once) and d64;
-        # at d128 one part keeps 164 registers over 4 warps (8 warps spilled at 128 registers)
+        if getattr(kfmt, "channel_order", False):
+            return 32, 4
         split = any(len(getattr(f, "parts", ())) > 1 for f in (kfmt, vfmt))
         return 16, 8 if split or head_dim <= 64 else 4
+    if getattr(kfmt, "channel_order", False) and "Kivi" in type(kfmt).__name__:
+        # kivi2 d64 over two 32-token pages spilled 40 bytes (128 registers); one page: 120, none
+        return 32, 4
     return (64 if head_dim <= 64 else 32), 4
+
+
+# Split-KV sizing for the gather (Triton) launcher, as FlashDecoding does: at small batch the
+# grid batch x kv_heads x splits must still fill the GPU (H100 SXM / H200: 132 SMs; the bench's
+# batch 1 x 8 KV heads x 8 splits was 64 programs, 12% of copy bandwidth at 128K), but every split
+# writes a [Gp, D] f32 partial that the combine reads back, so a split keeps >= 256 tokens.
+GPU_SMS = 132
+PROGRAMS_PER_SM = 4  # memory-bound: several programs per SM keep loads in flight
+MIN_SPLIT_TOKENS = 256
+TPU_SPLITS = 8  # TPU: splits are an "arbitrary" grid axis (sequential), 8 as before
+
+
+def auto_splits(batch: int, kv_heads: int, blocks: int, block_tokens: int) -> int:
+    """KV splits per (row, KV head) for a gather-launcher call over `blocks` blocks of
+    `block_tokens` tokens: enough programs for PROGRAMS_PER_SM on every SM, each split at
+    least MIN_SPLIT_TOKENS long (and at least one block)."""
+    want = -(-GPU_SMS * PROGRAMS_PER_SM // (batch * kv_heads))
+    most = max(1, blocks * block_tokens // MIN_SPLIT_TOKENS)
+    return max(1, min(want, most, blocks))
 
 
 def _pow2(n: int) -> bool:
@@ -209,7 +245,7 @@ def _triton_ok(q: jax.Array, seg) -> bool:
 
 def decode(q: jax.Array, seg, layer: jax.Array, page_table: jax.Array, lengths: jax.Array,
            window_slots: jax.Array | None, kfmt: KeyFormat, vfmt: ValueFormat, *,
-           backend: str = "auto", k_splits: int = 8, pages_per_block: int = 0,
+           backend: str = "auto", k_splits: int = 0, pages_per_block: int = 0,
            num_warps: int = 0, num_stages: int = 2, with_mass: bool = False
            ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """One decode step of attention over one layer of a cache segment (kvjax/cache/paged.py).
@@ -220,7 +256,8 @@ def decode(q: jax.Array, seg, layer: jax.Array, page_table: jax.Array, lengths: 
     (segments with a window). Returns [batch, 1, num_heads, head_dim] in q's dtype; with
     `with_mass` (static; H2O) also the attention mass [batch, kv_heads, max_pages * page_size]
     f32 (mass_from_scores: the kernel writes its scores, the mass is one elementwise pass over
-    them with the final max and denominator). Off, the kernel is unchanged.
+    them with the final max and denominator). Off, the kernel is unchanged. k_splits: KV
+    splits per (row, KV head); 0 (auto): auto_splits on the gather launcher, TPU_SPLITS on TPU.
     """
     backend = resolve_backend(backend)
     if backend == "auto":
@@ -258,6 +295,8 @@ def decode(q: jax.Array, seg, layer: jax.Array, page_table: jax.Array, lengths: 
         for name, v in (("page_size", s), ("head_dim", d), ("window", window or 1)):
             if not _pow2(v):
                 raise ValueError(f"the Triton kernel needs a power-of-two {name}, got {v}")
+    if backend in ("triton", "interpret"):
+        kfmt, vfmt = kfmt.gather_form(), vfmt.gather_form()
     g = nh // hkv
     gp = max(16, 1 << (g - 1).bit_length())
     mp = page_table.shape[1]
@@ -271,7 +310,11 @@ def decode(q: jax.Array, seg, layer: jax.Array, page_table: jax.Array, lengths: 
         if not pages_per_block and tokens < s and kfmt.per_token_rows and vfmt.per_token_rows:
             sub = s // tokens  # blocks of part of a page (every leaf has a row per token)
         ppb = min(ppb, 1 << (mp - 1).bit_length())
-    splits = max(1, min(k_splits, -(-mp // ppb)))
+    blocks = -(-mp // ppb)
+    if not k_splits:  # auto
+        tpu_launch = backend in ("tpu", "interpret_tpu")
+        k_splits = TPU_SPLITS if tpu_launch else auto_splits(bsz, hkv, blocks, ppb * s)
+    splits = max(1, min(k_splits, blocks))
     pps = -(-mp // (splits * ppb)) * ppb
     pad = splits * pps - mp
     pt = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, pad)))

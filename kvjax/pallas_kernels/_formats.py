@@ -4,11 +4,13 @@ how formats, phases and launchers fit together)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
 # ----------------------------------------------------------------------------------------------
@@ -169,8 +171,73 @@ def unpack_phases(ld: Loader, i: int, bits: int, n: int, signed: bool = False) -
     return [(word >> (bits * r)) & mask for r in range(p)]
 
 
-def lookup(codes: jax.Array, table: Sequence[float]) -> jax.Array:
-    """Centroid table lookup as a chain of selects (tables have <= 16 entries; no gathers)."""
+def unpack_channels(ld: Loader, i: int, bits: int, n: int) -> jax.Array:
+    """Packed b-bit codes of n channels in leaf i -> one int32 tile [T, n] in channel order (the
+    gather launchers). Byte (3-bit: 3-byte group) j holds channels j*P + r at bit b*r, so the
+    word tile [T, W] broadcast over its P phases, shifted by b*r and masked is [T, W, P], and
+    merging its last two dims is channel order: one tile, one dot per format part (the per-phase
+    tiles of unpack_phases have n/P columns: under 16 they miss Triton's dot and take the
+    multiply-and-reduce fallback, hundreds of shuffles and barriers per block)."""
+    if bits == 8:
+        return ld.tile(i, 0, n).astype(jnp.int32)
+    p = phases_of(bits)
+    if bits == 3:
+        x = [ld.tile(i, s, n // 8, 3).astype(jnp.int32) for s in range(3)]
+        word = x[0] | (x[1] << 8) | (x[2] << 16)
+    else:
+        word = ld.tile(i, 0, n * bits // 8).astype(jnp.int32)
+    t, w = word.shape
+    shift = bits * jax.lax.broadcasted_iota(jnp.int32, (1, 1, p), 2)
+    codes = (word[:, :, None] >> shift) & ((1 << bits) - 1)
+    return codes.reshape(t, w * p)
+
+
+def merged(bits: int, n: int, channel_order: bool) -> bool:
+    """Whether n channels of b-bit codes are read as one channel-order tile: on the gather
+    launchers (channel_order) when a phase tile would be 16 columns or fewer (under 16 misses
+    Triton's dot minimum: multiply-and-reduce; 16 still takes P small dots). Wider phase tiles
+    stay: merging costs a shared-memory layout conversion that 32+ columns do not win back
+    (compiled for h100, PTX per loop iteration: int4 d128 700 -> 973, turbo3.5's 32-column
+    4-bit part 2021 -> 2134; kivi4's 16-column value tiles 1944 -> 1179)."""
+    return channel_order and bits != 8 and n // phases_of(bits) < 32
+
+
+def code_tiles(ld: Loader, i: int, bits: int, n: int, channel_order: bool) -> list[jax.Array]:
+    """The codes of leaf i as tiles: [one channel-order tile] (merged) or the P phase tiles."""
+    if merged(bits, n, channel_order):
+        return [unpack_channels(ld, i, bits, n)]
+    return unpack_phases(ld, i, bits, n)
+
+
+def q_tiles(q: jax.Array, bits: int, channel_order: bool) -> tuple[jax.Array, ...]:
+    """q [..., n] as the kernel inputs matching code_tiles: itself, or its P phases."""
+    if merged(bits, q.shape[-1], channel_order):
+        return (q,)
+    ph = to_phases(q, phases_of(bits))
+    return tuple(ph[..., r, :] for r in range(ph.shape[-2]))
+
+
+def n_tiles(bits: int, n: int, channel_order: bool) -> int:
+    return 1 if merged(bits, n, channel_order) else phases_of(bits)
+
+
+def lookup(codes: jax.Array, table: Sequence[float], tree: bool = False) -> jax.Array:
+    """Centroid table lookup without gathers (tables have <= 16 entries): a chain of selects,
+    2 instructions (compare, select) per entry; or with `tree` (the gather launchers) for a
+    16-entry table symmetric about 0 (Lloyd-Max centroids are: c[15 - i] = -c[i], exactly) a
+    select tree over the 8 magnitudes: j = i ^ (7 + top bit), 3 levels of (bit test, selects),
+    then the sign: about 19 instructions instead of 30 per element."""
+    n = len(table)
+    t32 = [float(np.float32(v)) for v in table]
+    if tree and n == 16 and all(t32[n - 1 - i] == -t32[i] for i in range(n)):
+        half = n // 2
+        top = codes >> 3  # 1: the positive half
+        j = codes ^ (top + (half - 1))  # magnitude index: i - 8 or 7 - i
+        vals = [jnp.float32(v) for v in t32[half:]]
+        for k in range(3):
+            bit = (j & (1 << k)) != 0
+            vals = [jnp.where(bit, vals[2 * m + 1], vals[2 * m]) for m in range(len(vals) // 2)]
+        return jnp.where(top != 0, vals[0], -vals[0])
     out = jnp.full(codes.shape, float(table[0]), jnp.float32)
     for c, v in enumerate(table[1:], start=1):
         out = jnp.where(codes == c, jnp.float32(v), out)
@@ -201,6 +268,9 @@ class KeyFormat:
         del layer
         return self.prepare_q(q)
 
+    def gather_form(self) -> KeyFormat:
+        return _gather_form(self)
+
 
 class ValueFormat:
     leaves: int
@@ -224,6 +294,18 @@ class ValueFormat:
         Gp, D]; formats with per-layer metadata (calibrated TurboQuant) override this."""
         del layer
         return self.finalize(accs)
+
+    def gather_form(self) -> ValueFormat:
+        return _gather_form(self)
+
+
+def _gather_form(fmt):
+    """The form the gather (Triton / interpret) launchers run: packed formats (a dataclass field
+    channel_order) unpack one channel-order tile per part (unpack_channels); the TPU launchers
+    keep the phase tiles (Mosaic cannot merge a [T, W, P] tile's minor dims)."""
+    if getattr(fmt, "channel_order", True):
+        return fmt
+    return dataclasses.replace(fmt, channel_order=True)
 
 
 def sanitize(x: jax.Array, valid_col: jax.Array) -> jax.Array:

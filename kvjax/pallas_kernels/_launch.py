@@ -35,7 +35,8 @@ def _cdiv(a, b: int):
 
 
 def _online(carry, s, valid, accumulate):
-    """One block of the online softmax. s [Gp, T] f32; valid [1, T] bool."""
+    """One block of the online softmax. s [R, T] f32; valid bool broadcastable to it ([1, T]
+    here; the ragged kernels' [R, T] causal masks too)."""
     m, den, accs = carry
     s = jnp.where(valid, s, MASK)
     m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))  # [Gp, 1]
@@ -45,6 +46,30 @@ def _online(carry, s, valid, accumulate):
     contrib = accumulate(p)
     accs = tuple(alpha * a + c for a, c in zip(accs, contrib, strict=True))
     return m_new, l_new, accs
+
+
+def scratch_page_step(i, cond, scratch: tuple, step) -> None:
+    """One grid step of a TPU launcher over its VMEM scratch (m, l, *accs): zeroed at the first
+    page step (i == 0), then, where `cond`, one online-softmax block of step() -> (scores [R, T],
+    valid, accumulate). The paged decode and the ragged kernels' TPU bodies share it."""
+    m_sc, l_sc, *acc_sc = scratch
+
+    @pl.when(i == 0)
+    def _():
+        m_sc[...] = jnp.full(m_sc.shape, MASK, jnp.float32)
+        l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+        for a in acc_sc:
+            a[...] = jnp.zeros(a.shape, jnp.float32)
+
+    @pl.when(cond)
+    def _():
+        sc, valid, accumulate = step()
+        carry = (m_sc[...], l_sc[...], tuple(a[...] for a in acc_sc))
+        m, den, accs = _online(carry, sc, valid, accumulate)
+        m_sc[...] = m
+        l_sc[...] = den
+        for r, a in zip(acc_sc, accs, strict=True):
+            r[...] = a
 
 
 WINDOW_CHUNK = 32  # ring tokens attended at once: a whole 128 x 128 ring tile spills on H100
@@ -229,15 +254,7 @@ def _tpu_kernel(*refs, plan: Plan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: int)
     limit = lo_ref[b] if plan.window else length
     j = k * plan.pages_per_split + i
 
-    @pl.when(i == 0)
-    def _():
-        m_sc[...] = jnp.full(m_sc.shape, MASK, jnp.float32)
-        l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
-        for a in acc_sc:
-            a[...] = jnp.zeros(a.shape, jnp.float32)
-
-    @pl.when((k < plan.splits) & (j * s < limit))
-    def _():
+    def step():
         def fetch(ref, lanes):
             return ref[:, lanes]
 
@@ -249,12 +266,9 @@ def _tpu_kernel(*refs, plan: Plan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: int)
             sp_ref[...] = sc
         valid = j * s + jax.lax.broadcasted_iota(jnp.int32, (1, s), 1) < limit
         valid_col = j * s + jax.lax.broadcasted_iota(jnp.int32, (s, 1), 0) < limit
-        carry = (m_sc[...], l_sc[...], tuple(a[...] for a in acc_sc))
-        m, den, accs = _online(carry, sc, valid, lambda p: vfmt.accumulate(p, valid_col, ldv))
-        m_sc[...] = m
-        l_sc[...] = den
-        for r, a in zip(acc_sc, accs, strict=True):
-            r[...] = a
+        return sc, valid, lambda p: vfmt.accumulate(p, valid_col, ldv)
+
+    scratch_page_step(i, (k < plan.splits) & (j * s < limit), (m_sc, l_sc, *acc_sc), step)
 
     @pl.when(i == plan.pages_per_split - 1)
     def _():

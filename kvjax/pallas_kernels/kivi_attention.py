@@ -30,11 +30,14 @@ from kvjax.pallas_kernels import _core
 from kvjax.pallas_kernels._core import (
     KeyFormat,
     ValueFormat,
+    code_tiles,
     dot_nn,
     dot_nt,
     from_phases,
+    n_tiles,
     phases_of,
     to_phases,
+    unpack_channels,
     unpack_phases,
 )
 from kvjax.quant import KiviKeyQuantizer, KiviValueQuantizer
@@ -53,12 +56,22 @@ class KiviKey(KeyFormat):
     group: int
     leaves: int = 3  # q [.., page_size, d*b/8], scale / zero [.., page_size // G, d] (f16 bits)
     per_token_rows = False  # scale / zero rows are per group of G tokens
+    # gather launchers: codes as one channel-order tile and the per-channel scale / zero rows
+    # read whole, instead of P strided phase reads of them (2-byte loads, one per element)
+    channel_order: bool = False
 
     def prepare_q(self, q):
+        if self.channel_order:
+            return (q,)
         ph = to_phases(q, phases_of(self.bits))
         return tuple(ph[..., r, :] for r in range(ph.shape[-2]))
 
     def score(self, qs, ld):
+        if self.channel_order:
+            c = unpack_channels(ld, 0, self.bits, self.head_dim).astype(jnp.float32)
+            sc = _per_token(ld.floats(1, jnp.float16), self.group)
+            zr = _per_token(ld.floats(2, jnp.float16), self.group)
+            return dot_nt(qs[0], c * sc + zr)
         p = phases_of(self.bits)
         n = self.head_dim // p
         codes = unpack_phases(ld, 0, self.bits, self.head_dim)
@@ -76,13 +89,14 @@ class KiviValue(ValueFormat):
     head_dim: int
     group: int
     leaves: int = 3  # q [.., page_size, d*b/8], scale / zero [.., page_size, d // G] (f16 bits)
+    channel_order: bool = False  # gather launchers: a group's <= 16-column phases as one tile
 
     @property
     def n_groups(self) -> int:
         return self.head_dim // self.group
 
     def acc_shapes(self, gp):
-        p = phases_of(self.bits)
+        p = n_tiles(self.bits, self.group, self.channel_order)
         return ((gp, self.group // p),) * (p * self.n_groups)
 
     def accumulate(self, p, valid_col, ld):
@@ -91,13 +105,14 @@ class KiviValue(ValueFormat):
         for gi in range(self.n_groups):
             sc = ld.floats(1, jnp.float16, gi, 1)  # [T, 1]
             zr = ld.floats(2, jnp.float16, gi, 1)
-            for c in unpack_phases(ld.shifted(gi * gbytes), 0, self.bits, self.group):
+            for c in code_tiles(ld.shifted(gi * gbytes), 0, self.bits, self.group,
+                                self.channel_order):
                 # dequantized in registers (a column multiply-add; no [T,1] -> [1,T] reshape)
                 out.append(dot_nn(p, jnp.where(valid_col, c.astype(jnp.float32) * sc + zr, 0.0)))
         return tuple(out)
 
     def finalize(self, accs):
-        p = phases_of(self.bits)
+        p = n_tiles(self.bits, self.group, self.channel_order)
         groups = [from_phases(jnp.stack(accs[gi * p:(gi + 1) * p], axis=-2))
                   for gi in range(self.n_groups)]
         return jnp.concatenate(groups, axis=-1)
@@ -115,7 +130,7 @@ def formats(spec: PoolSpec) -> tuple[KeyFormat | None, ValueFormat | None] | Non
 @functools.partial(jax.jit, static_argnames=("backend", "k_splits", "pages_per_block",
                                              "num_warps", "num_stages"))
 def kivi_decode_attention(q, seg, layer, page_table, lengths, window_slots=None, *,
-                          backend: str = "auto", k_splits: int = 8, pages_per_block: int = 0,
+                          backend: str = "auto", k_splits: int = 0, pages_per_block: int = 0,
                           num_warps: int = 0, num_stages: int = 2):
     """Decode attention over one layer of a KIVI segment (kivi2 / kivi4 keys and values).
 

@@ -28,13 +28,13 @@ from kvjax.pallas_kernels._core import (
     KeyFormat,
     Loader,
     ValueFormat,
+    code_tiles,
     dot_nn,
     dot_nt,
     from_phases,
-    phases_of,
+    n_tiles,
+    q_tiles,
     sanitize,
-    to_phases,
-    unpack_phases,
 )
 from kvjax.quant import FP8Quantizer, IntQuantizer, PlainQuantizer
 
@@ -97,23 +97,23 @@ class PackedInt:
     bits: int
     head_dim: int
     leaves: int = 2
+    channel_order: bool = False  # one [T, D] tile (gather launchers), else P phase tiles
 
     @property
     def qmax(self) -> int:
         return (1 << (self.bits - 1)) - 1
 
     def phase_codes(self, ld: Loader) -> list[jax.Array]:
-        """Per phase [T, D/P] f32 dequantized values (code - qmax) * scale."""
+        """Per tile (code_tiles) f32 dequantized values (code - qmax) * scale."""
         sc = ld.floats(1, jnp.float16)
         return [(c - self.qmax).astype(jnp.float32) * sc
-                for c in unpack_phases(ld, 0, self.bits, self.head_dim)]
+                for c in code_tiles(ld, 0, self.bits, self.head_dim, self.channel_order)]
 
 
 @dataclasses.dataclass(frozen=True)
 class PackedIntKey(PackedInt, KeyFormat):
     def prepare_q(self, q):
-        ph = to_phases(q, phases_of(self.bits))  # [B, Hkv, Gp, P, D/P]
-        return tuple(ph[..., r, :] for r in range(ph.shape[-2]))
+        return q_tiles(q, self.bits, self.channel_order)
 
     def score(self, qs, ld):
         return sum(dot_nt(qr, c) for qr, c in zip(qs, self.phase_codes(ld), strict=True))
@@ -122,7 +122,7 @@ class PackedIntKey(PackedInt, KeyFormat):
 @dataclasses.dataclass(frozen=True)
 class PackedIntValue(PackedInt, ValueFormat):
     def acc_shapes(self, gp):
-        p = phases_of(self.bits)
+        p = n_tiles(self.bits, self.head_dim, self.channel_order)
         return ((gp, self.head_dim // p),) * p
 
     def accumulate(self, p, valid_col, ld):
@@ -155,7 +155,7 @@ def formats(spec: PoolSpec) -> tuple[KeyFormat, ValueFormat] | None:
 @functools.partial(jax.jit, static_argnames=("backend", "k_splits", "pages_per_block",
                                              "num_warps", "num_stages"))
 def paged_decode_attention(q, seg, layer, page_table, lengths, window_slots=None, *,
-                           backend: str = "auto", k_splits: int = 8, pages_per_block: int = 0,
+                           backend: str = "auto", k_splits: int = 0, pages_per_block: int = 0,
                            num_warps: int = 0, num_stages: int = 2):
     """Decode attention over one layer of a bf16/f32/fp8/int8/int4 cache segment.
 

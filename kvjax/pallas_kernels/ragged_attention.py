@@ -51,6 +51,7 @@ from kvjax.pallas_kernels._core import (
     KeyFormat,
     Loader,
     ValueFormat,
+    _online,
     bits_to,
     dot_nn,
     dot_nt,
@@ -91,18 +92,6 @@ class RaggedPlan:
     @property
     def rows(self) -> int:
         return self.q_block * self.gpow
-
-
-def _online(carry, s, valid, accumulate):
-    """One block of the online softmax; s [R, T] f32, valid broadcastable to it."""
-    m, den, accs = carry
-    s = jnp.where(valid, s, MASK)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-    alpha = jnp.exp(m - m_new)
-    p = jnp.where(valid, jnp.exp(s - m_new), 0.0)
-    l_new = alpha * den + jnp.sum(p, axis=1, keepdims=True)
-    accs = tuple(alpha * a + c for a, c in zip(accs, accumulate(p), strict=True))
-    return m_new, l_new, accs
 
 
 def ring_and_chunk(qw, plan: RaggedPlan, *, active, ring_lo, ctx_end, clen, qb, fetch_ring,

@@ -32,17 +32,16 @@ from jax.experimental import pallas as pl
 
 from kvjax.pallas_kernels import compat
 from kvjax.pallas_kernels._core import (
-    MASK,
     KeyFormat,
     Loader,
     ValueFormat,
     _cdiv,
     int_bits_to,
+    scratch_page_step,
 )
 from kvjax.pallas_kernels.ragged_attention import (
     N_SCALARS,
     RaggedPlan,
-    _online,
     ring_and_chunk,
     split_refs,
 )
@@ -60,15 +59,7 @@ def _kernel(*refs, plan: RaggedPlan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: in
     s = plan.page_size
     active = qb * plan.q_block < clen  # query blocks past the row's chunk do nothing
 
-    @pl.when(i == 0)
-    def _():
-        m_sc[...] = jnp.full(m_sc.shape, MASK, jnp.float32)
-        l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
-        for a in acc_sc:
-            a[...] = jnp.zeros(a.shape, jnp.float32)
-
-    @pl.when(active & (i * s < ring_lo))
-    def _():
+    def step():
         def fetch(ref, lanes):
             return ref[:, lanes]
 
@@ -76,13 +67,10 @@ def _kernel(*refs, plan: RaggedPlan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: in
         ldv = Loader(v_refs, fetch, int_floats=True)
         valid = i * s + jax.lax.broadcasted_iota(jnp.int32, (1, s), 1) < ring_lo
         valid_col = i * s + jax.lax.broadcasted_iota(jnp.int32, (s, 1), 0) < ring_lo
-        carry = (m_sc[...], l_sc[...], tuple(a[...] for a in acc_sc))
         sc = kfmt.score(tuple(r[...] for r in q_refs), ldk)
-        m, den, accs = _online(carry, sc, valid, lambda p: vfmt.accumulate(p, valid_col, ldv))
-        m_sc[...] = m
-        l_sc[...] = den
-        for r, a in zip(acc_sc, accs, strict=True):
-            r[...] = a
+        return sc, valid, lambda p: vfmt.accumulate(p, valid_col, ldv)
+
+    scratch_page_step(i, active & (i * s < ring_lo), (m_sc, l_sc, *acc_sc), step)
 
     @pl.when(i == n_steps - 1)
     def _():

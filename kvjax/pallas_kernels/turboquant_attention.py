@@ -31,13 +31,13 @@ from kvjax.pallas_kernels import _core
 from kvjax.pallas_kernels._core import (
     KeyFormat,
     ValueFormat,
+    code_tiles,
     dot_nn,
     dot_nt,
     from_phases,
     lookup,
-    phases_of,
-    to_phases,
-    unpack_phases,
+    n_tiles,
+    q_tiles,
 )
 from kvjax.quant import ChannelSplit, TurboMse, TurboProd
 
@@ -63,10 +63,6 @@ class Part:
     def leaves(self) -> int:
         return 4 if self.kind == "prod" else 2
 
-    @property
-    def n_q(self) -> int:
-        return phases_of(self.bits) + (8 if self.kind == "prod" else 0)
-
 
 def _parts(qz, leaf0: int = 0, channels=None) -> tuple[Part, ...]:
     if isinstance(qz, ChannelSplit):
@@ -88,11 +84,6 @@ def _parts(qz, leaf0: int = 0, channels=None) -> tuple[Part, ...]:
 
 def _select(x: jax.Array, channels) -> jax.Array:
     return x if channels is None else x[..., np.asarray(channels)]
-
-
-def _phase_tuple(x: jax.Array, bits: int) -> tuple[jax.Array, ...]:
-    ph = to_phases(x, phases_of(bits))
-    return tuple(ph[..., r, :] for r in range(ph.shape[-2]))
 
 
 def _norm_col(ld, leaf: int) -> jax.Array:
@@ -128,6 +119,7 @@ class Calibrated:
 class TurboKey(KeyFormat):
     parts: tuple[Part, ...]
     calib: Calibrated | None = None
+    channel_order: bool = False  # gather launchers: under-16-column phase tiles merged
 
     @property
     def leaves(self) -> int:
@@ -153,19 +145,21 @@ class TurboKey(KeyFormat):
 
     def prepare_q(self, q):
         out = []
+        co = self.channel_order
         for part in self.parts:
             q_rot = jnp.matmul(_select(q, part.channels), jnp.asarray(part.rot).T, precision=_HI)
-            out += _phase_tuple(q_rot, part.bits)
+            out += q_tiles(q_rot, part.bits, co)
             if part.kind == "prod":
                 q_sk = jnp.matmul(q_rot, jnp.asarray(part.sketch).T, precision=_HI)
-                out += _phase_tuple(q_sk, 1)
+                out += q_tiles(q_sk, 1, co)
         return tuple(out)
 
     def score(self, qs, ld):
         total, at = 0.0, 0
         flag_leaf = self.calib.flag_leaf if self.calib is not None and self.calib.centred else -1
+        co = self.channel_order
         for part in self.parts:
-            p_mse = phases_of(part.bits)
+            p_mse = n_tiles(part.bits, part.n, co)
             q_rot, at = qs[at:at + p_mse], at + p_mse
             leaf = part.leaf0 + (2 if part.kind == "prod" else 1)
             if leaf == flag_leaf:  # its sign bit is the centred flag, not the norm's sign
@@ -176,13 +170,14 @@ class TurboKey(KeyFormat):
                 total = total + dot_nt(qs[-1], jnp.where(lane == 0, flag, 0.0))
             else:
                 norm = _norm_col(ld, leaf)
-            codes = unpack_phases(ld, part.leaf0, part.bits, part.n)
-            total = total + sum(dot_nt(qr, lookup(c, part.centroids) * norm)
+            codes = code_tiles(ld, part.leaf0, part.bits, part.n, co)
+            total = total + sum(dot_nt(qr, lookup(c, part.centroids, co) * norm)
                                 for qr, c in zip(q_rot, codes, strict=True))
             if part.kind == "prod":
-                q_sk, at = qs[at:at + 8], at + 8
+                p_sk = n_tiles(1, part.m, co)
+                q_sk, at = qs[at:at + p_sk], at + p_sk
                 w = part.qjl_scale * norm * _norm_col(ld, part.leaf0 + 3)  # |k| gamma scale/m
-                signs = unpack_phases(ld, part.leaf0 + 1, 1, part.m)
+                signs = code_tiles(ld, part.leaf0 + 1, 1, part.m, co)
                 total = total + sum(dot_nt(qk, (2 * c - 1).astype(jnp.float32) * w)
                                     for qk, c in zip(q_sk, signs, strict=True))
         return total
@@ -193,6 +188,7 @@ class TurboValue(ValueFormat):
     parts: tuple[Part, ...]
     head_dim: int
     calib: Calibrated | None = None
+    channel_order: bool = False  # gather launchers: under-16-column phase tiles merged
 
     def finalize_layer(self, accs, layer):
         """Calibrated values are stored in v_order[L, h]: out[order[j]] = out_stored[j].
@@ -211,7 +207,7 @@ class TurboValue(ValueFormat):
     def acc_shapes(self, gp):
         out = []
         for part in self.parts:
-            p = phases_of(part.bits)
+            p = n_tiles(part.bits, part.n, self.channel_order)
             out += [(gp, part.n // p)] * p
         return tuple(out)
 
@@ -219,14 +215,14 @@ class TurboValue(ValueFormat):
         out = []
         for part in self.parts:
             norm = jnp.where(valid_col, _norm_col(ld, part.leaf0 + 1), 0.0)  # NaN-poisoned rows
-            for c in unpack_phases(ld, part.leaf0, part.bits, part.n):
-                out.append(dot_nn(p, lookup(c, part.centroids) * norm))
+            for c in code_tiles(ld, part.leaf0, part.bits, part.n, self.channel_order):
+                out.append(dot_nn(p, lookup(c, part.centroids, self.channel_order) * norm))
         return tuple(out)
 
     def finalize(self, accs):
         pieces, order, at = [], [], 0
         for part in self.parts:
-            p = phases_of(part.bits)
+            p = n_tiles(part.bits, part.n, self.channel_order)
             y = from_phases(jnp.stack(accs[at:at + p], axis=-2))  # rotated basis [.., Gp, n]
             at += p
             pieces.append(jnp.matmul(y, jnp.asarray(part.rot), precision=_HI))
@@ -258,7 +254,7 @@ def formats(spec: PoolSpec) -> tuple[KeyFormat | None, ValueFormat | None] | Non
 @functools.partial(jax.jit, static_argnames=("backend", "k_splits", "pages_per_block",
                                              "num_warps", "num_stages"))
 def turboquant_decode_attention(q, seg, layer, page_table, lengths, window_slots=None, *,
-                                backend: str = "auto", k_splits: int = 8,
+                                backend: str = "auto", k_splits: int = 0,
                                 pages_per_block: int = 0, num_warps: int = 0,
                                 num_stages: int = 2):
     """Decode attention over one layer of a TurboQuant segment (turbo2.5 ... turbo4: prod keys,

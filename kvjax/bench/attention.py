@@ -1,7 +1,7 @@
 """Paged decode attention benchmark: Pallas kernels vs the XLA path, every cache dtype.
 
     python -m kvjax.bench.attention [--contexts 4096,...,131072] [--batches 1,8,32]
-        [--dtypes bf16,fp8,...] [--iters 20] [--small] [--backend auto]
+        [--dtypes bf16,fp8,...] [--iters 20] [--small] [--backend auto] [--k-splits 0]
 
 One layer of a Llama-70B-shaped attention per device (64 query heads, 8 KV heads, head_dim 128)
 over pages filled with random codes; every sequence of the batch has the full context. Columns:
@@ -72,7 +72,8 @@ def _fill(seg, key):
     return seg.replace(**new)
 
 
-def bench_one(dtype: str, context: int, batch: int, iters: int, backend: str, xla: bool):
+def bench_one(dtype: str, context: int, batch: int, iters: int, backend: str, xla: bool,
+              k_splits: int = 0):
     mc = ModelConfig(num_layers=1, hidden_size=64, intermediate_size=64, vocab_size=32, **MODEL)
     # KIVI keeps its 128-token window (it cannot seal pages without one); others have none.
     cc = CacheConfig(dtype=dtype, page_size=0, window=-1 if dtype.startswith("kivi") else 0)
@@ -88,7 +89,8 @@ def bench_one(dtype: str, context: int, batch: int, iters: int, backend: str, xl
     layer = jnp.int32(0)
     slots = jnp.arange(batch, dtype=jnp.int32) if seg.window else None
     f = jax.jit(lambda q, seg: pallas_kernels.paged_attention(q, seg, layer, pt, lens, slots,
-                                                              backend=backend))
+                                                              backend=backend,
+                                                              k_splits=k_splits))
     t = _time(lambda: f(q, seg), iters)
     tx = None
     if xla:
@@ -108,6 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtypes", default=",".join(DTYPES))
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--backend", default="auto", choices=pallas_kernels.BACKENDS)
+    ap.add_argument("--k-splits", type=int, default=0,
+                    help="KV splits per (row, KV head); 0: auto (fill the GPU; the first H200 "
+                         "table, 2026-11-30, ran 8)")
     ap.add_argument("--small", action="store_true",
                     help="CPU smoke run: contexts 256,1024, batches 1,2, 2 iterations")
     ap.add_argument("--max-gb", type=float, default=24.0,
@@ -121,7 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     dev = jax.devices()[0]
     copy = copy_bandwidth(1 << 26 if args.small else 1 << 30)
     print(f"# device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
-          f"copy bandwidth {copy / 1e9:.0f} GB/s, backend {args.backend}")
+          f"copy bandwidth {copy / 1e9:.0f} GB/s, backend {args.backend}, "
+          f"k_splits {args.k_splits or 'auto'}")
     print(f"# one layer, {MODEL['num_heads']} q heads / {MODEL['num_kv_heads']} KV heads, "
           f"head_dim {MODEL['head_dim']}; median of {args.iters}")
     print("| context | batch | dtype | ms | MB read | GB/s | %copy | x bf16 | xla ms | x xla "
@@ -135,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
             xla = 4 * bf16_bytes <= args.max_gb * 1e9 / 2  # f32 K/V copies of the whole batch
             base = None
             for dtype in dtypes:
-                t, tx, nbytes = bench_one(dtype, context, batch, args.iters, args.backend, xla)
+                t, tx, nbytes = bench_one(dtype, context, batch, args.iters, args.backend, xla,
+                                          args.k_splits)
                 if dtype == "bf16":
                     base = (t, nbytes)
                 bw = nbytes / t

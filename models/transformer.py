@@ -162,10 +162,10 @@ class Transformer(nnx.Module):
             else:
                 o = attention(q_in, seg, index, page_table, lengths, positions, window_slots,
                               chunk_kv=chunk_kv)
-            if write_after:
-                seg = write_layer(seg, index, k, v, positions, lengths, page_table,
-                                  window_slots, rope_positions)
             x = x + linear(o.reshape(b, t, -1), p["wo"])
+            if write_after:  # after x (it needed every read of the pages): written in place
+                seg = write_layer(seg, index, k, v, positions, lengths, page_table,
+                                  window_slots, rope_positions, after=x)
             h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
             x = x + swiglu(h, p["w_gate"], p["w_up"], p["w_down"])
             return (x, seg), None

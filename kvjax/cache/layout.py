@@ -58,6 +58,20 @@ def from_storage(words: jax.Array, logical: jnp.dtype) -> jax.Array:
     return jax.lax.bitcast_convert_type(words, logical)
 
 
+def scatter_rows(*rows: jax.Array) -> tuple[jax.Array, ...]:
+    """A scatter's row-aligned indices and updates (leading axis: rows) with at least two rows:
+    one row is repeated (the same value written twice to the same place).
+
+    XLA rewrites a one-row scatter (every write of a batch-1 decode step) as a
+    dynamic-update-slice, which its CPU fusion then duplicates into the gathers that read the
+    cache back in the same step; those read the pool as it was before the write, so the whole
+    pool leaf was copied on every step to keep both versions alive. A scatter is never fused
+    into its readers, and XLA updates it in place."""
+    if rows[0].shape[0] != 1:
+        return rows
+    return tuple(jnp.concatenate([r, r]) for r in rows)
+
+
 def low_frequency_channels(head_dim: int, n: int) -> tuple[int, ...]:
     """The channels that get the extra bit in fractional TurboQuant widths (2.5, 3.5 bits).
 
@@ -213,7 +227,7 @@ class PoolSpec:
         sent to the null page by the caller)."""
         b, t, h, d = x.shape
         codes = self._encode(x.reshape(b * t, h, d), layer)  # each [b*t, h, n]
-        p, s = pages.reshape(-1), slots.reshape(-1)
+        p, s, *codes = scatter_rows(pages.reshape(-1), slots.reshape(-1), *codes)
         # Page ids come from the page table and slots are `% page_size`: always in bounds, and
         # saying so spares XLA a bounds-check select over the whole pool.
         return tuple(leaf.at[layer, :, p, s].set(c, mode="promise_in_bounds")
@@ -227,11 +241,11 @@ class PoolSpec:
         n, h, s, d = x.shape
         g = self.group
         codes = self._encode(x.reshape(n, h, s // g, g, d))  # [n,h,s/g,g,packed] or [n,h,s/g,d]
-        out = []
-        for leaf, c, (per_token, _, _) in zip(pool, codes, self._leaves[1], strict=True):
-            c = c.reshape(n, h, s, -1) if per_token else c
-            out.append(leaf.at[layer, :, pages].set(c, mode="promise_in_bounds"))
-        return tuple(out)
+        codes = [c.reshape(n, h, s, -1) if per_token else c
+                 for c, (per_token, _, _) in zip(codes, self._leaves[1], strict=True)]
+        pages, *codes = scatter_rows(pages, *codes)
+        return tuple(leaf.at[layer, :, pages].set(c, mode="promise_in_bounds")
+                     for leaf, c in zip(pool, codes, strict=True))
 
     def roundtrip(self, x: jax.Array, layer: jax.Array) -> jax.Array:
         """What a reader of these tokens' codes sees, without a pool (per-token methods; for

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from kvjax.cache.layout import PoolSpec
+from kvjax.cache.layout import PoolSpec, scatter_rows
 from kvjax.config import CacheConfig, ModelConfig, layer_formats
 
 NULL_PAGE = 0
@@ -210,17 +210,34 @@ def slot_mapping(page_table: jax.Array, positions: jax.Array, lengths: jax.Array
     return pages, positions % page_size
 
 
+def ordered_after(index: jax.Array, deps: tuple[jax.Array, ...], size: int) -> jax.Array:
+    """`index` (a scalar in [0, size)) unchanged, but computed from `deps`: a write at it runs
+    after every read that `deps` were computed from.
+
+    In place needs it: XLA orders a read and an in-place write of one buffer only by data
+    dependencies (copy insertion runs before scheduling, and the CPU backend drops optimization
+    barriers before that), so when a read does not feed the write it copies the whole buffer
+    (every pool leaf, every layer, every step). min(index, size - 1 + flag) is `index` whatever
+    the flag (0 or 1), and XLA cannot fold it: the flag is computed from all of `deps`."""
+    total = sum(jnp.sum(d.astype(jnp.float32)) for d in deps)
+    return jnp.minimum(index, size - 1 + jnp.isnan(total).astype(index.dtype))
+
+
 def write_layer(seg: Segment, layer: jax.Array, k: jax.Array, v: jax.Array,
                 positions: jax.Array, lengths: jax.Array, page_table: jax.Array,
-                window_slots: jax.Array | None, abs_positions: jax.Array | None = None
-                ) -> Segment:
+                window_slots: jax.Array | None, abs_positions: jax.Array | None = None,
+                after: jax.Array | None = None) -> Segment:
     """Quantize and write one layer's new keys and values into the segment, in place under jit.
 
     layer: index within the segment; k, v: [batch, tokens, kv_heads, head_dim];
     positions: [batch, tokens] cache positions; lengths: [batch] tokens valid after this step;
     page_table: [batch, max_pages]; window_slots: [batch] ring slot of each row (or None);
-    abs_positions: [batch, tokens] absolute positions (index and tag the ring; default: cache).
+    abs_positions: [batch, tokens] absolute positions (index and tag the ring; default: cache);
+    after: for a write after attention, a value computed from everything attention read of
+    this segment (e.g. its output): the writes wait for it instead of copying the pool.
     """
+    if after is not None:
+        layer = ordered_after(layer, (after,), seg.num_layers)
     abs_positions = positions if abs_positions is None else abs_positions
     pages, slots = slot_mapping(page_table, positions, lengths, seg.k_spec.page_size)
     new = {}
@@ -228,22 +245,25 @@ def write_layer(seg: Segment, layer: jax.Array, k: jax.Array, v: jax.Array,
         slot, idx = _window_targets(seg.window, seg.wk.shape[2] - 1, positions, abs_positions,
                                     lengths, window_slots)
     if seg.mass is not None:  # a newly written token starts with no attention mass
-        m = seg.mass[pages, :, slots]  # [b, t, kv_heads]
-        new["mass"] = seg.mass.at[pages, :, slots].set(jnp.where(layer == 0, 0.0, m))
+        p, s = scatter_rows(pages.reshape(-1), slots.reshape(-1))
+        m = seg.mass[p, :, s]  # [b*t, kv_heads]
+        new["mass"] = seg.mass.at[p, :, s].set(jnp.where(layer == 0, 0.0, m))
     for name, x, spec, ring in (("k", k, seg.k_spec, seg.wk), ("v", v, seg.v_spec, seg.wv)):
         pool = getattr(seg, name)
+        ring_layer = layer
         if spec.group == 1:
             pool = spec.write_tokens(pool, layer, x, pages, slots)
         else:
-            pool = _seal_pages(spec, pool, layer, x, positions, lengths, pages, ring,
-                               window_slots, abs_positions)
+            pool, read = _seal_pages(spec, pool, layer, x, positions, lengths, pages, ring,
+                                     window_slots, abs_positions)
+            ring_layer = ordered_after(layer, read, seg.num_layers)  # the seal read the ring
         new[name] = pool
         if ring is not None:
-            new["w" + name] = _write_window(ring, layer, x, slot, idx)
+            new["w" + name] = _write_window(ring, ring_layer, x, slot, idx)
     if seg.wpos is not None:
         tags = jnp.where(slot < seg.wpos.shape[1] - 1, abs_positions, -1)
-        new["wpos"] = seg.wpos.at[layer, slot.reshape(-1), idx.reshape(-1)].set(
-            tags.reshape(-1), mode="promise_in_bounds")
+        s, i, tags = scatter_rows(slot.reshape(-1), idx.reshape(-1), tags.reshape(-1))
+        new["wpos"] = seg.wpos.at[layer, s, i].set(tags, mode="promise_in_bounds")
     return seg.replace(**new)
 
 
@@ -262,16 +282,18 @@ def _write_window(ring: jax.Array, layer: jax.Array, x: jax.Array, slot: jax.Arr
                   idx: jax.Array) -> jax.Array:
     b, t, h, d = x.shape
     words = jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)
-    return ring.at[layer, :, slot.reshape(-1), idx.reshape(-1)].set(
-        words.reshape(b * t, h, d), mode="promise_in_bounds")
+    s, i, words = scatter_rows(slot.reshape(-1), idx.reshape(-1), words.reshape(b * t, h, d))
+    return ring.at[layer, :, s, i].set(words, mode="promise_in_bounds")
 
 
 def _seal_pages(spec: PoolSpec, pool: tuple[jax.Array, ...], layer: jax.Array, x: jax.Array,
                 positions: jax.Array, lengths: jax.Array, pages: jax.Array, ring: jax.Array,
-                window_slots: jax.Array, abs_positions: jax.Array) -> tuple[jax.Array, ...]:
+                window_slots: jax.Array, abs_positions: jax.Array
+                ) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
     """Grouped methods (KIVI keys): a token that fills the last slot of its page seals the page:
     the page's tokens (from this chunk, or from the ring for tokens of earlier steps) are
-    quantized together and written at once. Runs before the ring is overwritten."""
+    quantized together and written at once. Returns the pool and what was computed from the
+    ring (the ring's overwrite must wait for it, see `ordered_after`)."""
     s = spec.page_size
     b, t, h, d = x.shape
     seals = ((positions % s) == s - 1) & (positions < lengths[:, None])  # [b, t]
@@ -294,4 +316,4 @@ def _seal_pages(spec: PoolSpec, pool: tuple[jax.Array, ...], layer: jax.Array, x
     vals = jnp.where(from_chunk.reshape(b, t * s, 1, 1), chunk_vals, ring_vals)
     vals = vals.reshape(b * t, s, h, d).transpose(0, 2, 1, 3)  # [b*t, kv_heads, page_size, d]
     target = jnp.where(seals, pages, NULL_PAGE).reshape(-1)
-    return spec.write_pages(pool, layer, vals, target)
+    return spec.write_pages(pool, layer, vals, target), (vals,)

@@ -5,10 +5,11 @@ One engine step, per page pool:
 
 1. Running requests first, oldest first: each gets its next chunk (1 token when decoding, up to
    `chunk_size` of a prompt still being prefilled) within the step's token budget
-   (`max_num_batched_tokens`). When the pool has no page for a chunk, the *newest* running request
-   is preempted: its pages are released, it goes back to the head of the queue, and it is
-   recomputed from its tokens later (prompt + what it generated so far), so greedy output is
-   unchanged and nothing is dropped.
+   (`max_num_batched_tokens`); a chunk the budget cuts short is cut at a chunk bucket, so it
+   runs unpadded (`schedule.chunk_len`). When the pool has no page for a chunk, the *newest*
+   running request is preempted: its pages are released, it goes back to the head of the queue,
+   and it is recomputed from its tokens later (prompt + what it generated so far), so greedy
+   output is unchanged and nothing is dropped.
 2. If nothing was preempted, waiting requests are admitted (up to `max_num_seqs` running): the
    prefix cache gives them the pages of their longest cached full-page prefix, and their first
    prompt chunk is scheduled.

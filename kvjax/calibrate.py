@@ -335,6 +335,13 @@ def measure(config_name: str, text: str, tokens: int = 1024, weights: str | None
                         source=f"{config_name}, {len(ids)} tokens")
 
 
+def sens_source(source: str, tokens: int, text_file: str) -> str:
+    """The calibration's source line with its sensitivity text; a re-measure (--stats-from)
+    replaces the previous one instead of appending a second."""
+    base = source.split("; layer sensitivities")[0]
+    return f"{base}; layer sensitivities on {tokens} tokens of {Path(text_file).name}"
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -370,8 +377,8 @@ def main(argv: list[str] | None = None) -> int:
             cal.check(cfg.model.num_layers, cfg.model.num_kv_heads, cfg.model.head_dim)
             cal = with_sensitivity(cal, cfg.model, params, ids, args.sens_prefix,
                                    log=lambda m: print(m, file=sys.stderr, flush=True))
-            cal = KVCalibration(cal.k_mean, cal.k_order, cal.v_order, source=cal.source + (
-                f"; layer sensitivities on {len(ids)} tokens of {Path(args.text_file).name}"),
+            cal = KVCalibration(cal.k_mean, cal.k_order, cal.v_order,
+                                source=sens_source(cal.source, len(ids), args.text_file),
                 sens_formats=cal.sens_formats, sens_bytes=cal.sens_bytes, sens_kl=cal.sens_kl)
         out = cal.save(args.out)
     except (OSError, ValueError) as e:

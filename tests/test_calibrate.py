@@ -363,3 +363,12 @@ def test_roundtrip_equals_write_then_read(rng, method):
         spec = PoolSpec(method, role, D, 16, seed=3, calibration=cal)
         got = np.asarray(spec.roundtrip(jnp.asarray(x), jnp.int32(1)))
         np.testing.assert_array_equal(got, _write_read(spec, x, 1))
+
+
+def test_sens_source_replaces_a_previous_measurement():
+    from kvjax.calibrate import sens_source
+
+    first = sens_source("smollm2, 1024 tokens of GPL-3", 768, "/x/GPL-3")
+    assert first == "smollm2, 1024 tokens of GPL-3; layer sensitivities on 768 tokens of GPL-3"
+    assert sens_source(first, 512, "/y/MPL-2.0") == ("smollm2, 1024 tokens of GPL-3; layer "
+                                                     "sensitivities on 512 tokens of MPL-2.0")

@@ -140,9 +140,23 @@ CASES = [
 ]
 
 
-def _assert_matches_xla(case: tuple, backend: str, q_block: int = 0) -> None:
+# The compiled Triton kernel on a real GPU: bf16, int8, kivi4, turbo3.5 at GQA 3 and 8, head_dim 64
+# and 128 (each step mixes prefill chunks and a decode row). The cases not in CASES run through
+# the same launcher in interpret mode on the CPU too (test_ragged_kernel_matches_xla), so on the
+# GPU only the backend differs.
+GPU_CASES = [
+    ("bf16", 128, 8, 16, 0),
+    ("int8", 64, 3, 16, 32),
+    ("kivi4", 128, 8, 32, 64),
+    ("turbo3.5", 64, 3, 16, 32),
+    ("turbo3.5", 128, 8, 32, 0),
+]
+_ids = lambda c: f"{c[0]}-d{c[1]}-g{c[2]}-p{c[3]}-w{c[4]}"  # noqa: E731
+
+
+def _assert_matches_xla(case: tuple, backend: str, q_block: int = 0, tol: float = 0.0) -> None:
     """One CASES step through the ragged kernel with `backend` == the XLA oracle on every
-    valid query row."""
+    valid query row (tol: atol and rtol for a GPU's TF32 dots; default 2e-5 / 1e-5)."""
     dtype, d, g, ps, w = case
     q, kn, vn, seg, pt, lens, pos, slots = make_step(
         dtype, d=d, g=g, page_size=ps, window=w, seed=zlib.crc32(repr(case).encode()))
@@ -156,12 +170,21 @@ def _assert_matches_xla(case: tuple, backend: str, q_block: int = 0) -> None:
     assert np.isfinite(out).all()
     valid = _valid(pos, lens)
     assert np.isfinite(ref[valid]).all()
-    np.testing.assert_allclose(out[valid], ref[valid], atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(out[valid], ref[valid], atol=tol or 2e-5, rtol=tol or 1e-5)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-d{c[1]}-g{c[2]}-p{c[3]}-w{c[4]}")
+@pytest.mark.parametrize("case", CASES + [c for c in GPU_CASES if c not in CASES], ids=_ids)
 def test_ragged_kernel_matches_xla(case):
     _assert_matches_xla(case, "interpret")
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu",
+                    reason="compiled Triton kernels need a GPU (scripts/device_check.sh)")
+@pytest.mark.parametrize("case", GPU_CASES, ids=_ids)
+def test_ragged_triton_kernel_matches_xla_on_gpu(case):
+    """The Triton-compiled ragged kernel on a real GPU (TF32 dots on both sides: the decode
+    kernels' GPU tolerance, tests/test_kernels.py)."""
+    _assert_matches_xla(case, "triton", tol=2e-2)
 
 
 # The TPU (Mosaic) launcher, interpreted: every case once, half of them with 4-token query

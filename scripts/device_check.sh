@@ -57,4 +57,6 @@ fi
 
 step 210 "python -m kvjax.bench.attention ${BENCH[*]}" \
   "$PY" -m kvjax.bench.attention "${BENCH[@]}"
+step 60 "bench.attention, the old split count (k_splits 8) beside the auto default above" \
+  "$PY" -m kvjax.bench.attention --contexts 32768,131072 --batches 1 --iters 10 --dtypes bf16,turbo3.5 --k-splits 8
 log "done $(date -u +%T)"

@@ -123,7 +123,7 @@ def time_decode(cfg, num_pages: int, context: int, steps: int) -> tuple[float, i
     from kvjax.runner import Runner
 
     cfg = cfg.replace_cache(num_pages=num_pages)
-    runner = Runner(cfg, models.random_params(cfg.model, 0), max_seq_len=context + steps + 1)
+    runner = Runner(cfg, models.random_params(cfg.model, 0), max_seq_len=context + steps + 3)
     rng = np.random.default_rng(0)
     runner.prefill(0, rng.integers(0, cfg.model.vocab_size, context).tolist())
     times = []

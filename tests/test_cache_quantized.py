@@ -128,7 +128,7 @@ def test_paged_forward_equals_dense_over_dequantized_kv(dtype, extra):
 def _check(dtype: str, cc: CacheConfig, seq_steps: list[list[int]]) -> None:
     """Two sequences fed `seq_steps` (chunk sizes per forward, one list per sequence) through the
     paged cache in one batch match the dense reference at every step."""
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(20261130)  # seeded: a fixed draw, never a flaky one
     seed = int(rng.integers(1 << 30))
     params = models.random_params(MC, seed=seed)
     graphdef, state = nnx.split(models.Transformer(MC, params))

@@ -57,7 +57,7 @@ def dense_forward(cfg, params, tokens):
 def test_paged_prefill_and_decode_match_dense(name, cache_dtype):
     cfg = load_config(name)
     mc, page_size = cfg.model, cfg.cache.page_size
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(20261130)  # seeded: a fixed draw, never a flaky one
     params = models.random_params(mc, seed=int(rng.integers(1 << 30)))
     graphdef, state = nnx.split(models.Transformer(mc, params))
 

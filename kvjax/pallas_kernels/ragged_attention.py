@@ -24,10 +24,11 @@ format's basis (phases, TurboQuant's rotated basis) and is finalized once outsid
 the decode kernels; ring and chunk share a plain accumulator; the two merge by log-sum-exp.
 
 Launchers: ``triton`` (GPU) and ``interpret`` (CPU), ragged_triton.py: the gather launcher (an
-in-kernel gather through the page table, like _core's); ``tpu`` (Mosaic) and ``interpret_tpu``, ragged_tpu.py (one
-page per grid step through a BlockSpec, scalar prefetch). Both run the same format code and the
-same ring + chunk code (``ring_and_chunk``). Backend "auto" picks the lowering per platform when
-the step is lowered (Triton on GPU, Mosaic on TPU, the gather launcher interpreted on CPU).
+in-kernel gather through the page table, like _core's); ``tpu`` (Mosaic) and ``interpret_tpu``,
+ragged_tpu.py (one page per grid step through a BlockSpec, scalar prefetch). Both run the same
+format code and the same ring + chunk code (``ring_and_chunk``). Backend "auto" picks the
+lowering per platform when the step is lowered (Triton on GPU, Mosaic on TPU, the gather launcher
+interpreted on CPU).
 
 One difference from the oracle, by design: ring entries are used from ``ring_lo`` on, the first
 position after the last window position whose ring tag does not match (tags form a suffix in

@@ -53,7 +53,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kvjax.pallas_kernels import compat
+from kvjax.pallas_kernels import _rowed, compat
 
 # Re-exported: every name other modules (ragged_attention, the format families) import
 # from _core stays importable from here.
@@ -318,9 +318,13 @@ def decode(q: jax.Array, seg, layer: jax.Array, page_table: jax.Array, lengths: 
     pps = -(-mp // (splits * ppb)) * ppb
     pad = splits * pps - mp
     pt = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, pad)))
+    def rowed_of(pool):
+        return tuple(backend in ("tpu", "interpret_tpu") and _rowed.is_rowed(x, s) for x in pool)
+
     plan = Plan(batch=bsz, kv_heads=hkv, num_pages=n_pages, page_size=s, gp=gp, head_dim=d,
                 splits=splits, pages_per_split=pps, pages_per_block=ppb, window=window,
-                ring_slots=seg.wk.shape[2] if window else 0, sub_blocks=sub, mass=with_mass)
+                ring_slots=seg.wk.shape[2] if window else 0, sub_blocks=sub, mass=with_mass,
+                rowed=rowed_of(seg.k) + rowed_of(seg.v))
 
     qg = q.reshape(bsz, hkv, g, d).astype(jnp.float32) * (d ** -0.5)
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gp - g), (0, 0)))
@@ -350,8 +354,11 @@ def decode(q: jax.Array, seg, layer: jax.Array, page_table: jax.Array, lengths: 
     else:
         slots = jnp.zeros((bsz,), jnp.int32)
         ring_lo = lengths
-    accs, m, den, win, scores = launch(plan, kfmt, vfmt, qs, tuple(flat(x) for x in seg.k),
-                             tuple(flat(x) for x in seg.v), ring,
+    def leaves(pool):  # TPU: per-token scalar leaves as gathered rows (see _rowed.py)
+        return tuple(_rowed.gather_rows(x, layer, pt) if r else flat(x)
+                     for x, r in zip(pool, rowed_of(pool), strict=True))
+
+    accs, m, den, win, scores = launch(plan, kfmt, vfmt, qs, leaves(seg.k), leaves(seg.v), ring,
                              jnp.zeros((), jnp.int32) if per_layer else layer, lengths,
                              ring_lo, slots, pt,
                              backend=backend, num_warps=num_warps, num_stages=num_stages)

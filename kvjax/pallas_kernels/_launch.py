@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from kvjax.pallas_kernels import _rowed
 from kvjax.pallas_kernels._formats import (
     KeyFormat,
     Loader,
@@ -123,6 +124,7 @@ class Plan:
     ring_slots: int  # slots + 1 of the ring
     sub_blocks: int = 1  # gather launcher: blocks per page (a block is page_size // sub rows)
     mass: bool = False  # also write every score (attention mass for H2O, see mass_from_scores)
+    rowed: tuple[bool, ...] = ()  # TPU: per key then value leaf, gathered rows (_rowed.py)
 
 
 def _init_state(plan: Plan, vfmt: ValueFormat):
@@ -258,8 +260,10 @@ def _tpu_kernel(*refs, plan: Plan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: int)
         def fetch(ref, lanes):
             return ref[:, lanes]
 
-        ldk = Loader(k_refs, fetch, int_floats=True)
-        ldv = Loader(v_refs, fetch, int_floats=True)
+        nk = len(k_refs)
+        rowed = plan.rowed or (False,) * (nk + len(v_refs))
+        ldk = Loader(_rowed.wrap(k_refs, rowed[:nk], j, s), fetch, int_floats=True)
+        ldv = Loader(_rowed.wrap(v_refs, rowed[nk:], j, s), fetch, int_floats=True)
         qs = tuple(r[...] for r in q_refs)
         sc = kfmt.score(qs, ldk)
         if sp_ref is not None:

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kvjax.pallas_kernels import compat
+from kvjax.pallas_kernels import _rowed, compat
 from kvjax.pallas_kernels._formats import KeyFormat, ValueFormat
 from kvjax.pallas_kernels._launch import (
     WINDOW_CHUNK,
@@ -123,8 +123,16 @@ def launch(plan: Plan, kfmt: KeyFormat, vfmt: ValueFormat, qs: tuple[jax.Array, 
         def page_spec(x):
             return pl.BlockSpec((None, *x.shape[1:]), page_map)
 
+        def page_index(bi, h, k, i, layer_r, len_r, lo_r, *_):  # page_map's clamped jj
+            limit = lo_r[bi] if w else len_r[bi]
+            return jnp.minimum(k * plan.pages_per_split + i,
+                               jnp.maximum(_cdiv(limit, s) - 1, 0))
+
+        leaves = (*k_leaves, *v_leaves)
+        rowed = plan.rowed or (False,) * len(leaves)
         in_specs = [per_head(x) for x in qs]
-        in_specs += [page_spec(x) for x in (*k_leaves, *v_leaves)]
+        in_specs += [_rowed.row_spec(s, page_index) if r else page_spec(x)
+                     for x, r in zip(leaves, rowed, strict=True)]
         if plan.window:
             in_specs += [per_head(ring[0]),
                          pl.BlockSpec((None, *ring[1].shape[1:]), ring_map),

@@ -154,8 +154,8 @@ def test_budget_cut_chunks_are_cut_at_a_chunk_bucket():
     from kvjax.engine.schedule import chunk_len
     from kvjax.runner import CHUNK_BUCKETS
 
-    assert chunk_len(224, 256) == 64 and chunk_len(480, 1000) == 256
-    assert chunk_len(63, 300) == 16 and chunk_len(65, 300) == 64
+    assert chunk_len(224, 256) == 128 and chunk_len(480, 1000) == 256
+    assert chunk_len(63, 300) == 32 and chunk_len(65, 300) == 64 and chunk_len(31, 300) == 16
     assert chunk_len(200, 200) == 200 and chunk_len(10, 300) == 10 and chunk_len(0, 0) == 0
     for rest in range(1, 600, 7):
         for n in range(1, min(rest, 256) + 1):

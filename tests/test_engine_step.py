@@ -122,3 +122,33 @@ def test_decode_rows_pad_to_the_ladder_and_match_solo_runs(params, monkeypatch):
     reqs = eng.generate([eng.make_request(f"b{i}", p, sp) for i, p in enumerate(prompts)])
     assert [r.output_ids for r in reqs] == solo
     assert (12, 1) in shapes and all(b != 16 for b, t in shapes if t == 1)
+
+
+def test_prompt_pieces_pad_to_the_32_and_128_rungs_and_match_solo_runs(params, monkeypatch):
+    """Under a 160-token budget, a 100-token prompt runs as [1, 128] (not 256), a 30-token one as
+    [1, 32] (not 64), and a third prompt's budget-cut first piece is cut at 16 tokens, its
+    84-token rest run as [1, 128]; each request's tokens equal its solo run."""
+    eng = make(params, max_num_seqs=4, max_num_batched_tokens=160)
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(1, 250, n).tolist() for n in (100, 30, 100)]
+    sp = SamplingParams(max_tokens=5, ignore_eos=True)
+    solo = [eng.generate([eng.make_request(f"s{i}", p, sp)])[0].output_ids
+            for i, p in enumerate(prompts)]
+    steps: list[list[tuple[int, int]]] = []
+    real = engine_mod.execute
+
+    def record(runner, step):
+        steps[-1].append(step.tokens.shape)
+        return real(runner, step)
+
+    monkeypatch.setattr(engine_mod, "execute", record)
+    reqs = [eng.make_request(f"b{i}", p, sp) for i, p in enumerate(prompts)]
+    for r in reqs:
+        eng.add_request(r)
+    while eng.has_work():
+        steps.append([])
+        eng.step()
+    assert [r.output_ids for r in reqs] == solo
+    assert sorted(steps[0]) == [(1, 16), (1, 32), (1, 128)]
+    assert sorted(steps[1]) == [(1, 128), (2, 1)]
+    assert all(t in (1, 16, 32, 128) for s in steps for _, t in s)

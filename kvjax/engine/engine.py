@@ -14,8 +14,8 @@ One engine step, per page pool:
    prefix cache gives them the pages of their longest cached full-page prefix, and their first
    prompt chunk is scheduled.
 3. The rows run through the model in one call per chunk bucket (decode rows [B, 1], prefill
-   chunks [B, T] with T in 16/64/256), padded to bucketed shapes so the jitted forward compiles
-   a handful of times and a short chunk never pads to a long one.
+   chunks [B, T] with T in 16/32/64/128/256), padded to bucketed shapes so the jitted forward
+   compiles a handful of times and a short chunk never pads to a long one.
    Rows whose chunk reaches the end of their tokens sample a token; full pages just written are
    registered in the prefix cache.
 

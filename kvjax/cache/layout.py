@@ -72,6 +72,21 @@ def scatter_rows(*rows: jax.Array) -> tuple[jax.Array, ...]:
     return tuple(jnp.concatenate([r, r]) for r in rows)
 
 
+def _heads(kv_heads: int) -> jax.Array:
+    """[1, kv_heads] head indices for a pool write that scatters each (row, head) separately.
+
+    A scatter's window dims become the minor dims of the layout XLA:TPU picks for its operand.
+    With every head in the window ([heads, n] per token), the pool leaves of a scanned model
+    were carried through the layer loop as [.., pages, rows, heads, n] (8-bit leaves padded 3
+    heads -> 16 rows): 10.7x an int8 d64 leaf, then copied to the row-major Mosaic operand
+    layout and back every layer. Indexing the head makes the window one token's n codes, and
+    XLA carries the pool row-major, which is the Mosaic operand layout: no copy inside the
+    loop (SmolLM2 int8 32K one-layer decode on v5e: copy traffic 260 -> 115 MB). What is left
+    is a copy at the loop's entry and exit: XLA's default layout for a leaf under 128 lanes
+    puts pages on lanes (lane-dense pages would remove it; BENCHMARKS, compiled steps)."""
+    return jnp.arange(kv_heads, dtype=jnp.int32)[None, :]
+
+
 def low_frequency_channels(head_dim: int, n: int) -> tuple[int, ...]:
     """The channels that get the extra bit in fractional TurboQuant widths (2.5, 3.5 bits).
 
@@ -229,8 +244,13 @@ class PoolSpec:
         codes = self._encode(x.reshape(b * t, h, d), layer)  # each [b*t, h, n]
         p, s, *codes = scatter_rows(pages.reshape(-1), slots.reshape(-1), *codes)
         # Page ids come from the page table and slots are `% page_size`: always in bounds, and
-        # saying so spares XLA a bounds-check select over the whole pool.
-        return tuple(leaf.at[layer, :, p, s].set(c, mode="promise_in_bounds")
+        # saying so spares XLA a bounds-check select over the whole pool. The KV head is an
+        # index of the scatter, not part of its window: on TPU a [heads, n] window made XLA
+        # lay the pool out with heads on sublanes (padded 3 -> 16 rows for 8-bit leaves) inside
+        # the model's layer loop, then copy it to the row-major layout of the Mosaic call on
+        # every layer (see _heads).
+        return tuple(leaf.at[layer, _heads(h), p[:, None], s[:, None]].set(
+                         c, mode="promise_in_bounds")
                      for leaf, c in zip(pool, codes, strict=True))
 
     def write_pages(self, pool: tuple[jax.Array, ...], layer: jax.Array, x: jax.Array,
@@ -244,7 +264,7 @@ class PoolSpec:
         codes = [c.reshape(n, h, s, -1) if per_token else c
                  for c, (per_token, _, _) in zip(codes, self._leaves[1], strict=True)]
         pages, *codes = scatter_rows(pages, *codes)
-        return tuple(leaf.at[layer, :, pages].set(c, mode="promise_in_bounds")
+        return tuple(leaf.at[layer, _heads(h), pages[:, None]].set(c, mode="promise_in_bounds")
                      for leaf, c in zip(pool, codes, strict=True))
 
     def roundtrip(self, x: jax.Array, layer: jax.Array) -> jax.Array:

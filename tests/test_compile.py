@@ -213,8 +213,8 @@ def test_bytes_table_flags_excess_over_bf16():
 
 
 def test_hlo_copy_bytes():
-    """Copies outside fusions at their tiled size: (8,128) tiles of 32-bit words, (k,1) packs k
-    narrow elements per word along the second-minor dim of the layout."""
+    """Copies outside fusions at their tiled size: T(r,128) tiles r rows of elements of any
+    width ((k,1) packs k of those rows per 32-bit word without further padding)."""
     from kvjax.bench.compile_target import hlo_copy_bytes
 
     hlo = """%fused_computation.1 (p: u8[4]) -> u8[4] {
@@ -229,11 +229,12 @@ ENTRY %main (a: u16[1,2,1025,16,1], b: u8[2,1025,16,12]) -> u16[1,2,1025,16,1] {
 }
 """
     got = hlo_copy_bytes(hlo)
-    # u16: pages 1025 -> 1040 rows (16 per tile), tokens 16 -> 128 lanes; u8: 16 -> 32 rows,
-    # 12 -> 128 lanes; the untiled f32 copy as it is; the fused copy and copy-start not counted
+    # u16: pages 1025 -> 1032 rows (8 per tile), tokens 16 -> 128 lanes; u8: 16 rows (a
+    # multiple of 8), 12 -> 128 lanes; the untiled f32 copy as it is; the fused copy and
+    # copy-start not counted
     assert got == {"copy_count": 3,
                    "copy_bytes": 2 * 2 * 1025 * 16 + 2 * 1025 * 16 * 12 + 60,
-                   "copy_tiled_bytes": 2 * 2 * 1040 * 128 + 2 * 1025 * 32 * 128 + 60}
+                   "copy_tiled_bytes": 2 * 2 * 1032 * 128 + 2 * 1025 * 16 * 128 + 60}
 
 
 def test_tpu_log_parsing(tmp_path):

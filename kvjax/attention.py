@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.cache.layout import from_storage
-from kvjax.cache.paged import Segment, absolute_positions
+from kvjax.cache.paged import Segment, absolute_positions, sink_page_lo
 
 
 def _window_values(ring: jax.Array, layer: jax.Array, window_slots: jax.Array,
@@ -32,7 +32,9 @@ def gather_kv(seg: Segment, layer: jax.Array, page_table: jax.Array, lengths: ja
               ) -> tuple[jax.Array, jax.Array]:
     """Keys and values of every position the page table covers, dequantized, with positions in
     the last `window` tokens of each sequence taken from its full-precision ring when the ring
-    entry holds that position (its tag matches: written by this sequence), else from its pages.
+    entry holds that position (its tag matches: written by this sequence), else from its pages;
+    and absolute positions [0, sinks) from the exact sink when all of the row's sink tags match
+    (`sink_page_lo`), else from its pages.
 
     layer: index within the segment; page_table: [batch, max_pages]; lengths, window_slots:
     [batch]; page_pos: [batch, max_pages] absolute position of each page's first token (None:
@@ -41,11 +43,20 @@ def gather_kv(seg: Segment, layer: jax.Array, page_table: jax.Array, lengths: ja
     """
     k = seg.k_spec.read(seg.k, layer, page_table)
     v = seg.v_spec.read(seg.v, layer, page_table)
-    if seg.window:
+    if seg.window or seg.sinks:
         b, max_len = page_table.shape[0], k.shape[2]
         cache_pos = jnp.broadcast_to(jnp.arange(max_len), (b, max_len))
         abs_pos = absolute_positions(page_pos, cache_pos, seg.k_spec.page_size,
                                      page_table.shape[1])
+        if window_slots is None:
+            window_slots = jnp.zeros((b,), jnp.int32)
+    if seg.sinks:
+        page_lo = sink_page_lo(seg, layer, window_slots)  # [b]: sinks or 0
+        in_sink = (abs_pos < page_lo[:, None])[None, :, :, None]
+        idx = jnp.minimum(abs_pos, seg.sinks - 1)
+        k = jnp.where(in_sink, _window_values(seg.sk, layer, window_slots, idx), k)
+        v = jnp.where(in_sink, _window_values(seg.sv, layer, window_slots, idx), v)
+    if seg.window:
         tags = jnp.take_along_axis(seg.wpos[layer, window_slots], abs_pos % seg.window, axis=1)
         in_window = (cache_pos >= (lengths - seg.window)[:, None]) & (tags == abs_pos)
         in_window = in_window[None, :, :, None]
@@ -192,8 +203,10 @@ def paged_attention_step(q: jax.Array, seg: Segment, layer: jax.Array, page_tabl
     if impl == "pallas" and page_pos is None:
         from kvjax import pallas_kernels
 
+        if (seg.window or seg.sinks) and window_slots is None:
+            window_slots = jnp.zeros(page_table.shape[:1], jnp.int32)
+        win = window_slots if seg.window or seg.sinks else None
         if q.shape[1] == 1 and pallas_kernels.supports(seg):
-            win = window_slots if seg.window else None
             if seg.mass is None:
                 return pallas_kernels.paged_attention(q, seg, layer, page_table, lengths,
                                                       win), seg
@@ -206,8 +219,8 @@ def paged_attention_step(q: jax.Array, seg: Segment, layer: jax.Array, page_tabl
 
             return ragged_attention.ragged_paged_attention(
                 q, chunk_kv[0], chunk_kv[1], seg, layer, page_table, lengths, q_positions,
-                window_slots if seg.window else None), seg
-    if seg.window and window_slots is None:
+                win), seg
+    if (seg.window or seg.sinks) and window_slots is None:
         window_slots = jnp.zeros(page_table.shape[:1], jnp.int32)
     # A multi-token step reads the cache only below each row's chunk: as earlier steps left it
     # (models/transformer.py attends before writing the chunk, so the ring still holds the W

@@ -79,6 +79,10 @@ def define_config_flags() -> None:
     flags.DEFINE_integer("kv_window", None, "Full-precision window: the most recent N tokens "
                          "of each sequence stay bf16 (default 128 for compressed dtypes; 0 gives "
                          "plain pages).", lower_bound=0)
+    flags.DEFINE_integer("kv_sink_tokens", None, "Exact attention-sink tokens: the first N "
+                         "tokens of each sequence stay bf16 beside the compressed pages (a "
+                         "per-sequence buffer like the window; default: the format's, "
+                         "config.DEFAULT_SINK_TOKENS).", lower_bound=0)
     flags.DEFINE_string("kv_calibration", None, "Directory written by python -m kvjax.calibrate "
                         "(TurboQuant key means and outlier channels per layer/KV head); 'none' "
                         "drops the config's default.")
@@ -142,6 +146,8 @@ def config_from_flags():
         cache_kw["page_size"] = FLAGS.page_size
     if FLAGS.kv_window is not None:
         cache_kw["window"] = FLAGS.kv_window
+    if FLAGS.kv_sink_tokens is not None:
+        cache_kw["sink_tokens"] = FLAGS.kv_sink_tokens
     if FLAGS.kv_calibration is not None:
         cache_kw["calibration"] = "" if FLAGS.kv_calibration == "none" else FLAGS.kv_calibration
     if FLAGS.bf16_edge_layers is not None:

@@ -143,6 +143,11 @@ KIVI_GROUP = 32  # KIVI's G: keys are quantized per channel over G tokens
 # -0.3%), and it costs 128 bf16 tokens per sequence (42 MB at Llama-70B, 0.4% of a 128K context).
 # `--kv-window 0` gives plain vLLM-style pages (KIVI needs at least one page of window).
 DEFAULT_WINDOW_TOKENS = 128
+# Exact sink tokens per sequence by key method, for sink_tokens -1 (kvjax/cache/paged.py: the
+# first token's key is a long, uncentred vector every later query reads; its quantization error
+# is a systematic shift of the sink's mass, not noise that averages out). Empty: off for every
+# format.
+DEFAULT_SINK_TOKENS: dict[str, int] = {}
 
 
 @dataclass(frozen=True)
@@ -159,6 +164,9 @@ class CacheConfig:
     # Directory written by `python -m kvjax.calibrate` (per layer/KV head key means and outlier
     # channels for TurboQuant dtypes); "" = none.
     calibration: str = ""
+    # The first N tokens of each sequence (the attention sink) kept exact in bf16 beside the
+    # pages, per quantized layer; -1 = DEFAULT_SINK_TOKENS for the format (sinks_for).
+    sink_tokens: int = -1
 
     def __post_init__(self) -> None:
         if self.dtype == "auto":
@@ -194,11 +202,22 @@ class CacheConfig:
         if self.window < -1 or self.bf16_edge_layers < 0:
             raise ConfigError("window must be >= 0 (or -1 for the default) and "
                               "bf16_edge_layers >= 0")
+        if self.sink_tokens < -1:
+            raise ConfigError(f"sink_tokens must be >= 0 (or -1 for the default), got "
+                              f"{self.sink_tokens}")
 
     def window_for(self, fmt: str) -> int:
         if fmt in FULL_PRECISION:
             return 0
         return DEFAULT_WINDOW_TOKENS if self.window < 0 else self.window
+
+    def sinks_for(self, fmt: str) -> int:
+        """Exact bf16 sink tokens per sequence in layers of format `fmt` (0 for bf16 layers)."""
+        if fmt in FULL_PRECISION:
+            return 0
+        if self.sink_tokens >= 0:
+            return self.sink_tokens
+        return DEFAULT_SINK_TOKENS.get(KV_CACHE_DTYPES[fmt][0], 0)
 
 
 def layer_formats(num_layers: int, cc: CacheConfig) -> list[str]:

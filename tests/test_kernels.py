@@ -45,8 +45,9 @@ def calibration_dir(tmp: str, *, layers: int, hkv: int, d: int, seed: int = 0) -
 
 def make_case(dtype: str, *, d: int, g: int, page_size: int, window: int | None = None,
               hkv: int = 2, max_pages: int = 6, layers: int = 2, lengths=None, seed: int = 0,
-              calibration: str = ""):
+              calibration: str = "", sinks: int = -1):
     """(q [b,1,H,d], segment, page_table, lengths, window_slots) with layer 1 filled.
+    sinks: CacheConfig.sink_tokens (exact sink tokens per sequence).
     calibration: a KV calibration directory; then every 5th key is a short "sink" (centring
     would lengthen it: stored uncentred), so both flag values occur."""
     assert layers >= 2
@@ -55,7 +56,8 @@ def make_case(dtype: str, *, d: int, g: int, page_size: int, window: int | None 
                      hidden_size=64, intermediate_size=64, vocab_size=32)
     if window is None:  # no window, except KIVI's default (it needs one)
         window = -1 if dtype.startswith("kivi") else 0
-    cc = CacheConfig(dtype=dtype, page_size=page_size, window=window, calibration=calibration)
+    cc = CacheConfig(dtype=dtype, page_size=page_size, window=window, calibration=calibration,
+                     sink_tokens=sinks)
     # Sequences longer than the window by a few pages: otherwise the ring holds every token and
     # the kernel never reads a page.
     max_pages = max(max_pages, cc.window_for(dtype) // page_size + 3)
@@ -111,8 +113,8 @@ def _check(case, backend: str, k_splits: int = 2, tol: float = 0.0, calibration:
     layer = jnp.int32(1)
     ref = xla_attention(q, seg, layer, pt, lens, (lens - 1)[:, None], slots)
     out = pallas_kernels.paged_attention(q, seg, layer, pt, lens,
-                                         slots if seg.window else None, backend=backend,
-                                         k_splits=k_splits)
+                                         slots if seg.window or seg.sinks else None,
+                                         backend=backend, k_splits=k_splits)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert not np.isnan(np.asarray(ref)).any()
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=tol or 2e-5,
@@ -170,13 +172,13 @@ def test_attention_mass_matches_numpy_and_xla(case, backend):
     q, seg, pt, lens, slots = make_case(dtype, d=d, g=g, page_size=ps, window=w,
                                         seed=zlib.crc32(repr(case).encode()))
     lens = lens.at[1].set(0)  # an idle batch slot
-    layer, win = jnp.int32(1), slots if seg.window else None
+    layer, win = jnp.int32(1), slots if seg.window or seg.sinks else None
     out, mass = pallas_kernels.paged_attention(q, seg, layer, pt, lens, win, backend=backend,
                                                k_splits=3, with_mass=True)
     plain = pallas_kernels.paged_attention(q, seg, layer, pt, lens, win, backend=backend,
                                            k_splits=3)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(plain))
-    k, v = gather_kv(seg, layer, pt, lens, slots if seg.window else None)
+    k, v = gather_kv(seg, layer, pt, lens, slots if seg.window or seg.sinks else None)
     _, ref = attend(q, k, v, lens, (lens - 1)[:, None], with_mass=True)
     b, _, nh, _ = q.shape
     kn = np.asarray(k, np.float64)  # [kvh, b, T, d]
@@ -263,7 +265,8 @@ def test_lowers_for_gpu_and_tpu(dtype, d, platform, backend, marker):
 
     def f(q, seg, pt, lens, slots):
         return pallas_kernels.paged_attention(q, seg, jnp.int32(1), pt, lens,
-                                              slots if seg.window else None, backend=backend)
+                                              slots if seg.window or seg.sinks else None,
+                                              backend=backend)
 
     text = jax.jit(f).trace(q, seg, pt, lens, slots).lower(
         lowering_platforms=(platform,)).as_text()

@@ -78,7 +78,7 @@ def test_auto_splits_kernel_matches_xla(dtype, d, g, ps, monkeypatch):
     monkeypatch.setattr(_core, "MIN_SPLIT_TOKENS", 16)
     q, seg, pt, lens, slots = make_case(dtype, d=d, g=g, page_size=ps)
     kf, vf = formats_for(seg)
-    win = slots if seg.window else None
+    win = slots if seg.window or seg.sinks else None
     with jax.default_matmul_precision("highest"):
         ref = xla_attention(q, seg, jnp.int32(1), pt, lens, (lens - 1)[:, None], win)
         out = _core.decode(q, seg, jnp.int32(1), pt, lens, win, kf, vf, backend="interpret")

@@ -44,15 +44,17 @@ def calibration_dir(path: str, *, layers: int, hkv: int, d: int, seed: int = 0) 
 
 
 def make_step(dtype: str, *, d: int, g: int, page_size: int, window: int, t: int = 16,
-              hkv: int = 2, seed: int = 0, calibration: str = ""):
+              hkv: int = 2, seed: int = 0, calibration: str = "", sinks: int = -1):
     """(q, k_new, v_new [b, t, ...], segment holding layer 1's context before the step (the
     model attends before writing a chunk), page_table, lengths, positions, window slots).
     calibration: a KV calibration directory (TurboQuant); every 5th context key is then a short
-    "sink" (stored uncentred), so both values of the centred flag occur."""
+    "sink" (stored uncentred), so both values of the centred flag occur. sinks: CacheConfig's
+    sink_tokens."""
     rng = np.random.default_rng(seed)
     mc = ModelConfig(num_layers=2, num_heads=g * hkv, num_kv_heads=hkv, head_dim=d,
                      hidden_size=64, intermediate_size=64, vocab_size=32)
-    cc = CacheConfig(dtype=dtype, page_size=page_size, window=window, calibration=calibration)
+    cc = CacheConfig(dtype=dtype, page_size=page_size, window=window, calibration=calibration,
+                     sink_tokens=sinks)
     w = cc.window_for(dtype)
     b = 4
     max_pages = (w + 2 * t) // page_size + 3
@@ -161,7 +163,7 @@ def _assert_matches_xla(case: tuple, backend: str, q_block: int = 0, tol: float 
     q, kn, vn, seg, pt, lens, pos, slots = make_step(
         dtype, d=d, g=g, page_size=ps, window=w, seed=zlib.crc32(repr(case).encode()))
     layer = jnp.int32(1)
-    slots = slots if seg.window else None
+    slots = slots if seg.window or seg.sinks else None
     ref = np.asarray(xla_attention(q, seg, layer, pt, lens, pos, slots, chunk_kv=(kn, vn)))
     out = ragged_attention.ragged_paged_attention(q, kn, vn, seg, layer, pt, lens, pos, slots,
                                                   backend=backend, q_block=q_block)

@@ -23,6 +23,16 @@ matches, so a sequence never reads ring entries it did not write (a prefix hit w
 is shorter than the window, a slot's previous occupant, another tenant): such positions fall back
 to the sequence's own pages. `reset_window_slot` clears a slot's tags when a sequence takes it.
 
+Attention sink: a quantized segment may also keep each sequence's first `sinks` tokens (absolute
+positions [0, sinks)) exact, in bf16 buffers `sk`, `sv` [layers, kv_heads, num_slots + 1, sinks,
+head_dim] with the ring's slot indexing, tagged like the ring (`spos`: the absolute position an
+entry holds, -1 = nothing; reset with the slot). The first token's key is a long, uncentred
+vector that every later query reads, so its quantization error is a systematic shift of the
+sink's softmax mass rather than noise that averages out over tokens (IntactKV, StreamingLLM).
+The token is written to the pages too; a row whose sink tags all match reads positions
+[0, sinks) from the sink and only [sinks, ...) from its pages (`sink_page_lo`), else (a prefix
+hit, a slot's previous occupant, a sequence shorter than `sinks`) everything from its pages.
+
 Absolute positions: without eviction they equal cache positions. After eviction the caller passes
 `page_pos` [batch, max_pages], the absolute position of each page's first token (or, after
 token-granular eviction, [batch, max_pages * page_size], each slot's: kvjax/cache/compact.py);
@@ -63,10 +73,17 @@ class Segment:
     num_layers: int = struct.field(pytree_node=False)
     wpos: jax.Array | None = None  # ring tags [num_layers, num_slots + 1, window] int32 (-1: none)
     mass: jax.Array | None = None  # H2O attention mass [num_pages, kv_heads, page_size] f32
+    sk: jax.Array | None = None  # exact sink [num_layers, kv_heads, num_slots + 1, sinks, d] bf16
+    sv: jax.Array | None = None  # bits
+    spos: jax.Array | None = None  # sink tags [num_layers, num_slots + 1, sinks] int32 (-1: none)
 
     @property
     def window(self) -> int:
         return 0 if self.wk is None else self.wk.shape[3]
+
+    @property
+    def sinks(self) -> int:
+        return 0 if self.sk is None else self.sk.shape[3]
 
 
 @struct.dataclass
@@ -120,25 +137,35 @@ def init_cache(mc: ModelConfig, cc: CacheConfig, num_pages: int, num_slots: int 
     for start, n, fmt in _segments(mc, cc):
         k_spec, v_spec = pool_specs(mc, cc, fmt, start)
         window = cc.window_for(fmt)
-        ring = None
+        ring = sink = None
         if window:
             shape = (n, mc.num_kv_heads, num_slots + 1, window, mc.head_dim)
             ring = jnp.zeros(shape, jnp.uint16)  # bf16 bits, like bf16 pages
+        sinks = cc.sinks_for(fmt)
+        if sinks:
+            sink = jnp.zeros((n, mc.num_kv_heads, num_slots + 1, sinks, mc.head_dim), jnp.uint16)
         segments.append(Segment(
             k=k_spec.init(n, mc.num_kv_heads, num_pages), v=v_spec.init(n, mc.num_kv_heads,
                                                                         num_pages),
             wk=ring, wv=None if ring is None else jnp.zeros_like(ring),
             k_spec=k_spec, v_spec=v_spec, start=start, num_layers=n,
-            wpos=None if ring is None else jnp.full((n, num_slots + 1, window), -1, jnp.int32)))
+            wpos=None if ring is None else jnp.full((n, num_slots + 1, window), -1, jnp.int32),
+            sk=sink, sv=None if sink is None else jnp.zeros_like(sink),
+            spos=None if sink is None else jnp.full((n, num_slots + 1, sinks), -1, jnp.int32)))
     return KVCache(segments=tuple(segments), page_size=cc.page_size)
 
 
 @functools.partial(jax.jit, donate_argnums=0)
 def reset_window_slot(cache: KVCache, slot: jax.Array) -> KVCache:
-    """Forget what ring slot `slot` holds (its tags), for a sequence that takes the slot."""
-    return cache.replace(segments=tuple(
-        seg if seg.wpos is None else seg.replace(wpos=seg.wpos.at[:, slot].set(-1))
-        for seg in cache.segments))
+    """Forget what ring slot `slot` holds (its ring and sink tags), for a sequence that takes
+    the slot."""
+    def reset(seg: Segment) -> Segment:
+        if seg.wpos is not None:
+            seg = seg.replace(wpos=seg.wpos.at[:, slot].set(-1))
+        if seg.spos is not None:
+            seg = seg.replace(spos=seg.spos.at[:, slot].set(-1))
+        return seg
+    return cache.replace(segments=tuple(reset(seg) for seg in cache.segments))
 
 
 def with_attention_mass(cache: KVCache, zeros=jnp.zeros) -> KVCache:
@@ -191,9 +218,23 @@ def bytes_per_token(mc: ModelConfig, cc: CacheConfig) -> float:
 
 
 def window_bytes_per_sequence(mc: ModelConfig, cc: CacheConfig) -> int:
-    """Bytes of the full-precision ring buffers one running sequence holds."""
+    """Bytes of the full-precision per-sequence buffers one running sequence holds: the bf16
+    window rings and the exact sink (`sink_bytes_per_sequence`)."""
     return sum(2 * n * mc.num_kv_heads * cc.window_for(fmt) * mc.head_dim * 2
+               for _, n, fmt in _segments(mc, cc)) + sink_bytes_per_sequence(mc, cc)
+
+
+def sink_bytes_per_sequence(mc: ModelConfig, cc: CacheConfig) -> int:
+    """Bytes of one sequence's exact sink tokens: bf16 K and V, and their int32 tags."""
+    return sum(n * cc.sinks_for(fmt) * (2 * mc.num_kv_heads * mc.head_dim * 2 + 4)
                for _, n, fmt in _segments(mc, cc))
+
+
+def sink_page_lo(seg: Segment, layer: jax.Array, slots: jax.Array) -> jax.Array:
+    """[batch] int32: `seg.sinks` where the row's sink entries all hold their positions (tags
+    0..sinks-1, written by this sequence), else 0: the first position its pages serve."""
+    ok = jnp.all(seg.spos[layer, slots] == jnp.arange(seg.sinks), axis=1)
+    return jnp.where(ok, seg.sinks, 0).astype(jnp.int32)
 
 
 def slot_mapping(page_table: jax.Array, positions: jax.Array, lengths: jax.Array,
@@ -244,6 +285,13 @@ def write_layer(seg: Segment, layer: jax.Array, k: jax.Array, v: jax.Array,
     if seg.window:
         slot, idx = _window_targets(seg.window, seg.wk.shape[2] - 1, positions, abs_positions,
                                     lengths, window_slots)
+    if seg.sinks:  # tokens at absolute positions [0, sinks) also go to the sink, exact
+        trash = seg.sk.shape[2] - 1
+        keep = (positions < lengths[:, None]) & (abs_positions < seg.sinks)
+        if window_slots is None:
+            window_slots = jnp.zeros(lengths.shape, jnp.int32)
+        sslot = jnp.where(keep, window_slots[:, None], trash)
+        sidx = jnp.where(keep, abs_positions, 0)
     if seg.mass is not None:  # a newly written token starts with no attention mass
         p, s = scatter_rows(pages.reshape(-1), slots.reshape(-1))
         m = seg.mass[p, :, s]  # [b*t, kv_heads]
@@ -260,6 +308,12 @@ def write_layer(seg: Segment, layer: jax.Array, k: jax.Array, v: jax.Array,
         new[name] = pool
         if ring is not None:
             new["w" + name] = _write_window(ring, ring_layer, x, slot, idx)
+        if seg.sinks:
+            new["s" + name] = _write_window(getattr(seg, "s" + name), layer, x, sslot, sidx)
+    if seg.sinks:
+        tags = jnp.where(sslot < seg.spos.shape[1] - 1, abs_positions, -1)
+        s, i, tags = scatter_rows(sslot.reshape(-1), sidx.reshape(-1), tags.reshape(-1))
+        new["spos"] = seg.spos.at[layer, s, i].set(tags, mode="promise_in_bounds")
     if seg.wpos is not None:
         tags = jnp.where(slot < seg.wpos.shape[1] - 1, abs_positions, -1)
         s, i, tags = scatter_rows(slot.reshape(-1), idx.reshape(-1), tags.reshape(-1))

@@ -40,7 +40,10 @@ With ``with_mass`` (H2O) they also write every raw score, and ``mass_from_scores
 each position's softmax mass with the final max and denominator. A
 segment with a full-precision window gets one extra program per (batch, head) that attends the
 ring's valid entries (positions in [length - W, length)) with the original query; pages then only
-serve positions below length - W.
+serve positions below length - W. A segment with an exact sink (kvjax/cache/paged.py) passes
+each row's ``page_lo`` (the sink's length where its tags match, else 0): pages serve positions
+from it, and the sink's few bf16 tokens are attended in XLA (``sink_part``) and merged with the
+window's part before the combine.
 
 Files: tile helpers and formats in _formats.py, kernel bodies in _launch.py, the two launchers'
 pallas_calls in _pallas_call.py (all re-exported here); the entry point ``decode``, ``combine``
@@ -53,6 +56,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kvjax.cache.paged import sink_page_lo
 from kvjax.pallas_kernels import _rowed, compat
 
 # Re-exported: every name other modules (ragged_attention, the format families) import
@@ -136,6 +140,35 @@ def combine(vfmt: ValueFormat, accs, m, den, window, layer: jax.Array | None = N
     return out / jnp.maximum(denom, 1e-30)
 
 
+def merge_parts(a, b):
+    """Two plain-value softmax parts (acc [..., D], m, l [..., 1]) merged by log-sum-exp."""
+    big = jnp.maximum(a[1], b[1])
+    wa, wb = jnp.exp(a[1] - big), jnp.exp(b[1] - big)
+    return a[0] * wa + b[0] * wb, big, a[2] * wa + b[2] * wb
+
+
+def sink_part(seg, layer: jax.Array, qg: jax.Array, slots: jax.Array, hi: jax.Array):
+    """The exact sink's softmax part, in XLA (a few bf16 tokens: a tiny dense attention).
+
+    qg [B, Hkv, R, D] f32 scaled queries in channel order (R query rows per KV head); slots
+    [B]; hi [B] int32: sink entries j < hi are attended (min(page_lo, first position of the
+    ring or past the context)). Returns (acc [B, Hkv, R, D], m, l [B, Hkv, R, 1], raw scores
+    [B, Hkv, R, sinks])."""
+    def rows(x):  # [layers, Hkv, slots', n, D] bf16 bits -> [B, Hkv, n, D] f32
+        x = jnp.moveaxis(x[layer][:, slots], 1, 0)
+        return jax.lax.bitcast_convert_type(x, jnp.bfloat16).astype(jnp.float32)
+
+    sk, sv = rows(seg.sk), rows(seg.sv)
+    valid = (jnp.arange(seg.sinks)[None, :] < hi[:, None])[:, None, None, :]  # [B, 1, 1, n]
+    sc = jnp.einsum("bhrd,bhnd->bhrn", qg, sk, precision="highest")
+    s = jnp.where(valid, sc, MASK)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.where(valid, jnp.exp(s - m), 0.0)
+    acc = jnp.einsum("bhrn,bhnd->bhrd", p, jnp.where(valid[:, :, 0, :, None], sv, 0.0),
+                     precision="highest")
+    return acc, m, jnp.sum(p, axis=-1, keepdims=True), sc
+
+
 def softmax_stats(m, den, window) -> tuple[jax.Array, jax.Array]:
     """The final row max and denominator [B, Hkv, Gp, 1] over every split and the window (the
     same log-sum-exp merge as combine)."""
@@ -149,13 +182,16 @@ def softmax_stats(m, den, window) -> tuple[jax.Array, jax.Array]:
 
 
 def mass_from_scores(plan: Plan, scores, big: jax.Array, denom: jax.Array, lengths: jax.Array,
-                     ring_lo: jax.Array, g: int, max_pages: int, tpu: bool) -> jax.Array:
+                     ring_lo: jax.Array, g: int, max_pages: int, tpu: bool,
+                     sink: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     """H2O attention mass of one decode step: per cached position (page-table order), the
     softmax probability its key got, summed over the g query heads of its KV head, from the
     kernel's raw scores and the final max / denominator (so it equals the XLA path's `attend`
     mass). Positions the kernel did not score from pages (past the length, or served by the
     window) read as 0 or from the window's scores; ring_lo [B]: the window's first position
-    (ring_lower_bound). -> [B, Hkv, max_pages * page_size] f32."""
+    (ring_lower_bound). sink: (page_lo [B], the sink's raw scores [B, Hkv, Gp, sinks]) where
+    the segment has an exact sink: positions below page_lo take its mass (entries past the sink's
+    served end are replaced by the ring's below). -> [B, Hkv, max_pages * page_size] f32."""
     s, pps, w = plan.page_size, plan.pages_per_split, plan.window
     b, hkv = plan.batch, plan.kv_heads
     sp = scores[0]
@@ -167,7 +203,10 @@ def mass_from_scores(plan: Plan, scores, big: jax.Array, denom: jax.Array, lengt
     big, denom = big[:, :, :g], denom[:, :, :g]
     pos = jnp.arange(max_pages * s)
     limit = ring_lo if w else lengths
-    valid = (pos[None, :] < limit[:, None])[:, None, None, :]  # [B, 1, 1, T]
+    valid = pos[None, :] < limit[:, None]  # [B, T]
+    if sink is not None:
+        valid = valid & (pos[None, :] >= sink[0][:, None])
+    valid = valid[:, None, None, :]  # [B, 1, 1, T]
     # where, not multiply: unscored positions hold whatever the output buffer held (NaN too)
     mass = jnp.sum(jnp.where(valid, jnp.exp(sp - big) / denom, 0.0), axis=2)  # [B, Hkv, T]
     if w:
@@ -176,6 +215,11 @@ def mass_from_scores(plan: Plan, scores, big: jax.Array, denom: jax.Array, lengt
         mw = jnp.sum(jnp.exp(sw - big) / denom, axis=2)  # [B, Hkv, W]; entry j holds p % W == j
         in_ring = (pos[None, :] >= limit[:, None]) & (pos[None, :] < lengths[:, None])
         mass = jnp.where(in_ring[:, None], jnp.take(mw, pos % w, axis=2), mass)
+    if sink is not None:
+        n = sink[1].shape[-1]
+        ms = jnp.sum(jnp.exp(sink[1][:, :, :g] - big) / denom, axis=2)  # [B, Hkv, sinks]
+        in_sink = (pos[None, :] < jnp.minimum(sink[0], limit)[:, None])[:, None]  # [B, 1, T]
+        mass = jnp.where(in_sink, jnp.take(ms, jnp.minimum(pos, n - 1), axis=2), mass)
     return mass
 
 
@@ -347,25 +391,33 @@ def decode(q: jax.Array, seg, layer: jax.Array, page_table: jax.Array, lengths: 
 
     ring = None
     lengths = lengths.astype(jnp.int32)
+    slots = (jnp.zeros((bsz,), jnp.int32) if window_slots is None
+             else window_slots.astype(jnp.int32))
     if window:
         ring = (qg, flat(seg.wk), flat(seg.wv))
-        slots = window_slots.astype(jnp.int32)
         ring_lo = ring_lower_bound(seg, layer, lengths, slots)
     else:
-        slots = jnp.zeros((bsz,), jnp.int32)
         ring_lo = lengths
+    page_lo = (sink_page_lo(seg, layer, slots) if seg.sinks
+               else jnp.zeros((bsz,), jnp.int32))
     def leaves(pool):  # TPU: per-token scalar leaves as gathered rows (see _rowed.py)
         return tuple(_rowed.gather_rows(x, layer, pt) if r else flat(x)
                      for x, r in zip(pool, rowed_of(pool), strict=True))
 
     accs, m, den, win, scores = launch(plan, kfmt, vfmt, qs, leaves(seg.k), leaves(seg.v), ring,
                              jnp.zeros((), jnp.int32) if per_layer else layer, lengths,
-                             ring_lo, slots, pt,
+                             ring_lo, slots, pt, page_lo,
                              backend=backend, num_warps=num_warps, num_stages=num_stages)
+    sink = None
+    if seg.sinks:  # the exact sink serves [0, min(page_lo, ring_lo)); merged with the window's
+        acc_s, m_s, l_s, sink_sc = sink_part(seg, layer, qg, slots,
+                                             jnp.minimum(page_lo, ring_lo))
+        win = (acc_s, m_s, l_s) if win is None else merge_parts(win, (acc_s, m_s, l_s))
+        sink = (page_lo, sink_sc)
     out = combine(vfmt, accs, m, den, win, layer)  # [B, Hkv, Gp, D]
     out = out[:, :, :g].reshape(bsz, 1, nh, d).astype(q.dtype)
     if not with_mass:
         return out
     big, denom = softmax_stats(m, den, win)
     tpu = backend in ("tpu", "interpret_tpu")
-    return out, mass_from_scores(plan, scores, big, denom, lengths, ring_lo, g, mp, tpu)
+    return out, mass_from_scores(plan, scores, big, denom, lengths, ring_lo, g, mp, tpu, sink)

@@ -136,16 +136,18 @@ def _init_state(plan: Plan, vfmt: ValueFormat):
 
 @dataclasses.dataclass
 class Refs:
-    """The kernel's refs by role, in the launchers' order: 5 scalars (layer, lengths, ring_lo,
-    window slots, page table), inputs (q parts, key leaves, value leaves, then the ring's q, wk,
-    wv), outputs (accs, m, l, then the window's acc, m, l, then with mass the pages' and the
-    window's scores), and `scratch`: what is left (the TPU launcher's VMEM scratch)."""
+    """The kernel's refs by role, in the launchers' order: 6 scalars (layer, lengths, ring_lo,
+    window slots, page table, page_lo: pages serve positions [page_lo, ring_lo)), inputs
+    (q parts, key leaves, value leaves, then the ring's q, wk, wv), outputs (accs, m, l, then
+    the window's acc, m, l, then with mass the pages' and the window's scores), and `scratch`:
+    what is left (the TPU launcher's VMEM scratch)."""
 
     layer: Any
     lengths: Any
     ring_lo: Any
     slots: Any
     page_table: Any
+    page_lo: Any
     q: tuple
     k: tuple
     v: tuple
@@ -169,7 +171,7 @@ def _split_refs(refs, plan: Plan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: int) 
     def take(n):
         return tuple(next(it) for _ in range(n))
 
-    out = Refs(*take(5), q=take(n_q), k=take(kfmt.leaves), v=take(vfmt.leaves),
+    out = Refs(*take(6), q=take(n_q), k=take(kfmt.leaves), v=take(vfmt.leaves),
                acc=(), m=None, den=None)
     if plan.window:
         out.qw, out.wk, out.wv = take(3)
@@ -197,6 +199,7 @@ def _gather_kernel(*refs, plan: Plan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: i
     length = len_ref[0]
     s, ppb = plan.page_size, plan.pages_per_block
     limit = lo_ref[0] if plan.window else length  # pages serve positions below the ring's
+    page_lo = rf.page_lo[0]  # and from the exact sink's end (merged outside the kernel)
     base = (layer * plan.kv_heads + h) * plan.num_pages
     first = k * plan.pages_per_split
     n_valid = _cdiv(limit, s)
@@ -222,7 +225,8 @@ def _gather_kernel(*refs, plan: Plan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: i
         tok0 = j0 * s + r0
         if sp_ref is not None:
             sp_ref[:, pl.ds((j0 - first) * s + r0, ppb * rows)] = sc
-        valid = tok0 + jax.lax.broadcasted_iota(jnp.int32, (1, ppb * rows), 1) < limit
+        tok = tok0 + jax.lax.broadcasted_iota(jnp.int32, (1, ppb * rows), 1)
+        valid = (tok < limit) & (tok >= page_lo)
         valid_col = tok0 + jax.lax.broadcasted_iota(jnp.int32, (ppb * rows, 1), 0) < limit
         return _online(carry, sc, valid, lambda p: vfmt.accumulate(p, valid_col, ldv))
 
@@ -254,6 +258,7 @@ def _tpu_kernel(*refs, plan: Plan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: int)
     length = len_ref[b]
     s = plan.page_size
     limit = lo_ref[b] if plan.window else length
+    page_lo = rf.page_lo[b]
     j = k * plan.pages_per_split + i
 
     def step():
@@ -268,7 +273,8 @@ def _tpu_kernel(*refs, plan: Plan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: int)
         sc = kfmt.score(qs, ldk)
         if sp_ref is not None:
             sp_ref[...] = sc
-        valid = j * s + jax.lax.broadcasted_iota(jnp.int32, (1, s), 1) < limit
+        tok = j * s + jax.lax.broadcasted_iota(jnp.int32, (1, s), 1)
+        valid = (tok < limit) & (tok >= page_lo)
         valid_col = j * s + jax.lax.broadcasted_iota(jnp.int32, (s, 1), 0) < limit
         return sc, valid, lambda p: vfmt.accumulate(p, valid_col, ldv)
 

@@ -31,14 +31,15 @@ def _out_map(nd: int):
 def launch(plan: Plan, kfmt: KeyFormat, vfmt: ValueFormat, qs: tuple[jax.Array, ...],
            k_leaves: tuple[jax.Array, ...], v_leaves: tuple[jax.Array, ...],
            ring: tuple[jax.Array, jax.Array, jax.Array] | None, layer: jax.Array,
-           lengths: jax.Array, ring_lo: jax.Array, slots: jax.Array, page_table: jax.Array, *,
-           backend: str,
+           lengths: jax.Array, ring_lo: jax.Array, slots: jax.Array, page_table: jax.Array,
+           page_lo: jax.Array, *, backend: str,
            num_warps: int = 0, num_stages: int = 2):
     """Run the kernel; returns (accs, m, den, window, scores): accs each [B, Hkv, splits',
     *acc_shape], m, den [B, Hkv, splits', Gp, 1], window (acc [B, Hkv, Gp, D], m, den [B, Hkv,
     Gp, 1]) or None, scores (plan.mass: the pages' and the window's raw scores, layouts in
     mass_from_scores) or None. k_leaves/v_leaves are flat pools [layers * Hkv * pages, rows, n];
-    ring = (q_win [B, Hkv, Gp, D] f32, wk, wv flat [layers * Hkv * slots', W, D] uint16)."""
+    ring = (q_win [B, Hkv, Gp, D] f32, wk, wv flat [layers * Hkv * slots', W, D] uint16);
+    page_lo [B] int32: pages serve positions from it (an exact sink serves those below)."""
     nsplit = plan.splits + (1 if plan.window else 0)
     b, hkv, gp, d = plan.batch, plan.kv_heads, plan.gp, plan.head_dim
     s, pps = plan.page_size, plan.pages_per_split
@@ -80,7 +81,8 @@ def launch(plan: Plan, kfmt: KeyFormat, vfmt: ValueFormat, qs: tuple[jax.Array, 
                     pl.BlockSpec((1,), lambda bi, h, k: (bi,)),
                     pl.BlockSpec((1,), lambda bi, h, k: (bi,)),
                     pl.BlockSpec((1,), lambda bi, h, k: (bi,)),
-                    pl.BlockSpec((None, page_table.shape[1]), lambda bi, h, k: (bi, 0))]
+                    pl.BlockSpec((None, page_table.shape[1]), lambda bi, h, k: (bi, 0)),
+                    pl.BlockSpec((1,), lambda bi, h, k: (bi,))]
         in_specs += [per_head(x) for x in qs]
         in_specs += [whole(x) for x in (*k_leaves, *v_leaves)]
         if plan.window:
@@ -103,17 +105,17 @@ def launch(plan: Plan, kfmt: KeyFormat, vfmt: ValueFormat, qs: tuple[jax.Array, 
             out_specs=out_specs, interpret=backend == "interpret",
             compiler_params=compat.triton_params(num_warps, num_stages),
             name="kvjax_paged_decode",
-        )(layer.reshape(1), lengths, ring_lo, slots, page_table, *inputs)
+        )(layer.reshape(1), lengths, ring_lo, slots, page_table, page_lo, *inputs)
     elif tpu:
         mp, w = page_table.shape[1], plan.window
 
-        def page_map(bi, h, k, i, layer_r, len_r, lo_r, slot_r, pt_r):
+        def page_map(bi, h, k, i, layer_r, len_r, lo_r, slot_r, pt_r, plo_r):
             limit = lo_r[bi] if w else len_r[bi]
             last = jnp.maximum(_cdiv(limit, s) - 1, 0)
             jj = jnp.minimum(k * plan.pages_per_split + i, last)
             return ((layer_r[0] * hkv + h) * plan.num_pages + pt_r[bi * mp + jj], 0, 0)
 
-        def ring_map(bi, h, k, i, layer_r, len_r, lo_r, slot_r, pt_r):
+        def ring_map(bi, h, k, i, layer_r, len_r, lo_r, slot_r, pt_r, plo_r):
             return ((layer_r[0] * hkv + h) * plan.ring_slots + slot_r[bi], 0, 0)
 
         def per_head(x):
@@ -154,7 +156,7 @@ def launch(plan: Plan, kfmt: KeyFormat, vfmt: ValueFormat, qs: tuple[jax.Array, 
         scratch = [vmem((gp, 1), jnp.float32), vmem((gp, 1), jnp.float32)]
         scratch += [vmem(sh, jnp.float32) for sh in acc_shapes]
         grid_spec = compat.PrefetchScalarGridSpec(
-            num_scalar_prefetch=5, grid=(b, hkv, nsplit, plan.pages_per_split),
+            num_scalar_prefetch=6, grid=(b, hkv, nsplit, plan.pages_per_split),
             in_specs=in_specs, out_specs=out_specs, scratch_shapes=scratch)
         kernel = functools.partial(_tpu_kernel, plan=plan, kfmt=kfmt, vfmt=vfmt, n_q=n_q)
         out = pl.pallas_call(
@@ -163,7 +165,7 @@ def launch(plan: Plan, kfmt: KeyFormat, vfmt: ValueFormat, qs: tuple[jax.Array, 
             compiler_params=compat.tpu_params(("parallel", "parallel", "arbitrary",
                                                "arbitrary")),
             name="kvjax_paged_decode",
-        )(layer.reshape(1), lengths, ring_lo, slots, page_table.reshape(-1), *inputs)
+        )(layer.reshape(1), lengths, ring_lo, slots, page_table.reshape(-1), page_lo, *inputs)
     else:
         raise ValueError(f"no launcher for backend {backend!r}")
     n_acc = len(acc_shapes)

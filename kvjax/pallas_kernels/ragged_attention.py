@@ -30,6 +30,11 @@ format code and the same ring + chunk code (``ring_and_chunk``). Backend "auto" 
 lowering per platform when the step is lowered (Triton on GPU, Mosaic on TPU, the gather launcher
 interpreted on CPU).
 
+A segment with an exact sink (kvjax/cache/paged.py) passes each row's ``page_lo`` (the sink's
+length where the row's sink tags match, else 0): the page part serves ``[page_lo, ring_lo)`` and
+the sink's few bf16 tokens ``[0, min(page_lo, ring_lo))`` are attended in XLA
+(``_core.sink_part``) and merged by log-sum-exp with the kernel's two parts.
+
 One difference from the oracle, by design: ring entries are used from ``ring_lo`` on, the first
 position after the last window position whose ring tag does not match (tags form a suffix in
 every case the engine produces: a prefix hit leaves the positions before it untagged); the oracle
@@ -44,6 +49,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from kvjax.cache.paged import sink_page_lo
 from kvjax.pallas_kernels._core import (
     MASK,
     WINDOW_CHUNK,
@@ -52,6 +58,8 @@ from kvjax.pallas_kernels._core import (
     _online,
     dot_nn,
     dot_nt,
+    merge_parts,
+    sink_part,
     triton_tuning,
 )
 
@@ -144,7 +152,7 @@ def ring_and_chunk(qw, plan: RaggedPlan, *, active, ring_lo, ctx_end, clen, qb, 
     return m2, l2, acc2
 
 
-N_SCALARS = 6  # layer, lengths, ring_lo, chunk lengths, window slots, page table
+N_SCALARS = 7  # layer, lengths, ring_lo, chunk lengths, window slots, page_lo, page table
 
 
 def split_refs(refs: tuple, plan: RaggedPlan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: int
@@ -281,8 +289,11 @@ def ragged_paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, seg
     start = q_positions[:, 0].astype(jnp.int32)
     clen = jnp.clip(lengths - start, 0, t)  # the chunk's real tokens
     ctx_end = start
-    slots = (window_slots.astype(jnp.int32) if w else jnp.zeros((bsz,), jnp.int32))
+    # Sink without a window, no slots given: slot 0, as the XLA path (kvjax.attention) takes.
+    slots = (jnp.zeros((bsz,), jnp.int32) if window_slots is None
+             else window_slots.astype(jnp.int32))
     ring_lo = _ring_lo(seg, layer, ctx_end, slots) if w else ctx_end
+    page_lo = sink_page_lo(seg, layer, slots) if seg.sinks else jnp.zeros((bsz,), jnp.int32)
 
     # Queries: [B, T, Hkv, G, D] -> [B, Hkv, n_qb, bq * gpow, D] (row = token * gpow + head).
     qg = q.reshape(bsz, t, hkv, g, d).astype(jnp.float32) * (d ** -0.5)
@@ -306,7 +317,7 @@ def ragged_paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, seg
 
     ring = (flat(seg.wk), flat(seg.wv)) if w else ()
     k_leaves, v_leaves = tuple(flat(x) for x in seg.k), tuple(flat(x) for x in seg.v)
-    scalars = (lengths, ring_lo, clen, slots)
+    scalars = (lengths, ring_lo, clen, slots, page_lo)
     if tpu:
         from kvjax.pallas_kernels import ragged_tpu
 
@@ -325,6 +336,11 @@ def ragged_paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, seg
                                     num_stages=num_stages)
     n_acc = len(vfmt.acc_shapes(plan.rows))
     accs, (m1, l1, acc2, m2, l2) = outs[:n_acc], outs[n_acc:]
+    if seg.sinks:  # the exact sink [0, min(page_lo, ring_lo)), merged into the plain part
+        acc_s, m_s, l_s, _ = sink_part(seg, layer, qg.reshape(bsz, hkv, n_qb * bq * gpow, d),
+                                       slots, jnp.minimum(page_lo, ring_lo))
+        acc2, m2, l2 = merge_parts((acc2, m2, l2), tuple(
+            x.reshape(bsz, hkv, n_qb, bq * gpow, -1) for x in (acc_s, m_s, l_s)))
     big = jnp.maximum(m1, m2)
     w1, w2 = jnp.exp(m1 - big), jnp.exp(m2 - big)
     fin = getattr(vfmt, "finalize_layer", None)

@@ -49,7 +49,8 @@ from kvjax.pallas_kernels.ragged_attention import (
 
 def _kernel(*refs, plan: RaggedPlan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: int,
             n_steps: int):
-    ((_, len_ref, rlo_ref, clen_ref, _, _), q_refs, (qw_ref, kc_ref, vc_ref), k_refs, v_refs,
+    ((_, len_ref, rlo_ref, clen_ref, _, plo_ref, _), q_refs, (qw_ref, kc_ref, vc_ref), k_refs,
+     v_refs,
      (wk_ref, wv_ref), acc_refs, rest) = split_refs(refs, plan, kfmt, vfmt, n_q)
     (m_ref, l_ref, acc2_ref, m2_ref, l2_ref), (m_sc, l_sc, *acc_sc) = rest[:5], rest[5:]
 
@@ -65,7 +66,8 @@ def _kernel(*refs, plan: RaggedPlan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: in
 
         ldk = Loader(k_refs, fetch, int_floats=True)
         ldv = Loader(v_refs, fetch, int_floats=True)
-        valid = i * s + jax.lax.broadcasted_iota(jnp.int32, (1, s), 1) < ring_lo
+        tok = i * s + jax.lax.broadcasted_iota(jnp.int32, (1, s), 1)
+        valid = (tok < ring_lo) & (tok >= plo_ref[b])  # [page_lo, ring_lo): the sink is merged
         valid_col = i * s + jax.lax.broadcasted_iota(jnp.int32, (s, 1), 0) < ring_lo
         sc = kfmt.score(tuple(r[...] for r in q_refs), ldk)
         return sc, valid, lambda p: vfmt.accumulate(p, valid_col, ldv)
@@ -104,7 +106,7 @@ def launch(plan: RaggedPlan, kfmt: KeyFormat, vfmt: ValueFormat, qs: tuple[jax.A
     each [B, Hkv, n_qb, rows, n]; qw [B, Hkv, n_qb, rows, D] f32 scaled queries; kc, vc [B,
     Hkv, Tp, D] f32 the chunk; k_leaves / v_leaves flat pools [layers * Hkv * pages, page, n];
     ring (wk, wv) flat [layers * Hkv * slots', W, D] uint16 or (); scalars: [B] int32 lengths,
-    ring_lo, chunk lengths, window slots; page_table [B, max_pages] int32. Returns the page
+    ring_lo, chunk lengths, window slots, page_lo; page_table [B, max_pages] int32. Returns the page
     part's accumulators, m, l and the ring+chunk part's acc, m, l, each [B, Hkv, n_qb, ...]
     (the Triton launcher's outputs)."""
     b, hkv, n_qb, rows, d = qw.shape
@@ -114,14 +116,14 @@ def launch(plan: RaggedPlan, kfmt: KeyFormat, vfmt: ValueFormat, qs: tuple[jax.A
     out_shape = [jax.ShapeDtypeStruct((b, hkv, n_qb, *sh), jnp.float32)
                  for sh in (*acc_shapes, (rows, 1), (rows, 1), (rows, d), (rows, 1), (rows, 1))]
 
-    def page_map(bi, h, qb, i, layer_r, len_r, lo_r, clen_r, slot_r, pt_r):
+    def page_map(bi, h, qb, i, layer_r, len_r, lo_r, clen_r, slot_r, plo_r, pt_r):
         # Past the row's last context page, or in a query block with no work: the last page
         # again (same block index: no new fetch).
         last = jnp.maximum(_cdiv(lo_r[bi], s) - 1, 0)
         jj = jnp.where(qb * plan.q_block < clen_r[bi], jnp.minimum(i, last), last)
         return ((layer_r[0] * hkv + h) * plan.num_pages + pt_r[bi * mp + jj], 0, 0)
 
-    def ring_map(bi, h, qb, i, layer_r, len_r, lo_r, clen_r, slot_r, pt_r):
+    def ring_map(bi, h, qb, i, layer_r, len_r, lo_r, clen_r, slot_r, plo_r, pt_r):
         return ((layer_r[0] * hkv + h) * plan.ring_slots + slot_r[bi], 0, 0)
 
     def per_block(x):  # [B, Hkv, n_qb, ...] -> this program's block

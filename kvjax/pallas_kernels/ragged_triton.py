@@ -20,7 +20,8 @@ from kvjax.pallas_kernels.ragged_attention import RaggedPlan, _cdiv, ring_and_ch
 
 
 def _kernel(*refs, plan: RaggedPlan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: int):
-    ((layer_ref, len_ref, rlo_ref, clen_ref, slot_ref, pt_ref), q_refs, (qw_ref, kc_ref, vc_ref),
+    ((layer_ref, len_ref, rlo_ref, clen_ref, slot_ref, plo_ref, pt_ref), q_refs,
+     (qw_ref, kc_ref, vc_ref),
      k_refs, v_refs, (wk_ref, wv_ref), acc_refs, (m_ref, l_ref, acc2_ref, m2_ref, l2_ref)
      ) = split_refs(refs, plan, kfmt, vfmt, n_q)
 
@@ -28,6 +29,7 @@ def _kernel(*refs, plan: RaggedPlan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: in
     layer, length, ring_lo, clen = layer_ref[0], len_ref[0], rlo_ref[0], clen_ref[0]
     ctx_end = length - clen  # the chunk's first position
     page_end = ring_lo  # pages below the ring's part
+    page_lo = plo_ref[0]  # and from the exact sink's end (merged outside the kernel)
     bq, rows, s, ppb, sub = plan.q_block, plan.rows, plan.page_size, plan.pages_per_block, \
         plan.sub_blocks
     active = qb * bq < clen  # query blocks past the row's chunk (idle rows) do nothing
@@ -51,7 +53,8 @@ def _kernel(*refs, plan: RaggedPlan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: in
 
         ldk, ldv = Loader(k_refs, fetch), Loader(v_refs, fetch)
         tok0 = j0 * s + r0
-        valid = tok0 + jax.lax.broadcasted_iota(jnp.int32, (1, ppb * rtok), 1) < page_end
+        tok = tok0 + jax.lax.broadcasted_iota(jnp.int32, (1, ppb * rtok), 1)
+        valid = (tok < page_end) & (tok >= page_lo)
         valid_col = tok0 + jax.lax.broadcasted_iota(jnp.int32, (ppb * rtok, 1), 0) < page_end
         return _online(carry, kfmt.score(qs, ldk), valid,
                        lambda p: vfmt.accumulate(p, valid_col, ldv))
@@ -92,7 +95,7 @@ def warps_for(kfmt, warps: int, rows: int, d: int) -> int:
 
 def launch(plan: RaggedPlan, kfmt, vfmt, qs, qw, kc, vc, k_leaves, v_leaves, ring, layer,
             scalars, page_table, *, backend: str, num_warps: int, num_stages: int):
-    """scalars: the [B] int32 rows lengths, ring_lo, chunk_len, window slot."""
+    """scalars: the [B] int32 rows lengths, ring_lo, chunk_len, window slot, page_lo."""
     b, hkv, n_qb, rows, d = qw.shape
     acc_shapes = vfmt.acc_shapes(rows)
     out_shape = [jax.ShapeDtypeStruct((b, hkv, n_qb, *sh), jnp.float32)

@@ -145,9 +145,10 @@ KIVI_GROUP = 32  # KIVI's G: keys are quantized per channel over G tokens
 DEFAULT_WINDOW_TOKENS = 128
 # Exact sink tokens per sequence by key method, for sink_tokens -1 (kvjax/cache/paged.py: the
 # first token's key is a long, uncentred vector every later query reads; its quantization error
-# is a systematic shift of the sink's mass, not noise that averages out). Empty: off for every
-# format.
-DEFAULT_SINK_TOKENS: dict[str, int] = {}
+# is a systematic shift of the sink's mass, not noise that averages out). TurboQuant keys: one
+# token, measured on SmolLM2 (decode-step protocol, BENCHMARKS.md): KL -37% / -43% (turbo4,
+# Apache / MPL), -36% / -42% (turbo3.5), Δppl unchanged within noise; 4 tokens no better.
+DEFAULT_SINK_TOKENS: dict[str, int] = {m: 1 for m in ("turbo2.5", "turbo3", "turbo3.5", "turbo4")}
 
 
 @dataclass(frozen=True)

@@ -260,6 +260,7 @@ class DenseEvictingModel:
         self.cfg, self.mc, self.params, self.ecfg = cfg, cfg.model, params, ecfg
         self.specs = pool_specs(cfg.model, cfg.cache, cfg.cache.dtype)
         self.window = cfg.cache.window_for(cfg.cache.dtype)
+        self.sinks = cfg.cache.sinks_for(cfg.cache.dtype)  # absolute positions kept exact
         self.ps = cfg.cache.page_size
         self.inv_freq = rope_inv_freq(cfg.model).astype(np.float64)
         n = cfg.model.num_layers
@@ -318,7 +319,8 @@ class DenseEvictingModel:
                 self.kq[i] = kq
             else:
                 self.kq[i] = np.concatenate([self.kq[i], _codes_roundtrip(ks, k)])
-            in_window = (np.arange(L) >= L - self.window)[:, None, None]
+            in_window = ((np.arange(L) >= L - self.window) | (self.abs < self.sinks)
+                         )[:, None, None]
             k_hat = np.where(in_window, _bf16(self.k[i]), self.kq[i])
             v_hat = np.where(in_window, _bf16(self.v[i]), self.vq[i])
             # Keys stored at absolute positions, turned to their cache positions.

@@ -21,6 +21,7 @@ server's background warmup has compiled every step shape (`--nowait_warm`: at on
 from __future__ import annotations
 
 import asyncio
+import collections
 import math
 import os
 import re
@@ -188,9 +189,13 @@ def bench_http(cfg, dtype: str, rng: np.random.Generator) -> list[str]:
             # The server answers once one request's shapes are compiled and compiles the rest
             # on a background thread that shares the cores: timing before it ends measures the
             # compiler (kivi4's 2.8 s c=1 ITL in session 4), not the steady state.
-            left = max(FLAGS.startup_timeout - ready, 1.0)
-            if not warm.wait(left):
-                raise RuntimeError(f"background warmup did not finish within {left:.0f} s")
+            deadline = time.perf_counter() + max(FLAGS.startup_timeout - ready, 1.0)
+            while not warm.wait(5.0):
+                if proc.poll() is not None:  # its log's last lines say why
+                    raise RuntimeError(f"the server exited (code {proc.returncode}) during its "
+                                       "background warmup:\n" + "".join(warm.tail))
+                if time.perf_counter() > deadline:
+                    raise RuntimeError("the server's background warmup did not finish in time")
             print(f"# {dtype}: every step shape compiled {time.perf_counter() - t0:.1f} s after "
                   "launch", flush=True)
         for c in levels:
@@ -221,11 +226,13 @@ def threading_drain(proc: subprocess.Popen, warm: bool = False) -> threading.Eve
     """Keep reading the server's stderr so a full pipe never blocks it; the event is set once
     the log says that the background warmup is done (at once if `warm`)."""
     done = threading.Event()
+    done.tail = collections.deque(maxlen=20)  # the last log lines, for an error message
     if warm:
         done.set()
 
     def drain() -> None:
         for line in proc.stderr:
+            done.tail.append(line)
             if _warm(line):
                 done.set()
 
@@ -253,6 +260,8 @@ def main_http(cfg, dtypes: list[str]) -> int:
             bench_http(cfg, dtype, rng)
         except RuntimeError as e:
             print(f"| {dtype} | error: {str(e).splitlines()[0]} |", flush=True)
+            print("".join(f"#   {line}\n" for line in str(e).splitlines()[1:]), end="",
+                  flush=True)
     return 0
 
 

@@ -314,5 +314,8 @@ def test_tpu_call_takes_one_layer_of_the_pool():
     text = jax.jit(f).trace(q, seg, pt, lens, slots).lower(lowering_platforms=("tpu",)).as_text()
     call = next(ln for ln in text.splitlines() if "tpu_custom_call" in ln)
     assert f"tensor<{hkv * n_pages}x{rows}x{n}xi8>" in call  # int8 codes
-    assert f"tensor<{hkv * n_pages}x{rows}x1xui16>" in call  # f16 scales (raw bits)
-    assert f"tensor<{n_layers * hkv * n_pages}x" not in call
+    # f16 scales: only the page table's pages, gathered into lane-dense [B, Hkv, R, 1, 128]
+    # int32 rows (_rowed.py, 128 / page_size pages per row), never the layer's [.., 16, 1] leaf
+    bsz, r = pt.shape[0], -(-pt.shape[1] * rows // 128)
+    assert f"tensor<{bsz}x{hkv}x{r}x1x128xi32>" in call
+    assert "xui16>" not in call and f"tensor<{n_layers * hkv * n_pages}x" not in call

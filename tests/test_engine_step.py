@@ -152,3 +152,32 @@ def test_prompt_pieces_pad_to_the_32_and_128_rungs_and_match_solo_runs(params, m
     assert sorted(steps[0]) == [(1, 16), (1, 32), (1, 128)]
     assert sorted(steps[1]) == [(1, 128), (2, 1)]
     assert all(t in (1, 16, 32, 128) for s in steps for _, t in s)
+
+
+def test_warmup_stops_near_the_memory_map_limit(params, monkeypatch):
+    """Past the process's memory-mapping share, the background warmup stops compiling (each XLA:CPU
+    executable maps its code; past vm.max_map_count the process dies), still reports itself done,
+    and the shapes it skipped compile when first used: outputs equal a fully warmed engine's."""
+    from kvjax.engine import warmup as warmup_mod
+
+    calls = []
+
+    def fake_map_count():  # the limit is reached after 3 more compiles
+        calls.append(1)
+        return (100 if len(calls) > 3 else 10), 100
+
+    monkeypatch.setattr(warmup_mod, "map_count", fake_map_count)
+    eng = make(params, max_num_seqs=4, max_num_batched_tokens=64, chunk_size=16)
+    eng.warmup(background=False)
+    assert eng.warmup_done.is_set() and len(calls) == 4
+    first = sum(1 for b, t in eng.warmup_shapes() if b == 1)  # one-row shapes, narrowest width
+    assert len(eng.pools["default"].runner._compiled) == first + 3
+    prompts = [list(range(1, 1 + n)) for n in (3, 9, 14, 2, 7)]
+    sp = SamplingParams(max_tokens=6, ignore_eos=True)
+    got = [r.output_ids for r in eng.generate([eng.make_request(f"m{i}", p, sp)
+                                               for i, p in enumerate(prompts)])]
+    monkeypatch.undo()
+    full = make(params, max_num_seqs=4, max_num_batched_tokens=64, chunk_size=16)
+    full.warmup(background=False)
+    assert got == [r.output_ids for r in full.generate([full.make_request(f"f{i}", p, sp)
+                                                        for i, p in enumerate(prompts)])]

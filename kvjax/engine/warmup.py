@@ -14,6 +14,22 @@ from kvjax.engine.step import compile_sampler, enable_compile_cache
 from kvjax.runner import CHUNK_BUCKETS
 
 log = logging.getLogger("kvjax.engine")
+# The warmup stops compiling once the process holds this share of its memory-mapping limit: past
+# the limit LLVM's JIT cannot map code and the process dies (SIGSEGV), which a turbo3.5 SmolLM2
+# server reached at ~80 executables of its 128-shape warmup. The rest compile when first used.
+MAP_SHARE = 0.6
+
+
+def map_count() -> tuple[int, int]:
+    """(memory mappings this process holds, vm.max_map_count); (0, 1) where Linux's /proc
+    files are not there."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            limit = int(f.read())
+        with open("/proc/self/maps") as f:
+            return sum(1 for _ in f), limit
+    except (OSError, ValueError):
+        return 0, 1
 
 
 class WarmupMixin:
@@ -76,12 +92,21 @@ class WarmupMixin:
                               sampling.SamplerFlags(stochastic=True, truncate=True)):
                     for pool in self.pools.values():
                         compile_sampler(pool.runner, b, flags, vocab)
-            for _, r, b, t, w in rest:
+            for i, (_, r, b, t, w) in enumerate(rest):
                 if self._stop:
                     return
+                used, limit = map_count()
+                if used > MAP_SHARE * limit:
+                    log.warning("warmup: stopped after %d more step shapes in %.1f s: the process "
+                                "holds %d of its %d memory mappings (vm.max_map_count; XLA:CPU "
+                                "maps each executable's code, ~800 for a 30-layer turbo3.5 step); "
+                                "the other %d shapes compile when first used", i,
+                                time.perf_counter() - t1, used, limit, len(rest) - i)
+                    break
                 r.compile(b, t, w)
-            log.info("warmup: %d more step shapes compiled in %.1f s", len(rest),
-                     time.perf_counter() - t1)
+            else:
+                log.info("warmup: %d more step shapes compiled in %.1f s", len(rest),
+                         time.perf_counter() - t1)
             self.warmup_done.set()
 
         if background and rest:

@@ -87,6 +87,9 @@ def reference(params, cc: CacheConfig, tokens, steps, multi=None):
             mt = n > 1 if multi is None else multi[step]
             last = start if mt else length  # the window ends where the cache read ends
             in_window = (np.arange(length) >= last - window)[:, None, None]
+            # The exact sink: the first tokens stay bf16 once written (every sequence here
+            # writes them in its first chunk).
+            in_window = in_window | (np.arange(length) < cc.sinks_for(fmt))[:, None, None]
             k_hat = np.where(in_window, _bf16(ks[i]), kq)
             v_hat = np.where(in_window, _bf16(vs[i]), vq)
             # A chunk of more than one token reads its own K/V as computed, not back from the

@@ -7,10 +7,14 @@ once per prompt length.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
+import gc
 import itertools
+import logging
 import math
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +32,38 @@ from kvjax.quant import weights
 # request's last piece (a 256-token prompt cut 64 + 192, 128 + 128, 32-token prompts) from padding
 # up to 2x: at concurrency 32 the old (1, 16, 64, 256) computed 1.23x the real prefill tokens.
 CHUNK_BUCKETS = (1, 16, 32, 64, 128, 256)
+# XLA:CPU maps each executable's JIT code (~126 mappings for a 30-layer SmolLM2 step with a bf16
+# cache, ~800 with turbo3.5); past vm.max_map_count LLVM cannot map new code and the process dies
+# (SIGSEGV). Above this share of the limit `Runner.compile` first drops the least recently used
+# quarter of its executables (a later step recompiles one, mostly a load from JAX's persistent
+# cache). The engine's warmup stops earlier, at 0.6 (kvjax/engine/warmup.py).
+EVICT_SHARE = 0.8
+log = logging.getLogger("kvjax.runner")
+
+
+def map_count() -> tuple[int, int]:
+    """(memory mappings this process holds, vm.max_map_count); (0, 1) where Linux's /proc
+    files are not there."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            limit = int(f.read())
+        with open("/proc/self/maps") as f:
+            return sum(1 for _ in f), limit
+    except (OSError, ValueError):
+        return 0, 1
+
+
+def _drop_jax_caches() -> None:
+    """JAX's staging caches also hold compiled executables: an executable's code is unmapped
+    only once they are cleared too (measured: 8 compiles +740 mappings; dropping 4 of them frees
+    ~370 only after this). The C++ dispatch caches of other jitted functions are kept."""
+    try:
+        from jax._src import util as jax_util
+
+        jax_util.clear_all_caches()
+    except (ImportError, AttributeError):  # a JAX without it: the public, coarser call
+        jax.clear_caches()
+    gc.collect()
 
 
 def _null() -> contextlib.AbstractContextManager:
@@ -94,7 +130,11 @@ class Runner:
         self.forward = models.forward if mesh is None else sharding.sharded_forward(mesh,
                                                                                     self.cache)
         self.allocator = PageAllocator(num_pages, page_size)
-        self._compiled: dict[tuple[int, int, int], object] = {}  # (batch, t, width) -> executable
+        # (batch, t, width) -> executable, least recently used first (see EVICT_SHARE)
+        self._compiled: collections.OrderedDict[tuple[int, int, int], object] = \
+            collections.OrderedDict()
+        self._compiled_lock = threading.Lock()  # the engine's warmup thread compiles too
+        self.evicted = 0  # executables dropped near the memory-mapping limit
         self.lengths: dict[int, int] = {}  # sequence id -> tokens in the cache
         # Ring-buffer slots of the full-precision window, one per running sequence.
         self._free_slots = list(range(max_batch - 1, -1, -1))
@@ -203,7 +243,10 @@ class Runner:
         key = (*tokens.shape, page_table.shape[1])
         if key not in self._compiled and page_pos is None:  # not warmed up: compile it now
             self.compile(*key)
-        exe = self._compiled.get(key)
+        with self._compiled_lock:
+            exe = self._compiled.get(key)
+            if exe is not None:
+                self._compiled.move_to_end(key)
         if exe is None or page_pos is not None:
             logits, self.cache = self.forward(
                 self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(positions),
@@ -233,11 +276,31 @@ class Runner:
             jitted = self.forward.jitted
         if (batch, t, width) in self._compiled:
             return
+        self._make_room()
         with sharding.tracing_mesh(self.mesh) if self.mesh is not None else _null():
-            self._compiled[batch, t, width] = jitted.lower(
+            exe = jitted.lower(
                 self.graphdef, self.params, spec(batch, t), spec(batch, t), self.cache,
                 spec(batch, width), spec(batch), spec(batch), spec(batch)).compile(
                     self.compiler_options or None)
+        with self._compiled_lock:
+            self._compiled[batch, t, width] = exe
+
+    def _make_room(self) -> None:
+        """Near the process's memory-mapping limit, drop the least recently used quarter of the
+        executables (at least one) before compiling another: a long-running server that meets
+        many shapes recompiles some instead of dying when LLVM cannot map code."""
+        used, limit = map_count()
+        if used <= EVICT_SHARE * limit or not self._compiled:
+            return
+        with self._compiled_lock:
+            n = max(1, len(self._compiled) // 4)
+            for _ in range(n):
+                self._compiled.popitem(last=False)
+        self.evicted += n
+        _drop_jax_caches()
+        log.warning("%d of %d memory mappings in use (vm.max_map_count): dropped the %d least "
+                    "recently used step executables (%d kept); they recompile when next used",
+                    used, limit, n, len(self._compiled))
 
     def forward_batch(self, seq_ids: list[int | None], tokens: np.ndarray, positions: np.ndarray,
                       page_table: np.ndarray, lengths: np.ndarray,

@@ -181,3 +181,36 @@ def test_warmup_stops_near_the_memory_map_limit(params, monkeypatch):
     full.warmup(background=False)
     assert got == [r.output_ids for r in full.generate([full.make_request(f"f{i}", p, sp)
                                                         for i, p in enumerate(prompts)])]
+
+
+def test_runner_drops_least_recently_used_executables_near_the_map_limit(params, monkeypatch):
+    """Near vm.max_map_count the Runner drops its least recently used executables before compiling
+    another (past the limit LLVM cannot map code and the server dies): the one just run is kept,
+    and an engine that evicts before every compile gives the tokens of one that never does."""
+    from kvjax import runner as runner_mod
+
+    prompts = [list(range(1, 1 + n)) for n in (3, 9, 14, 2, 7)]
+    sp = SamplingParams(max_tokens=6, ignore_eos=True)
+
+    def gen(eng):
+        return [r.output_ids for r in eng.generate([eng.make_request(f"e{i}", p, sp)
+                                                    for i, p in enumerate(prompts)])]
+
+    ref = gen(make(params, max_num_seqs=4, max_num_batched_tokens=64, chunk_size=16))
+    maps = [10]
+    monkeypatch.setattr(runner_mod, "map_count", lambda: (maps[0], 100))
+    eng = make(params, max_num_seqs=4, max_num_batched_tokens=64, chunk_size=16)
+    r = eng.pools["default"].runner
+    w = r.widths()[0]
+    a, b, c, d = ((1, t, w) for t in (1, 16, 32, 64))
+    for key in (a, b, c):
+        r.compile(*key)
+    z = np.zeros((1, 1), np.int32)
+    r.run(z, z, np.zeros((1, w), np.int32), np.ones(1, np.int32), np.zeros(1, np.int32),
+          np.zeros(1, np.int32))  # a is now the most recently used
+    assert list(r._compiled) == [b, c, a] and r.evicted == 0
+    maps[0] = 95  # over EVICT_SHARE of the limit
+    r.compile(*d)  # drops the least recently used quarter (at least one): b
+    assert list(r._compiled) == [c, a, d] and r.evicted == 1
+    r.reset_cache()
+    assert gen(eng) == ref and r.evicted > 1

@@ -11,25 +11,13 @@ import time
 from kvjax import sampling
 from kvjax.engine.pool import BATCH_BUCKETS, DECODE_BUCKETS, _bucket
 from kvjax.engine.step import compile_sampler, enable_compile_cache
-from kvjax.runner import CHUNK_BUCKETS
+from kvjax.runner import CHUNK_BUCKETS, map_count
 
 log = logging.getLogger("kvjax.engine")
 # The warmup stops compiling once the process holds this share of its memory-mapping limit: past
 # the limit LLVM's JIT cannot map code and the process dies (SIGSEGV), which a turbo3.5 SmolLM2
 # server reached at ~80 executables of its 128-shape warmup. The rest compile when first used.
 MAP_SHARE = 0.6
-
-
-def map_count() -> tuple[int, int]:
-    """(memory mappings this process holds, vm.max_map_count); (0, 1) where Linux's /proc
-    files are not there."""
-    try:
-        with open("/proc/sys/vm/max_map_count") as f:
-            limit = int(f.read())
-        with open("/proc/self/maps") as f:
-            return sum(1 for _ in f), limit
-    except (OSError, ValueError):
-        return 0, 1
 
 
 class WarmupMixin:

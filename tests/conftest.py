@@ -14,22 +14,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 MAP_SHARE = float(os.environ.get("KVJAX_TEST_MAP_SHARE", "0.4"))
 
 
-def _map_count() -> tuple[int, int]:
-    try:
-        with open("/proc/sys/vm/max_map_count") as f:
-            limit = int(f.read())
-        with open("/proc/self/maps") as f:
-            return sum(1 for _ in f), limit
-    except (OSError, ValueError):
-        return 0, 1
-
-
 @pytest.fixture(autouse=True)
 def _bounded_memory_mappings():
     yield
-    used, limit = _map_count()
-    if used > MAP_SHARE * limit:
-        import jax
+    import jax
 
+    from kvjax.runner import map_count  # after JAX_PLATFORMS is set above
+
+    used, limit = map_count()
+    if used > MAP_SHARE * limit:
         jax.clear_caches()
         gc.collect()

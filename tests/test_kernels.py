@@ -229,7 +229,13 @@ def test_ring_entries_a_row_did_not_write_are_not_read(backend):
     sl = int(slots[2])
     wpos = wpos.at[1, sl].set(wpos[1, sl] + 7 * w)
     wk, wv = wk.at[1, :, sl].set(nan), wv.at[1, :, sl].set(nan)
-    seg = seg.replace(wpos=wpos, wk=wk, wv=wv)
+    check_output_and_mass(q, seg.replace(wpos=wpos, wk=wk, wv=wv), layer, pt, lens, slots,
+                          backend)
+
+
+def check_output_and_mass(q, seg, layer, pt, lens, slots, backend: str) -> jax.Array:
+    """The decode kernel's output and H2O mass (k_splits 2) equal the XLA path's, which holds no
+    NaN (poisoned entries the kernel must not read); returns the XLA output."""
     ref = xla_attention(q, seg, layer, pt, lens, (lens - 1)[:, None], slots)
     out, mass = pallas_kernels.paged_attention(q, seg, layer, pt, lens, slots, backend=backend,
                                                k_splits=2, with_mass=True)
@@ -238,6 +244,7 @@ def test_ring_entries_a_row_did_not_write_are_not_read(backend):
     k, v = gather_kv(seg, layer, pt, lens, slots)
     _, ref_mass = attend(q, k, v, lens, (lens - 1)[:, None], with_mass=True)
     np.testing.assert_allclose(np.asarray(mass), np.asarray(ref_mass), atol=2e-6)
+    return ref
 
 
 def test_one_split_and_idle_rows():

@@ -16,11 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_kernels import make_case
+from test_kernels import check_output_and_mass, make_case
 from test_ragged import make_step
 
 import models
-from kvjax import pallas_kernels
 from kvjax.attention import attend, gather_kv
 from kvjax.attention import paged_attention as xla_attention
 from kvjax.cache.paged import (
@@ -132,14 +131,7 @@ def test_decode_kernel_with_sink_equals_xla(backend, dtype, window):
     seg = _stale(seg, int(slots[2]))
     layer = jnp.int32(1)
     assert np.asarray(sink_page_lo(seg, layer, slots)).tolist() == [2, 0, 0]
-    ref = xla_attention(q, seg, layer, pt, lens, (lens - 1)[:, None], slots)
-    out, mass = pallas_kernels.paged_attention(q, seg, layer, pt, lens, slots, backend=backend,
-                                               k_splits=2, with_mass=True)
-    assert not np.isnan(np.asarray(ref)).any()
-    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=1e-5)
-    k, v = gather_kv(seg, layer, pt, lens, slots)
-    _, ref_mass = attend(q, k, v, lens, (lens - 1)[:, None], with_mass=True)
-    np.testing.assert_allclose(np.asarray(mass), np.asarray(ref_mass), atol=2e-6)
+    ref = check_output_and_mass(q, seg, layer, pt, lens, slots, backend)
     # The sink is used: the same cache without it reads position 0 from the pages.
     plain = xla_attention(q, seg.replace(sk=None, sv=None, spos=None), layer, pt, lens,
                           (lens - 1)[:, None], slots)

@@ -29,6 +29,12 @@ def user_errors() -> tuple[type[Exception], ...]:
 def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
     """Parse absl flags, run main, and turn user errors into `error: ...` + exit 2."""
     argv = _underscore_flag_names(list(sys.argv if argv is None else argv))
+    if any(a in HELP_ARGS for a in argv[1:argv.index("--") if "--" in argv else None]):
+        try:
+            print(usage())
+        except BrokenPipeError:  # `--help | head`
+            pass
+        sys.exit(0)
     try:
         rest = FLAGS(argv)
         code = main(rest)
@@ -39,6 +45,25 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) 
     except KeyboardInterrupt:
         sys.exit(130)
     sys.exit(code or 0)
+
+
+HELP_ARGS = ("-h", "--help", "--helpfull", "-?")
+
+
+def usage() -> str:
+    """The running command's docstring and its own flags (kvjax's and the script's), without
+    absl's logging flags: what `--help` prints (absl's own --help is off: flags are parsed by hand
+    so that a bad flag is one line)."""
+    main_doc = (sys.modules["__main__"].__doc__ or "").strip()
+    parts = [main_doc] if main_doc else []
+    by_module = FLAGS.flags_by_module_dict()
+    for module in sorted(by_module, key=lambda m: (not m.endswith("__main__.py"), m)):
+        if "absl" in module or not by_module[module]:
+            continue
+        text = FLAGS.module_help(module)
+        parts.append(text.replace(module, module[module.rfind("kvjax/"):] if "kvjax/" in module
+                                  else module, 1))
+    return "\n\n".join(parts) + "\n\nFlags take dashes or underscores (--max-new-tokens)."
 
 
 def _underscore_flag_names(argv: list[str]) -> list[str]:

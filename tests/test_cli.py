@@ -67,6 +67,8 @@ def runs(tmp_path_factory) -> dict[str, Future]:
         "memory_unknown_config": ["-m", "kvjax.memory", "--config", "nope"],
         "prompt_and_prompt_file": [*TINY, "--prompt", "hi", "--prompt-file", str(prompt_file)],
         "no_weights_70b": [*GEN, "--config", "llama70b_turbo", "--prompt", "hi"],
+        "help_generate": [*GEN, "--help"],
+        "help_eval": ["-m", "kvjax.eval", "passkey", "-h"],
     }
     with ThreadPoolExecutor(max_workers=3) as pool:
         yield {name: pool.submit(run_cli, args) for name, args in cases.items()}
@@ -100,6 +102,19 @@ def assert_user_error(r: subprocess.CompletedProcess, *needles: str) -> str:
 ])
 def test_bad_input_is_one_line_and_exit_2(runs, case, needles):
     assert_user_error(runs[case].result(), *needles)
+
+
+@pytest.mark.parametrize("case, needles", [
+    ("help_generate", ["Generate text", "--max_new_tokens", "--kv_cache_dtype", "--prompt"]),
+    ("help_eval", ["kvjax.eval", "--passkey_lengths", "--text_file", "--kv_cache_dtype"]),
+])
+def test_help_lists_the_tools_own_flags(runs, case, needles):
+    """`--help` prints the tool's docstring and its flags (not absl's logging ones), exit 0."""
+    r = runs[case].result()
+    assert r.returncode == 0 and "Traceback" not in r.stdout + r.stderr, r.stderr
+    for needle in needles:
+        assert needle in r.stdout, (needle, r.stdout[:400])
+    assert "--verbosity" not in r.stdout and "--logtostderr" not in r.stdout
 
 
 def test_config_without_weights_prints_plan_then_names_flags(runs):

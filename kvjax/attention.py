@@ -41,15 +41,16 @@ def gather_kv(seg: Segment, layer: jax.Array, page_table: jax.Array, lengths: ja
     no eviction, absolute = cache position). Returns k, v: [kv_heads, batch, max_pages *
     page_size, head_dim] f32.
     """
-    k = seg.k_spec.read(seg.k, layer, page_table)
-    v = seg.v_spec.read(seg.v, layer, page_table)
-    if seg.window or seg.sinks:
-        b, max_len = page_table.shape[0], k.shape[2]
+    rope = seg.k_spec.rope_centred  # keys centred on R(p) mu: the read needs positions
+    if seg.window or seg.sinks or rope:
+        b, max_len = page_table.shape[0], page_table.shape[1] * seg.k_spec.page_size
         cache_pos = jnp.broadcast_to(jnp.arange(max_len), (b, max_len))
         abs_pos = absolute_positions(page_pos, cache_pos, seg.k_spec.page_size,
                                      page_table.shape[1])
         if window_slots is None:
             window_slots = jnp.zeros((b,), jnp.int32)
+    k = seg.k_spec.read(seg.k, layer, page_table, abs_pos if rope else None)
+    v = seg.v_spec.read(seg.v, layer, page_table)
     if seg.sinks:
         page_lo = sink_page_lo(seg, layer, window_slots)  # [b]: sinks or 0
         in_sink = (abs_pos < page_lo[:, None])[None, :, :, None]

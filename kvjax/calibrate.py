@@ -19,6 +19,18 @@ What is stored (``calibration.npz`` + ``calibration.json`` in DIR), per layer an
                          own rotation, norm and one more bit (the paper's outlier split).
   v_order [L, H, d] i32  the same for values (energy E[v^2]).
 
+Format 2 adds (``rope_centred``; format-1 files load and keep the post-RoPE centring above):
+  k_mean_rope [L, H, d] f32  the keys' mean *before* RoPE, mu (measured by rotating each
+                             calibration key back by its position). A key at absolute position p
+                             is centred on R(p) mu instead of k_mean: k - R(p) mu = R(p)(k_pre -
+                             mu), so a rotary pair's mean is removed at every position (after RoPE
+                             the mean of a high-frequency pair is smeared over positions, so
+                             k_mean removes little there). Same per-token flag; readers add back
+                             flag * R(p) mu (kernels: flag * <q, R(p) mu> from [cos; sin] of p).
+  rope_inv_freq [d / 2] f32  the rotation's inverse frequencies (the model's, rope scaling
+                             included: models.layers.rope_inv_freq), so reader and writer rotate
+                             the mean alike; pools check it against the model's.
+
 Optionally (``--sensitivity``, in calibration.json's "sensitivity" block; the npz and the digest
 are unchanged, so files without it stay valid): for each candidate cache format F (a
 KV_CACHE_DTYPES name) its bytes per token of one layer (all KV heads, K + V) and ``kl[L][F]``,
@@ -32,6 +44,7 @@ what the cache stores.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -43,7 +56,8 @@ import numpy as np
 
 FILE_NPZ = "calibration.npz"
 FILE_JSON = "calibration.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optional RoPE-aware key mean (k_mean_rope, rope_inv_freq)
+READS_FORMATS = (1, 2)
 
 
 @dataclass(frozen=True, eq=False)
@@ -59,6 +73,10 @@ class KVCalibration:
     sens_formats: tuple[str, ...] = ()  # candidate cache formats (KV_CACHE_DTYPES names)
     sens_bytes: tuple[float, ...] = ()  # bytes per token of one layer in each format
     sens_kl: tuple[tuple[float, ...], ...] = ()  # [layers][formats] KL, that layer alone
+    # RoPE-aware centring (optional): the pre-RoPE key mean [L, H, d] and the model's RoPE
+    # inverse frequencies [d / 2]; both or neither. Keys are then centred on R(p) k_mean_rope.
+    k_mean_rope: np.ndarray | None = None
+    rope_inv_freq: np.ndarray | None = None
     digest: str = field(default="", init=False)
 
     def __post_init__(self) -> None:
@@ -76,6 +94,19 @@ class KVCalibration:
         for name, a in (("k_mean", k_mean), ("k_order", k_order), ("v_order", v_order)):
             a.setflags(write=False)
             object.__setattr__(self, name, a)
+        extra = ()
+        if (self.k_mean_rope is None) != (self.rope_inv_freq is None):
+            raise ValueError("calibration k_mean_rope and rope_inv_freq go together")
+        if self.k_mean_rope is not None:
+            mr = np.ascontiguousarray(self.k_mean_rope, np.float32)
+            fr = np.ascontiguousarray(self.rope_inv_freq, np.float32)
+            if mr.shape != k_mean.shape or fr.shape != (d // 2,) or d % 2:
+                raise ValueError(f"calibration k_mean_rope {list(mr.shape)} / rope_inv_freq "
+                                 f"{list(fr.shape)}: want {list(k_mean.shape)} / [{d // 2}]")
+            for name, a in (("k_mean_rope", mr), ("rope_inv_freq", fr)):
+                a.setflags(write=False)
+                object.__setattr__(self, name, a)
+            extra = (mr, fr)
         if self.sens_formats:
             kl = np.asarray(self.sens_kl, np.float64)
             if (len(self.sens_bytes) != len(self.sens_formats)
@@ -84,7 +115,7 @@ class KVCalibration:
                                  f"{len(self.sens_bytes)} byte counts, kl {list(kl.shape)}; want "
                                  f"kl [{k_mean.shape[0]} layers, formats]")
         h = hashlib.sha256()
-        for a in (k_mean, k_order, v_order):
+        for a in (k_mean, k_order, v_order, *extra):  # format-1 files keep their digest
             h.update(a.tobytes())
         object.__setattr__(self, "digest", h.hexdigest()[:16])
 
@@ -93,6 +124,11 @@ class KVCalibration:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, KVCalibration) and other.digest == self.digest
+
+    @property
+    def rope_centred(self) -> bool:
+        """Keys centred on the position-rotated pre-RoPE mean R(p) k_mean_rope."""
+        return self.k_mean_rope is not None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -106,11 +142,24 @@ class KVCalibration:
             raise ValueError(f"KV calibration {self.source or ''} is for [layers, kv_heads, "
                              f"head_dim] = {list(self.shape)}, the model has {list(want)}")
 
+    def check_rope(self, inv_freq: np.ndarray) -> None:
+        """A RoPE-centred calibration rotates its mean with the inverse frequencies it was
+        measured with; they must be the model's (rope scaling included)."""
+        if self.rope_centred and not np.allclose(self.rope_inv_freq, inv_freq, rtol=1e-6,
+                                                 atol=0.0):
+            raise ValueError(f"KV calibration {self.source or ''} was measured with other RoPE "
+                             "frequencies than the model's (rope_theta / rope_scaling)")
+
     def save(self, out: str | Path) -> Path:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        np.savez(out / FILE_NPZ, k_mean=self.k_mean, k_order=self.k_order, v_order=self.v_order)
-        meta = {"format": FORMAT_VERSION, "source": self.source, "digest": self.digest,
+        arrays = dict(k_mean=self.k_mean, k_order=self.k_order, v_order=self.v_order)
+        if self.rope_centred:
+            arrays.update(k_mean_rope=self.k_mean_rope, rope_inv_freq=self.rope_inv_freq)
+        np.savez(out / FILE_NPZ, **arrays)
+        # Format 1 when there is nothing new: such files stay readable by older kvjax.
+        meta = {"format": 2 if self.rope_centred else 1, "source": self.source,
+                "digest": self.digest,
                 "layers": self.shape[0], "kv_heads": self.shape[1], "head_dim": self.shape[2]}
         if self.sens_formats:
             meta["sensitivity"] = {"formats": list(self.sens_formats),
@@ -128,16 +177,17 @@ def load_calibration(path: str | Path) -> KVCalibration:
         raise FileNotFoundError(f"no KV calibration in {path} (want {FILE_NPZ} and {FILE_JSON}; "
                                 "write one with python -m kvjax.calibrate)")
     meta = json.loads(meta_file.read_text())
-    if meta.get("format") != FORMAT_VERSION:
+    if meta.get("format") not in READS_FORMATS:
         raise ValueError(f"{meta_file}: calibration format {meta.get('format')!r}, this kvjax "
-                         f"reads {FORMAT_VERSION}")
+                         f"reads {', '.join(map(str, READS_FORMATS))}")
     sens = meta.get("sensitivity") or {}
     with np.load(npz) as z:
+        rope = {n: z[n] for n in ("k_mean_rope", "rope_inv_freq") if n in z.files}
         cal = KVCalibration(k_mean=z["k_mean"], k_order=z["k_order"], v_order=z["v_order"],
                             source=str(meta.get("source", "")),
                             sens_formats=tuple(sens.get("formats", ())),
                             sens_bytes=tuple(sens.get("bytes", ())),
-                            sens_kl=tuple(tuple(r) for r in sens.get("kl", ())))
+                            sens_kl=tuple(tuple(r) for r in sens.get("kl", ())), **rope)
     if meta.get("digest") and meta["digest"] != cal.digest:
         raise ValueError(f"{path}: contents do not match the digest in {FILE_JSON}")
     return cal
@@ -304,25 +354,52 @@ def channel_order(energy: np.ndarray) -> np.ndarray:
     return np.argsort(-np.asarray(energy, np.float64), axis=-1, kind="stable").astype(np.int32)
 
 
-def from_samples(k: np.ndarray, v: np.ndarray, source: str = "") -> KVCalibration:
-    """Statistics of keys and values k, v: [layers, kv_heads, tokens, head_dim]."""
+def rope_angles(positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
+    """[..., d / 2] f32 angles p * inv_freq, rounded as models.layers.apply_rope rounds them
+    (f32 position times f32 frequency), so a mean rotated here matches the model's keys."""
+    return (np.asarray(positions, np.float32)[..., None]
+            * np.asarray(inv_freq, np.float32)).astype(np.float32)
+
+
+def unrotate_keys(k: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
+    """Post-RoPE keys k [..., tokens, d] at `positions` [tokens] -> R(-p) k (rotate-half layout,
+    models.layers.apply_rope), float64: the keys as they were before RoPE (times YaRN's scale)."""
+    ang = rope_angles(positions, inv_freq).astype(np.float64)
+    cos, sin = np.cos(ang), np.sin(ang)
+    k = np.asarray(k, np.float64)
+    k1, k2 = np.split(k, 2, axis=-1)
+    return np.concatenate([k1 * cos + k2 * sin, k2 * cos - k1 * sin], axis=-1)
+
+
+def from_samples(k: np.ndarray, v: np.ndarray, source: str = "",
+                 inv_freq: np.ndarray | None = None) -> KVCalibration:
+    """Statistics of keys and values k, v: [layers, kv_heads, tokens, head_dim], k post-RoPE at
+    positions 0..tokens-1. With the model's RoPE inv_freq [d / 2] also the pre-RoPE mean
+    (k_mean_rope: RoPE-aware centring)."""
     k = np.asarray(k, np.float64)
     v = np.asarray(v, np.float64)
     k_mean = k.mean(axis=2)
     k_energy = np.square(k - k_mean[:, :, None]).mean(axis=2)
     v_energy = np.square(v).mean(axis=2)
+    rope = {}
+    if inv_freq is not None:
+        pre = unrotate_keys(k, np.arange(k.shape[2]), inv_freq)
+        rope = dict(k_mean_rope=pre.mean(axis=2).astype(np.float32),
+                    rope_inv_freq=np.asarray(inv_freq, np.float32))
     return KVCalibration(k_mean=k_mean.astype(np.float32), k_order=channel_order(k_energy),
-                         v_order=channel_order(v_energy), source=source)
+                         v_order=channel_order(v_energy), source=source, **rope)
 
 
 def measure(config_name: str, text: str, tokens: int = 1024, weights: str | None = None,
-            random_weights: bool = False) -> KVCalibration:
-    """Runs the model densely over the first `tokens` tokens of `text` and measures k and v."""
+            random_weights: bool = False, no_rope: bool = False) -> KVCalibration:
+    """Runs the model densely over the first `tokens` tokens of `text` and measures k and v
+    (and the pre-RoPE key mean, unless `no_rope`: then a format-1 file, post-RoPE centring)."""
     import jax.numpy as jnp
 
     from kvjax.bench.real_kv import _capture
     from kvjax.config import load_config
     from kvjax.generate import load_model
+    from models.layers import rope_inv_freq
 
     cfg = load_config(config_name)
     params, tokenizer = load_model(cfg, weights, random_weights)
@@ -332,7 +409,8 @@ def measure(config_name: str, text: str, tokens: int = 1024, weights: str | None
     out = _capture(cfg.model, {k: jnp.asarray(v, jnp.float32) for k, v in params.items()},
                    jnp.asarray(ids, jnp.int32))
     return from_samples(np.asarray(out["k"]), np.asarray(out["v"]),
-                        source=f"{config_name}, {len(ids)} tokens")
+                        source=f"{config_name}, {len(ids)} tokens",
+                        inv_freq=None if no_rope else rope_inv_freq(cfg.model))
 
 
 def sens_source(source: str, tokens: int, text_file: str) -> str:
@@ -360,16 +438,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sens-tokens", type=int, default=768, help="tokens of the text the layer "
                     "sensitivities are measured on (decode steps after --sens-prefix)")
     ap.add_argument("--sens-prefix", type=int, default=512)
+    ap.add_argument("--no-rope-mean", action="store_true", help="centre keys on the post-RoPE "
+                    "mean only (format 1, the centring before RoPE-aware means)")
+    ap.add_argument("--sensitivity-from", default=None, help="measure the means/orders, keep "
+                    "the layer sensitivities of this calibration (dir or shipped name)")
     args = ap.parse_args(argv)
     try:
         text = Path(args.text_file).read_text()
         if args.stats_from:
             cal = load_calibration(resolve(args.stats_from))
         else:
-            cal = measure(args.config, text, args.tokens, args.weights, args.random_weights)
-            cal = KVCalibration(cal.k_mean, cal.k_order, cal.v_order,
-                                source=f"{cal.source} of {Path(args.text_file).name}")
-        if not args.no_sensitivity:
+            cal = measure(args.config, text, args.tokens, args.weights, args.random_weights,
+                          args.no_rope_mean)
+            cal = dataclasses.replace(cal, source=f"{cal.source} of {Path(args.text_file).name}")
+        if args.sensitivity_from:
+            old = load_calibration(resolve(args.sensitivity_from))
+            if not old.sens_formats or len(old.sens_kl) != cal.shape[0]:
+                raise ValueError(f"{args.sensitivity_from}: no layer sensitivities for "
+                                 f"{cal.shape[0]} layers")
+            tail = old.source.split("; layer sensitivities")
+            cal = dataclasses.replace(
+                cal, source=cal.source + ("; layer sensitivities" + tail[1] if len(tail) > 1
+                                          else ""),
+                sens_formats=old.sens_formats, sens_bytes=old.sens_bytes, sens_kl=old.sens_kl)
+        elif not args.no_sensitivity:
             from kvjax.sensitivity import load, with_sensitivity
 
             cfg, params, ids = load(args.config, text, args.sens_tokens, args.weights,
@@ -377,9 +469,8 @@ def main(argv: list[str] | None = None) -> int:
             cal.check(cfg.model.num_layers, cfg.model.num_kv_heads, cfg.model.head_dim)
             cal = with_sensitivity(cal, cfg.model, params, ids, args.sens_prefix,
                                    log=lambda m: print(m, file=sys.stderr, flush=True))
-            cal = KVCalibration(cal.k_mean, cal.k_order, cal.v_order,
-                                source=sens_source(cal.source, len(ids), args.text_file),
-                sens_formats=cal.sens_formats, sens_bytes=cal.sens_bytes, sens_kl=cal.sens_kl)
+            cal = dataclasses.replace(cal, source=sens_source(cal.source, len(ids),
+                                                               args.text_file))
         out = cal.save(args.out)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -23,6 +23,7 @@ sum is checked against a forward with every layer quantized (``evaluate``; print
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import sys
@@ -93,7 +94,7 @@ def _layer(mc, x: jax.Array, p: dict, li: jax.Array, m: tuple[jax.Array, jax.Arr
     q, k = apply_rope(q, pos, inv_freq)[0], apply_rope(k, pos, inv_freq)[0]  # [T, H, d]
     kb = k.astype(jnp.bfloat16).astype(jnp.float32)  # window and bf16 pages
     vb = v.astype(jnp.bfloat16).astype(jnp.float32)
-    kq = kb if k_spec is None else k_spec.roundtrip(k, li)
+    kq = kb if k_spec is None else k_spec.roundtrip(k, li, pos[0])
     vq = vb if v_spec is None else v_spec.roundtrip(v, li)
     rep = mc.num_heads // mc.num_kv_heads
     qs = q / np.sqrt(mc.head_dim)
@@ -186,10 +187,9 @@ def with_sensitivity(cal: KVCalibration, mc, params: dict, ids: np.ndarray, pref
     """`cal` with its layer sensitivities measured on `ids` (the pools use `cal` itself)."""
     em = Emulator(mc, params, ids, prefix, window, cal)
     kl = em.sensitivity(formats, log)
-    return KVCalibration(cal.k_mean, cal.k_order, cal.v_order, source=cal.source,
-                         sens_formats=tuple(formats),
-                         sens_bytes=tuple(layer_bytes(mc, f) for f in formats),
-                         sens_kl=tuple(tuple(float(x) for x in row) for row in kl))
+    return dataclasses.replace(cal, sens_formats=tuple(formats),
+                               sens_bytes=tuple(layer_bytes(mc, f) for f in formats),
+                               sens_kl=tuple(tuple(float(x) for x in row) for row in kl))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -138,6 +138,27 @@ class PoolSpec:
         return self.calibrated and self.role == "key"
 
     @property
+    def rope_centred(self) -> bool:
+        """Keys centred on the position-rotated pre-RoPE mean R(p) k_mean_rope (format-2
+        calibrations): writers and readers need each token's absolute position."""
+        return self.centred and self.calibration.rope_centred
+
+    def _mean(self, layer: jax.Array, positions: jax.Array | None) -> jax.Array:
+        """The mean keys are centred on: k_mean [h, d], or R(p) k_mean_rope [h, *positions, d]
+        (rotate-half RoPE at the f32 angles models.layers.apply_rope computes)."""
+        cal = self.calibration
+        if not self.rope_centred:
+            return jnp.asarray(cal.k_mean)[layer + self.first_layer]
+        if positions is None:
+            raise ValueError("RoPE-centred keys need their absolute positions")
+        mu = jnp.asarray(cal.k_mean_rope)[layer + self.first_layer]  # [h, d]
+        mu = mu.reshape((mu.shape[0],) + (1,) * positions.ndim + (mu.shape[1],))
+        ang = positions.astype(jnp.float32)[..., None] * jnp.asarray(cal.rope_inv_freq)
+        cos, sin = jnp.cos(ang)[None], jnp.sin(ang)[None]
+        m1, m2 = jnp.split(mu, 2, axis=-1)
+        return jnp.concatenate([m1 * cos - m2 * sin, m2 * cos + m1 * sin], axis=-1)
+
+    @property
     def reordered(self) -> bool:
         """Channels reordered outliers-first per layer/head (fractional widths)."""
         return self.calibrated and isinstance(self.quantizer, ChannelSplit)
@@ -152,13 +173,15 @@ class PoolSpec:
         order = cal.k_order if self.role == "key" else cal.v_order
         return jnp.asarray(order)[layer + self.first_layer]  # [kv_heads, head_dim]
 
-    def _pre(self, x: jax.Array, layer: jax.Array) -> tuple[jax.Array, jax.Array | None]:
-        """x [n, kv_heads, d] -> (what the quantizer sees, centred flag [n, kv_heads, 1])."""
+    def _pre(self, x: jax.Array, layer: jax.Array, positions: jax.Array | None = None
+             ) -> tuple[jax.Array, jax.Array | None]:
+        """x [n, kv_heads, d] -> (what the quantizer sees, centred flag [n, kv_heads, 1]).
+        positions: [n] absolute positions (RoPE-centred keys)."""
         flag = None
         x = x.astype(jnp.float32)
         if self.centred:
-            mu = jnp.asarray(self.calibration.k_mean)[layer + self.first_layer]  # [h, d]
-            xc = x - mu
+            mu = self._mean(layer, positions)  # [h, d] or [h, n, d]
+            xc = x - (jnp.moveaxis(mu, 0, 1) if self.rope_centred else mu)
             # Sinks (short keys far from the mean) stay as they are: centring would lengthen
             # them, and their error weighs on every query that parks its mass on them.
             flag = jnp.sum(xc * xc, -1, keepdims=True) < jnp.sum(x * x, -1, keepdims=True)
@@ -167,16 +190,18 @@ class PoolSpec:
             x = jnp.take_along_axis(x, jnp.broadcast_to(self._order(layer), x.shape), axis=-1)
         return x, flag
 
-    def _post(self, x: jax.Array, flag: jax.Array | None, layer: jax.Array) -> jax.Array:
-        """Inverse of _pre on dequantized x [h, ..., d] (kv_heads first, as read() has it)."""
+    def _post(self, x: jax.Array, flag: jax.Array | None, layer: jax.Array,
+              positions: jax.Array | None = None) -> jax.Array:
+        """Inverse of _pre on dequantized x [h, ..., d] (kv_heads first, as read() has it);
+        positions: x's middle axes (RoPE-centred keys)."""
         h, d = x.shape[0], x.shape[-1]
         lead = (h,) + (1,) * (x.ndim - 2) + (d,)
         if self.reordered:
             inv = jnp.argsort(self._order(layer), axis=-1).reshape(lead)
             x = jnp.take_along_axis(x, jnp.broadcast_to(inv, x.shape), axis=-1)
         if flag is not None:
-            mu = jnp.asarray(self.calibration.k_mean)[layer + self.first_layer].reshape(lead)
-            x = x + jnp.where(flag, mu, 0.0)
+            mu = self._mean(layer, positions)
+            x = x + jnp.where(flag, mu if self.rope_centred else mu.reshape(lead), 0.0)
         return x
 
     @functools.cached_property
@@ -224,10 +249,11 @@ class PoolSpec:
                       storage_dtype(dt))
             for per_token, n, dt in info)
 
-    def _encode(self, x: jax.Array, layer: jax.Array | None = None) -> list[jax.Array]:
+    def _encode(self, x: jax.Array, layer: jax.Array | None = None,
+                positions: jax.Array | None = None) -> list[jax.Array]:
         flag = None
         if self.calibrated:
-            x, flag = self._pre(x, layer)
+            x, flag = self._pre(x, layer, positions)
         leaves = jax.tree.leaves(self.quantizer.quantize(x))
         if flag is not None:  # norms are >= 0: the sign bit is free (-0.0 keeps it too)
             i = self._flag_leaf
@@ -235,13 +261,16 @@ class PoolSpec:
         return [to_storage(leaf, storage_dtype(leaf.dtype)) for leaf in leaves]
 
     def write_tokens(self, pool: tuple[jax.Array, ...], layer: jax.Array, x: jax.Array,
-                     pages: jax.Array, slots: jax.Array) -> tuple[jax.Array, ...]:
+                     pages: jax.Array, slots: jax.Array, positions: jax.Array | None = None
+                     ) -> tuple[jax.Array, ...]:
         """Per-token methods: quantize and scatter each token's codes.
 
         x: [batch, tokens, kv_heads, head_dim]; pages, slots: [batch, tokens] (padding tokens are
-        sent to the null page by the caller)."""
+        sent to the null page by the caller); positions: [batch, tokens] absolute positions
+        (needed by RoPE-centred keys)."""
         b, t, h, d = x.shape
-        codes = self._encode(x.reshape(b * t, h, d), layer)  # each [b*t, h, n]
+        pos = None if positions is None else positions.reshape(b * t)
+        codes = self._encode(x.reshape(b * t, h, d), layer, pos)  # each [b*t, h, n]
         p, s, *codes = scatter_rows(pages.reshape(-1), slots.reshape(-1), *codes)
         # Page ids come from the page table and slots are `% page_size`: always in bounds, and
         # saying so spares XLA a bounds-check select over the whole pool. The KV head is an
@@ -267,14 +296,17 @@ class PoolSpec:
         return tuple(leaf.at[layer, _heads(h), pages[:, None]].set(c, mode="promise_in_bounds")
                      for leaf, c in zip(pool, codes, strict=True))
 
-    def roundtrip(self, x: jax.Array, layer: jax.Array) -> jax.Array:
+    def roundtrip(self, x: jax.Array, layer: jax.Array, positions: jax.Array | None = None
+                  ) -> jax.Array:
         """What a reader of these tokens' codes sees, without a pool (per-token methods; for
-        measurements such as kvjax/sensitivity.py). x: [n, kv_heads, head_dim] -> same, f32."""
+        measurements such as kvjax/sensitivity.py). x: [n, kv_heads, head_dim] -> same, f32;
+        positions: [n] absolute positions (RoPE-centred keys)."""
         if self.group > 1:
             raise ValueError(f"{self.method} quantizes groups of tokens; roundtrip is per token")
         treedef, info = self._leaves
         leaves = [from_storage(jnp.moveaxis(w, 1, 0), dt)  # [h, n, k]
-                  for w, (_, _, dt) in zip(self._encode(x, layer), info, strict=True)]
+                  for w, (_, _, dt) in zip(self._encode(x, layer, positions), info,
+                                           strict=True)]
         flag = None
         if self.centred:
             i = self._flag_leaf
@@ -282,13 +314,14 @@ class PoolSpec:
             leaves[i] = jnp.abs(leaves[i])
         y = self.quantizer.dequantize(jax.tree.unflatten(treedef, leaves))
         if self.calibrated:
-            y = self._post(y, flag, layer)
+            y = self._post(y, flag, layer, positions)
         return jnp.moveaxis(y, 0, 1).astype(jnp.float32)
 
-    def read(self, pool: tuple[jax.Array, ...], layer: jax.Array, page_table: jax.Array
-             ) -> jax.Array:
+    def read(self, pool: tuple[jax.Array, ...], layer: jax.Array, page_table: jax.Array,
+             positions: jax.Array | None = None) -> jax.Array:
         """Dequantized values of the pages in `page_table` [batch, max_pages] for one layer:
-        [kv_heads, batch, max_pages * page_size, head_dim] f32."""
+        [kv_heads, batch, max_pages * page_size, head_dim] f32. positions: [batch, max_pages *
+        page_size] each slot's absolute position (needed by RoPE-centred keys)."""
         treedef, info = self._leaves
         g = self.group
         leaves = []
@@ -305,6 +338,7 @@ class PoolSpec:
             leaves[i] = jnp.abs(leaves[i])
         x = self.quantizer.dequantize(jax.tree.unflatten(treedef, leaves))
         if self.calibrated:
-            x = self._post(x, flag, layer)
+            pos = None if positions is None else positions.reshape(x.shape[1:-1])
+            x = self._post(x, flag, layer, pos)
         h, b, mp = x.shape[:3]
         return x.reshape(h, b, -1, self.head_dim).astype(jnp.float32)

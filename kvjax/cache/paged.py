@@ -123,6 +123,10 @@ def pool_specs(mc: ModelConfig, cc: CacheConfig, fmt: str, start: int = 0
 
         cal = cached_calibration(cc.calibration)
         cal.check(mc.num_layers, mc.num_kv_heads, mc.head_dim)
+        if cal.rope_centred:
+            from models.layers import rope_inv_freq
+
+            cal.check_rope(rope_inv_freq(mc))
     # Distinct seeds for K and V: their rotations and sketches must be independent.
     return (PoolSpec(k_method, "key", mc.head_dim, cc.page_size, seed=cc.seed,
                      calibration=cal, first_layer=start),
@@ -300,7 +304,7 @@ def write_layer(seg: Segment, layer: jax.Array, k: jax.Array, v: jax.Array,
         pool = getattr(seg, name)
         ring_layer = layer
         if spec.group == 1:
-            pool = spec.write_tokens(pool, layer, x, pages, slots)
+            pool = spec.write_tokens(pool, layer, x, pages, slots, abs_positions)
         else:
             pool, read = _seal_pages(spec, pool, layer, x, positions, lengths, pages, ring,
                                      window_slots, abs_positions)

@@ -240,6 +240,8 @@ def formats(spec: PoolSpec) -> tuple[KeyFormat | None, ValueFormat | None] | Non
     base = qz.hi if isinstance(qz, ChannelSplit) else qz
     if not isinstance(base, TurboMse | TurboProd):
         return None
+    if spec.rope_centred:  # keys centred on R(p) mu: no kernel reads them yet (XLA path)
+        return None
     parts = _parts(qz)
     calib = None
     if spec.transformed:

@@ -5,7 +5,8 @@ once on a text and loaded with ``--kv-calibration DIR``.
         --out kvjax/calibration/smollm2
 
 A name shipped under kvjax/calibration works from anywhere: ``--kv-calibration smollm2`` (measured
-on GPL-3, a text neither quality protocol scores).
+on GPL-3, a text neither quality protocol scores; format 2, RoPE-aware key mean; regenerated with
+``--sensitivity-from smollm2``, which kept its layer sensitivities: same k_mean / orders).
 
 What is stored (``calibration.npz`` + ``calibration.json`` in DIR), per layer and KV head:
   k_mean  [L, H, d] f32  the keys' per-channel mean. TurboQuant quantizes k - mean for every token

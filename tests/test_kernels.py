@@ -32,14 +32,23 @@ def _poison(x: jax.Array) -> jax.Array:
     return jnp.full(x.shape, -1, jnp.int32).astype(x.dtype)  # all bits set
 
 
-def calibration_dir(tmp: str, *, layers: int, hkv: int, d: int, seed: int = 0) -> str:
+def calibration_dir(tmp: str, *, layers: int, hkv: int, d: int, seed: int = 0,
+                    rope: bool = False) -> str:
     """A KV calibration (kvjax/calibrate.py) with random channel orders per (layer, head) and a
     key mean near the test keys' (outlier channel 3 at +4), saved under tmp."""
     rng = np.random.default_rng(seed)
     k_mean = 0.3 * rng.standard_normal((layers, hkv, d)).astype(np.float32)
     k_mean[..., 3] += 4.0
     order = np.argsort(rng.random((2, layers, hkv, d)), axis=-1)
-    KVCalibration(k_mean=k_mean, k_order=order[0], v_order=order[1]).save(tmp)
+    extra = {}
+    if rope:  # RoPE-centred keys (format 2): the same mean, taken as the pre-RoPE one
+        from models.layers import rope_inv_freq
+
+        theta = rope_inv_freq(ModelConfig(num_layers=layers, num_heads=hkv, num_kv_heads=hkv,
+                                          head_dim=d, hidden_size=64, intermediate_size=64,
+                                          vocab_size=32))
+        extra = dict(k_mean_rope=k_mean, rope_inv_freq=theta)
+    KVCalibration(k_mean=k_mean, k_order=order[0], v_order=order[1], **extra).save(tmp)
     return tmp
 
 
@@ -110,6 +119,7 @@ def _check(case, backend: str, k_splits: int = 2, tol: float = 0.0, calibration:
                                         calibration=calibration)
     if calibration:
         assert seg.k_spec.centred and pallas_kernels.supports(seg)
+        assert seg.k_spec.rope_centred == seg.k_spec.calibration.rope_centred
     layer = jnp.int32(1)
     ref = xla_attention(q, seg, layer, pt, lens, (lens - 1)[:, None], slots)
     out = pallas_kernels.paged_attention(q, seg, layer, pt, lens,
@@ -152,9 +162,12 @@ CALIBRATED = [("turbo2.5", 128, 3, 16, 0), ("turbo3.5", 64, 8, 16, 32), ("turbo4
 @pytest.mark.parametrize("case", CALIBRATED, ids=lambda c: f"{c[0]}-d{c[1]}-g{c[2]}-p{c[3]}")
 def test_calibrated_turbo_matches_xla(case, backend, tmp_path):
     """Calibrated TurboQuant pools (keys centred per token, channels reordered per layer and KV
-    head; smollm2's default): the kernels read them like the XLA path does."""
+    head; smollm2's default): the kernels read them like the XLA path does. Two of the cases
+    centre keys on R(p) mu (RoPE-centred, format 2; among them the Triton half-page blocks):
+    the kernels add back flag * <q, R(p) mu> from each token's position."""
+    rope = (case, backend) in ((CALIBRATED[3], "interpret"), (CALIBRATED[2], "interpret_tpu"))
     cal = calibration_dir(str(tmp_path / "cal"), layers=2, hkv=2, d=case[1],
-                          seed=zlib.crc32(repr(case).encode()))
+                          seed=zlib.crc32(repr(case).encode()), rope=rope)
     _check(case, backend, k_splits=3 if backend == "interpret_tpu" else 2, calibration=cal)
 
 

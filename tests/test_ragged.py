@@ -32,14 +32,23 @@ def _poison(x: jax.Array) -> jax.Array:
     return jnp.full(x.shape, -1, jnp.int32).astype(x.dtype)  # all bits set
 
 
-def calibration_dir(path: str, *, layers: int, hkv: int, d: int, seed: int = 0) -> str:
+def calibration_dir(path: str, *, layers: int, hkv: int, d: int, seed: int = 0,
+                    rope: bool = False) -> str:
     """A KV calibration (kvjax/calibrate.py) with random channel orders per (layer, head) and a
     key mean near the test keys' (outlier channel 3 at +4), saved under path."""
     rng = np.random.default_rng(seed)
     k_mean = 0.3 * rng.standard_normal((layers, hkv, d)).astype(np.float32)
     k_mean[..., 3] += 4.0
     order = np.argsort(rng.random((2, layers, hkv, d)), axis=-1)
-    KVCalibration(k_mean=k_mean, k_order=order[0], v_order=order[1]).save(path)
+    extra = {}
+    if rope:  # RoPE-centred keys (format 2): the same mean, taken as the pre-RoPE one
+        from models.layers import rope_inv_freq
+
+        theta = rope_inv_freq(ModelConfig(num_layers=layers, num_heads=hkv, num_kv_heads=hkv,
+                                          head_dim=d, hidden_size=64, intermediate_size=64,
+                                          vocab_size=32))
+        extra = dict(k_mean_rope=k_mean, rope_inv_freq=theta)
+    KVCalibration(k_mean=k_mean, k_order=order[0], v_order=order[1], **extra).save(path)
     return path
 
 
@@ -198,15 +207,18 @@ def test_ragged_tpu_launcher_matches_xla(case, q_block):
     _assert_matches_xla(case, "interpret_tpu", q_block)
 
 
+@pytest.mark.parametrize("rope", [False, True], ids=["post", "rope"])
 @pytest.mark.parametrize("backend", ["interpret", "interpret_tpu"])
-def test_ragged_calibrated_turbo_matches_xla(backend, tmp_path):
+def test_ragged_calibrated_turbo_matches_xla(backend, rope, tmp_path):
     """Calibrated TurboQuant pools (keys centred + channels reordered per layer and KV head,
-    values reordered: smollm2's default) through both launchers == the oracle."""
+    values reordered: smollm2's default) through both launchers == the oracle; keys centred on
+    the post-RoPE mean or on R(p) mu (RoPE-centred, format 2)."""
     case = ("turbo3.5", 64, 3, 16, 32)
-    cal = calibration_dir(str(tmp_path / "cal"), layers=2, hkv=2, d=64, seed=3)
+    cal = calibration_dir(str(tmp_path / "cal"), layers=2, hkv=2, d=64, seed=3, rope=rope)
     q, kn, vn, seg, pt, lens, pos, slots = make_step("turbo3.5", d=64, g=3, page_size=16,
                                                      window=32, seed=11, calibration=cal)
     assert seg.k_spec.transformed and seg.k_spec.centred and seg.k_spec.reordered, case
+    assert seg.k_spec.rope_centred == rope
     layer = jnp.int32(1)
     ref = np.asarray(xla_attention(q, seg, layer, pt, lens, pos, slots, chunk_kv=(kn, vn)))
     out = np.asarray(ragged_attention.ragged_paged_attention(

@@ -111,18 +111,27 @@ class Loader:
 
     ``tile(i, start, size, stride)`` -> leaf i's lanes offset+start, +stride, ... (size of them)
     for every row of the block: [rows_in_block, size], raw storage dtype. ``floats`` decodes
-    raw float bits to f32, with integer ops only when ``int_floats`` (Mosaic)."""
+    raw float bits to f32, with integer ops only when ``int_floats`` (Mosaic). ``tok0``: the
+    cache position of the block's first row (rows are consecutive positions), for formats whose
+    scores depend on a token's position (RoPE-centred TurboQuant keys); None where unknown."""
 
     def __init__(self, refs: Sequence[Any], fetch: Callable[[Any, Any], jax.Array],
-                 offset: int = 0, int_floats: bool = False):
+                 offset: int = 0, int_floats: bool = False, tok0: jax.Array | None = None):
         self.refs = refs
         self.fetch = fetch
         self.offset = offset
         self.int_floats = int_floats
+        self.tok0 = tok0
 
     def shifted(self, offset: int) -> Loader:
         """The same tiles with every lane index moved right by a static offset."""
-        return Loader(self.refs, self.fetch, self.offset + offset, self.int_floats)
+        return Loader(self.refs, self.fetch, self.offset + offset, self.int_floats, self.tok0)
+
+    def positions(self, rows: int) -> jax.Array:
+        """[rows, 1] int32 cache positions of the block's rows (a column: from an iota)."""
+        if self.tok0 is None:
+            raise ValueError("this launcher gives its Loader no token positions (tok0)")
+        return self.tok0 + jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
 
     def tile(self, i: int, start: int = 0, size: int | None = None, stride: int = 1):
         ref = self.refs[i]

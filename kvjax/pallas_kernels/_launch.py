@@ -220,9 +220,9 @@ def _gather_kernel(*refs, plan: Plan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: i
             t = ref[pages, :, lanes]
             return t.reshape(t.shape[0] * t.shape[1], t.shape[2])
 
-        ldk, ldv = Loader(k_refs, fetch), Loader(v_refs, fetch)
-        sc = kfmt.score(qs, ldk)
         tok0 = j0 * s + r0
+        ldk, ldv = Loader(k_refs, fetch, tok0=tok0), Loader(v_refs, fetch)
+        sc = kfmt.score(qs, ldk)
         if sp_ref is not None:
             sp_ref[:, pl.ds((j0 - first) * s + r0, ppb * rows)] = sc
         tok = tok0 + jax.lax.broadcasted_iota(jnp.int32, (1, ppb * rows), 1)
@@ -267,7 +267,8 @@ def _tpu_kernel(*refs, plan: Plan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: int)
 
         nk = len(k_refs)
         rowed = plan.rowed or (False,) * (nk + len(v_refs))
-        ldk = Loader(_rowed.wrap(k_refs, rowed[:nk], j, s), fetch, int_floats=True)
+        ldk = Loader(_rowed.wrap(k_refs, rowed[:nk], j, s), fetch, int_floats=True,
+                     tok0=j * s)
         ldv = Loader(_rowed.wrap(v_refs, rowed[nk:], j, s), fetch, int_floats=True)
         qs = tuple(r[...] for r in q_refs)
         sc = kfmt.score(qs, ldk)

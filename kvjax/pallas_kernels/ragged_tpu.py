@@ -64,7 +64,7 @@ def _kernel(*refs, plan: RaggedPlan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: in
         def fetch(ref, lanes):
             return ref[:, lanes]
 
-        ldk = Loader(k_refs, fetch, int_floats=True)
+        ldk = Loader(k_refs, fetch, int_floats=True, tok0=i * s)
         ldv = Loader(v_refs, fetch, int_floats=True)
         tok = i * s + jax.lax.broadcasted_iota(jnp.int32, (1, s), 1)
         valid = (tok < ring_lo) & (tok >= plo_ref[b])  # [page_lo, ring_lo): the sink is merged

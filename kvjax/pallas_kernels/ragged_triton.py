@@ -51,8 +51,8 @@ def _kernel(*refs, plan: RaggedPlan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: in
             t = ref[pages, :, lanes]
             return t.reshape(t.shape[0] * t.shape[1], t.shape[2])
 
-        ldk, ldv = Loader(k_refs, fetch), Loader(v_refs, fetch)
         tok0 = j0 * s + r0
+        ldk, ldv = Loader(k_refs, fetch, tok0=tok0), Loader(v_refs, fetch)
         tok = tok0 + jax.lax.broadcasted_iota(jnp.int32, (1, ppb * rtok), 1)
         valid = (tok < page_end) & (tok >= page_lo)
         valid_col = tok0 + jax.lax.broadcasted_iota(jnp.int32, (ppb * rtok, 1), 0) < page_end

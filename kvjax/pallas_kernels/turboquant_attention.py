@@ -93,6 +93,7 @@ def _norm_col(ld, leaf: int) -> jax.Array:
 
 
 MU_LANES = 16  # the <q, k_mean> column is dotted as a [Gp, 16] x [T, 16] tile (Triton: dims >= 16)
+ROPE_LANES = 16  # RoPE-centred keys: cos / sin tiles of [T, 16] (d128 as one [T, 64]: spills)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +106,7 @@ class Calibrated:
     centred: bool  # keys: per-token flag in the sign bit of leaf `flag_leaf` (a norm)
     reordered: bool  # channels stored outliers-first, order[L, h] (keys: k_order, values: v_order)
     flag_leaf: int = -1
+    rope: bool = False  # keys centred on R(p) k_mean_rope (format-2 calibration), not k_mean
 
     def at(self, arr, layer: jax.Array) -> jax.Array:
         return jnp.asarray(arr)[layer + self.first_layer]  # [kv_heads, ...]
@@ -125,10 +127,23 @@ class TurboKey(KeyFormat):
     def leaves(self) -> int:
         return sum(p.leaves for p in self.parts)
 
+    @property
+    def rope_chunks(self) -> int:
+        """RoPE-centred keys: the D/2 rotary pairs in pieces of ROPE_LANES (one if D/2 is not
+        a multiple of it)."""
+        h = sum(p.n for p in self.parts) // 2
+        return h // ROPE_LANES if h % ROPE_LANES == 0 else 1
+
     def prepare_q_layer(self, q, layer):
         """Calibrated keys: q [B, Hkv, ..., rows, D] permuted into the stored channel order of its
         KV head (<q, k> = <q[order], k[order]>), and <q, k_mean> per query row as the first lane
-        of a [..., rows, MU_LANES] input: score += flag * <q, k_mean> for centred tokens."""
+        of a [..., rows, MU_LANES] input: score += flag * <q, k_mean> for centred tokens.
+
+        RoPE-centred keys (centred on R(p) mu, rotate-half RoPE, h = D/2, angles p theta_i):
+        <q, R(p) mu> = sum_i a_i cos(p theta_i) + b_i sin(p theta_i) with a_i = q_i mu_i +
+        q_{i+h} mu_{i+h}, b_i = q_{i+h} mu_i - q_i mu_{i+h}: three [..., rows, h] inputs a, b
+        and theta (the calibration's rope_inv_freq, the same in every row); the kernel forms
+        the angles f32(p) * theta per token, as the writer (PoolSpec._mean) did."""
         c = self.calib
         if c is None:
             return self.prepare_q(q)
@@ -137,7 +152,15 @@ class TurboKey(KeyFormat):
             order = c.per_head(c.cal.k_order, layer, q)
             q = jnp.take_along_axis(q, jnp.broadcast_to(order, q.shape), axis=-1)
         qs = self.prepare_q(q)
-        if c.centred:
+        if c.centred and c.rope:
+            mu = c.per_head(c.cal.k_mean_rope, layer, q_orig)  # original channel order
+            q1, q2 = jnp.split(q_orig, 2, axis=-1)
+            m1, m2 = jnp.split(mu, 2, axis=-1)
+            theta = jnp.broadcast_to(jnp.asarray(c.cal.rope_inv_freq), q1.shape)
+            w = q1.shape[-1] // self.rope_chunks
+            for x in (q1 * m1 + q2 * m2, q2 * m1 - q1 * m2, theta):
+                qs += tuple(x[..., i * w:(i + 1) * w] for i in range(self.rope_chunks))
+        elif c.centred:
             mu = c.per_head(c.cal.k_mean, layer, q_orig)  # original channel order
             qmu = jnp.sum(q_orig * mu, axis=-1, keepdims=True)
             qs += (jnp.pad(qmu, ((0, 0),) * (qmu.ndim - 1) + ((0, MU_LANES - 1),)),)
@@ -166,8 +189,19 @@ class TurboKey(KeyFormat):
                 raw = ld.tile(leaf)  # [T, 1] raw f16 bits
                 norm = jnp.abs(ld.convert(raw, jnp.float16))
                 flag = ((raw.astype(jnp.int32) >> 15) & 1).astype(jnp.float32)  # [T, 1]
-                lane = jax.lax.broadcasted_iota(jnp.int32, (raw.shape[0], MU_LANES), 1)
-                total = total + dot_nt(qs[-1], jnp.where(lane == 0, flag, 0.0))
+                if self.calib.rope:  # + flag <q, R(p) mu>: [a; b] . flag [cos; sin](p theta)
+                    pos = ld.positions(raw.shape[0]).astype(jnp.float32)  # [T, 1]
+                    nc = self.rope_chunks
+                    for i in range(nc):  # 16 lanes at a time: [T, D/2] cos + sin spilled
+                        qa, qb, theta = qs[len(qs) - 3 * nc + i::nc][:3]
+                        # theta's rows are equal: their max is the row, exactly (Triton
+                        # lowers no slice)
+                        ang = pos * jnp.max(theta, axis=0, keepdims=True)  # [T, 16]
+                        total = (total + dot_nt(qa, flag * jnp.cos(ang))
+                                 + dot_nt(qb, flag * jnp.sin(ang)))
+                else:
+                    lane = jax.lax.broadcasted_iota(jnp.int32, (raw.shape[0], MU_LANES), 1)
+                    total = total + dot_nt(qs[-1], jnp.where(lane == 0, flag, 0.0))
             else:
                 norm = _norm_col(ld, leaf)
             codes = code_tiles(ld, part.leaf0, part.bits, part.n, co)
@@ -240,13 +274,11 @@ def formats(spec: PoolSpec) -> tuple[KeyFormat | None, ValueFormat | None] | Non
     base = qz.hi if isinstance(qz, ChannelSplit) else qz
     if not isinstance(base, TurboMse | TurboProd):
         return None
-    if spec.rope_centred:  # keys centred on R(p) mu: no kernel reads them yet (XLA path)
-        return None
     parts = _parts(qz)
     calib = None
     if spec.transformed:
         calib = Calibrated(spec.calibration, spec.first_layer, spec.centred, spec.reordered,
-                           spec._flag_leaf if spec.centred else -1)
+                           spec._flag_leaf if spec.centred else -1, spec.rope_centred)
     key = TurboKey(parts, calib)
     value = (TurboValue(parts, spec.head_dim, calib) if all(p.kind == "mse" for p in parts)
              else None)

@@ -26,6 +26,7 @@ from kvjax import sharding
 from kvjax.cache import PageAllocator, bytes_per_token, init_cache, window_bytes_per_sequence
 from kvjax.cache.paged import reset_window_slot, with_attention_mass
 from kvjax.config import Config
+from kvjax.pool_formats import pinned_forward, pool_formats
 from kvjax.quant import weights
 
 # Chunk lengths a forward pads to. The 32 and 128 rungs keep the engine's budget-cut pieces and a
@@ -125,10 +126,13 @@ class Runner:
         self.max_pages = math.ceil(max_seq_len / page_size)
         num_pages = cfg.cache.num_pages or max_batch * self.max_pages + 1
         self._init_cache = lambda: init_cache(mc, cfg.cache, num_pages, num_slots=max_batch)
-        self.cache = sharding.init_sharded(self._init_cache, mc, mesh)
         self.mesh = mesh
-        self.forward = models.forward if mesh is None else sharding.sharded_forward(mesh,
-                                                                                    self.cache)
+        # On TPU the pool lives in the layout the step's layer loop and kernels use, pinned as
+        # every step's cache output (kvjax/pool_formats.py: else each step relayouts the whole
+        # pool in and out); None elsewhere, where the default layout is that one already.
+        self._formats = self._cache_formats(jax.eval_shape(self._init_cache))
+        self._cache = self._new_cache()
+        self._set_forward()
         self.allocator = PageAllocator(num_pages, page_size)
         # (batch, t, width) -> executable, least recently used first (see EVICT_SHARE)
         self._compiled: collections.OrderedDict[tuple[int, int, int], object] = \
@@ -139,6 +143,42 @@ class Runner:
         # Ring-buffer slots of the full-precision window, one per running sequence.
         self._free_slots = list(range(max_batch - 1, -1, -1))
         self.window_slot: dict[int, int] = {}
+
+    @property
+    def cache(self):
+        return self._cache
+
+    @cache.setter
+    def cache(self, cache) -> None:
+        """A cache made outside the step jits (eviction's compaction) is placed in the pinned
+        layouts (a copy on TPU only if it is not in them already; as is elsewhere)."""
+        self._cache = cache if self._formats is None else jax.device_put(cache, self._formats)
+
+    def _cache_formats(self, cache):
+        """Per-leaf formats of the cache on this runner's devices (`pool_formats`)."""
+        if self.mesh is None:
+            dev = jax.devices()[0]
+            shards = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(dev), cache)
+        else:
+            dev = self.mesh.devices.flat[0]
+            shards = sharding.cache_shardings(cache, self.cfg.model, self.mesh)
+        return pool_formats(cache, shards, dev.platform)
+
+    def _new_cache(self):
+        if self._formats is None:
+            return sharding.init_sharded(self._init_cache, self.cfg.model, self.mesh)
+        return jax.jit(self._init_cache, out_shardings=self._formats)()
+
+    def _set_forward(self) -> None:
+        """The step jit (and, with pinned formats, the slot reset) for the cache's structure."""
+        if self._formats is not None:
+            self.forward = pinned_forward(self.mesh, self._formats)
+            self._reset_slot = jax.jit(reset_window_slot.__wrapped__, donate_argnums=0,
+                                       out_shardings=self._formats)
+            return
+        self._reset_slot = reset_window_slot
+        self.forward = (models.forward if self.mesh is None
+                        else sharding.sharded_forward(self.mesh, self._cache))
 
     @property
     def kv_bytes_per_token(self) -> float:
@@ -165,7 +205,7 @@ class Runner:
         taking it reads only ring entries it writes (kvjax/cache/paged.py). The engine's other
         processes call it for the slots process 0 hands out (StepBatch.fresh)."""
         if window_bytes_per_sequence(self.cfg.model, self.cfg.cache):
-            self.cache = reset_window_slot(self.cache, jnp.int32(slot))
+            self._cache = self._reset_slot(self._cache, jnp.int32(slot))
 
     def step(self, seq_ids: list[int], chunks: list[list[int]]) -> jax.Array:
         """Append `chunks[i]` to sequence `seq_ids[i]`; returns logits [batch, chunk_len, vocab]
@@ -187,8 +227,8 @@ class Runner:
             lengths[row] = start + len(chunk)
             self.lengths[sid] = start + len(chunk)
         page_table = self.allocator.page_table(seq_ids, self._table_width(int(lengths.max())))
-        logits, self.cache = self.forward(
-            self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(positions), self.cache,
+        logits, self._cache = self.forward(
+            self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(positions), self._cache,
             jnp.asarray(page_table), jnp.asarray(lengths), jnp.asarray(slots))
         return logits
 
@@ -220,13 +260,15 @@ class Runner:
         if self.tracks_attention_mass:
             return
         if self.mesh is None:
-            self.cache = with_attention_mass(self.cache)
+            self._cache = with_attention_mass(self._cache)
         else:  # replicated on every device (each process reads its own replica), and the
             # forward's pinned output shardings rebuilt for the cache's new structure
             rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-            self.cache = with_attention_mass(self.cache, lambda shape, dtype: jax.jit(
+            self._cache = with_attention_mass(self._cache, lambda shape, dtype: jax.jit(
                 lambda: jnp.zeros(shape, dtype), out_shardings=rep)())
-            self.forward = sharding.sharded_forward(self.mesh, self.cache)
+        if self.mesh is not None or self._formats is not None:
+            self._formats = self._cache_formats(self._cache)
+            self._set_forward()
         self._compiled.clear()
 
     @property
@@ -248,16 +290,16 @@ class Runner:
             if exe is not None:
                 self._compiled.move_to_end(key)
         if exe is None or page_pos is not None:
-            logits, self.cache = self.forward(
+            logits, self._cache = self.forward(
                 self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(positions),
-                self.cache, jnp.asarray(page_table), jnp.asarray(lengths), jnp.asarray(slots),
+                self._cache, jnp.asarray(page_table), jnp.asarray(lengths), jnp.asarray(slots),
                 jnp.asarray(logits_index), None if page_pos is None else jnp.asarray(page_pos))
             return logits
         # device_put, not jnp.asarray: jax 0.10's asarray stages numpy through a jit that
         # compiles once per shape, which a warmed-up engine must not do.
         put = jax.device_put if self.mesh is None else functools.partial(sharding.put_batch,
                                                                          self.mesh)
-        logits, self.cache = exe(self.params, put(tokens), put(positions), self.cache,
+        logits, self._cache = exe(self.params, put(tokens), put(positions), self._cache,
                                  put(page_table), put(lengths), put(slots), put(logits_index))
         return logits
 
@@ -269,11 +311,10 @@ class Runner:
         if self.mesh is None:
             def spec(*shape):
                 return jnp.zeros(shape, jnp.int32)
-            jitted = models.forward
         else:
             def spec(*shape):
                 return sharding.put_batch(self.mesh, np.zeros(shape, np.int32))
-            jitted = self.forward.jitted
+        jitted = getattr(self.forward, "jitted", self.forward)
         if (batch, t, width) in self._compiled:
             return
         self._make_room()
@@ -311,8 +352,8 @@ class Runner:
         runner's per-sequence state (window slots) is keyed by sequence id; `free` releases it.
         Returns logits [batch, t, vocab]; the cache is updated in place."""
         slots = np.array([0 if s is None else self._slot(s) for s in seq_ids], np.int32)
-        logits, self.cache = self.forward(
-            self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(positions), self.cache,
+        logits, self._cache = self.forward(
+            self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(positions), self._cache,
             jnp.asarray(page_table), jnp.asarray(lengths), jnp.asarray(slots), None,
             None if page_pos is None else jnp.asarray(page_pos))
         return logits
@@ -322,8 +363,8 @@ class Runner:
         Runs on zero-length sequences: every write lands in the null page."""
         for t in chunk_lens:
             zeros = jnp.zeros((batch, t), jnp.int32)
-            logits, self.cache = self.forward(
-                self.graphdef, self.params, zeros, zeros, self.cache,
+            logits, self._cache = self.forward(
+                self.graphdef, self.params, zeros, zeros, self._cache,
                 jnp.zeros((batch, self.max_pages), jnp.int32), jnp.zeros((batch,), jnp.int32),
                 jnp.zeros((batch,), jnp.int32))
         logits.block_until_ready()
@@ -338,9 +379,10 @@ class Runner:
 
     def reset_cache(self) -> None:
         """A fresh, empty cache (after a failed step consumed the donated one)."""
-        self.cache = sharding.init_sharded(self._init_cache, self.cfg.model, self.mesh)
-        if self.mesh is not None:  # its structure may differ (no attention mass)
-            self.forward = sharding.sharded_forward(self.mesh, self.cache)
+        self._formats = self._cache_formats(jax.eval_shape(self._init_cache))
+        self._cache = self._new_cache()
+        if self.mesh is not None or self._formats is not None:  # its structure may differ
+            self._set_forward()  # (no attention mass)
 
     def free(self, seq_id: int) -> None:
         self.allocator.free(seq_id)

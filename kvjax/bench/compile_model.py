@@ -79,9 +79,11 @@ def run_model(name: str, target: str) -> dict:
     import models.transformer
     from kvjax import sharding
     from kvjax.bench.compile_target import compile_fn, target_devices
+    from kvjax.bench.pool_copies import hlo_type
     from kvjax.cache import init_cache
     from kvjax.cache.paged import bytes_per_token, window_bytes_per_sequence
     from kvjax.config import MeshConfig, load_config
+    from kvjax.pool_formats import abstract, pool_formats, pool_leaf_layout
 
     mc_ = parse(name)
     devices = target_devices(target, mc_.tensor)
@@ -99,8 +101,11 @@ def run_model(name: str, target: str) -> dict:
     max_pages = math.ceil(mc_.context / cfg.cache.page_size)
     cache = jax.eval_shape(lambda: init_cache(mc, cfg.cache, batch * max_pages + 1,
                                               num_slots=batch))
-    cache = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                         cache, sharding.cache_shardings(cache, mc, mesh))
+    # The pool in the device-local layout the Runner stores it in (kvjax/pool_formats.py: on
+    # TPU the layer loop's row-major layout, so the step does not relayout the pool).
+    shards = sharding.cache_shardings(cache, mc, mesh)
+    formats = pool_formats(cache, shards, devices[0].platform) or shards
+    cache = abstract(cache, formats)
 
     def rows(*shape):
         return jax.ShapeDtypeStruct(shape, jnp.int32,
@@ -115,12 +120,21 @@ def run_model(name: str, target: str) -> dict:
     def step(state, *rest):
         return fwd(graphdef, state, *rest)
 
-    out_shardings = (NamedSharding(mesh, P()), jax.tree.map(lambda a: a.sharding, cache))
+    out_shardings = (NamedSharding(mesh, P()), formats)
+    # HLO types of the pool (and ring) leaves pool_formats pins, and of one layer of them: a
+    # copy of one is the whole-pool relayout those layouts exist to avoid (`pool_copy_count`).
+    leaves = [leaf for seg in cache.segments
+              for leaf in (*seg.k, *seg.v, seg.wk, seg.wv) if leaf is not None]
+    pool_types = frozenset(
+        hlo_type(shape[i:], leaf.dtype) for leaf in leaves
+        if pool_leaf_layout(tuple(leaf.shape), leaf.dtype) is not None
+        for shape in [tuple(leaf.sharding.shard_shape(leaf.shape))] for i in (0, 1))
     saved = models.transformer.COMPUTE_DTYPE
     models.transformer.COMPUTE_DTYPE = jnp.bfloat16
     try:
         with sharding.tracing_mesh(mesh):
-            out = compile_fn(step, args, target, donate_argnums=(3,),  # the cache, as served
+            out = compile_fn(step, args, target, pool_types=pool_types,
+                             donate_argnums=(3,),  # the cache, as served
                              out_shardings=out_shardings)
     finally:
         models.transformer.COMPUTE_DTYPE = saved

@@ -92,10 +92,13 @@ def kernel_marker(target: str) -> str:
     return "tpu_custom_call" if target.startswith("tpu") else "__gpu$xla.gpu.triton"
 
 
-def compile_fn(fn, args, target: str, marker_required: bool = True, **jit_kw) -> dict:
+def compile_fn(fn, args, target: str, marker_required: bool = True,
+               pool_types: frozenset[str] = frozenset(), **jit_kw) -> dict:
     """jit(fn, **jit_kw).trace(*args).lower().compile() with timing and what the target
     reports: kernel custom calls in the lowered step, memory_analysis (argument / output / alias
-    / temp / code bytes) and, where the backend gives one, cost_analysis bytes accessed."""
+    / temp / code bytes), on TPU the HLO's copies (`hlo_copy_bytes`; pool_types: the HLO types
+    of pool leaves, whose copies are also counted apart) and, where the backend gives one,
+    cost_analysis bytes accessed."""
     import jax
 
     t0, c0 = time.perf_counter(), time.process_time()
@@ -118,7 +121,7 @@ def compile_fn(fn, args, target: str, marker_required: bool = True, **jit_kw) ->
         out["alias_bytes"] = int(mem.alias_size_in_bytes)
         out["code_bytes"] = int(getattr(mem, "generated_code_size_in_bytes", 0))
     if target.startswith("tpu"):
-        out.update(hlo_copy_bytes(compiled.as_text()))
+        out.update(hlo_copy_bytes(compiled.as_text(), pool_types))
     try:
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
@@ -135,14 +138,16 @@ _COPY = re.compile(r"^\s*(?:ROOT )?%?[\w.-]+ = (\w+)\[([\d,]*)\]\{([\d,]*)(?::T\
                    r"(?:\((\d+),1\))?)?[^}]*\} copy\(")
 
 
-def hlo_copy_bytes(hlo: str) -> dict:
+def hlo_copy_bytes(hlo: str, pool_types: frozenset[str] = frozenset()) -> dict:
     """The copy instructions of an optimized HLO module outside fusions: their count, logical
     bytes and bytes at their tiled layout (a copy in a loop body counts once). On TPU these are
     the relayouts XLA inserts, e.g. a pool leaf copied into the row-major 128-lane layout a
-    Mosaic operand must have: such a copy reads ~its logical bytes and writes its tiled bytes."""
+    Mosaic operand must have: such a copy reads ~its logical bytes and writes its tiled bytes.
+    pool_copy_count / pool_copy_bytes: those of them whose HLO type (``s8[1,3,2049,16,64]``) is
+    in pool_types (a pool leaf, or one layer of it, copied whole)."""
     import math
 
-    n = logical = tiled = 0
+    n = logical = tiled = pool_n = pool_bytes = 0
     fused = False
     for line in hlo.splitlines():
         if line and not line[0].isspace():  # a computation header
@@ -154,6 +159,9 @@ def hlo_copy_bytes(hlo: str) -> dict:
         dims = [int(d) for d in m[2].split(",") if d]
         order = [int(d) for d in m[3].split(",") if d]  # minor to major
         logical += _ITEM[m[1]] * math.prod(dims)
+        if f"{m[1]}[{m[2]}]" in pool_types:
+            pool_n += 1
+            pool_bytes += _ITEM[m[1]] * math.prod(dims)
         if m[4] and len(order) >= 2:
             # T(r,128) tiles r rows of elements, whatever their width: the (k,1) sub-tiling of
             # narrow types packs k of those rows per 32-bit word and pads nothing further (v5e
@@ -164,7 +172,8 @@ def hlo_copy_bytes(hlo: str) -> dict:
             dims[order[0]] = -(-dims[order[0]] // lanes) * lanes
         n += 1
         tiled += _ITEM[m[1]] * math.prod(dims)
-    return {"copy_count": n, "copy_bytes": logical, "copy_tiled_bytes": tiled}
+    return {"copy_count": n, "copy_bytes": logical, "copy_tiled_bytes": tiled,
+            "pool_copy_count": pool_n, "pool_copy_bytes": pool_bytes}
 
 
 def ptxas_report(dump: str, prefix: str = "kvjax") -> dict:

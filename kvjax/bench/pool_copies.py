@@ -32,7 +32,8 @@ from absl import app, flags
 
 _HLO = {np.dtype(d): n for d, n in ((np.uint8, "u8"), (np.uint16, "u16"), (np.uint32, "u32"),
                                     (np.int8, "s8"), (np.int16, "s16"), (np.int32, "s32"),
-                                    (np.float32, "f32"))}
+                                    (np.float32, "f32"), (np.float16, "f16"),
+                                    (jnp.bfloat16, "bf16"), (jnp.float8_e4m3fn, "f8e4m3fn"))}
 _COPY = re.compile(r"\s*(?:ROOT )?%\S+ = (\w+\[[\d,]*\])\S* copy\(")
 
 

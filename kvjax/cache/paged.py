@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from kvjax.cache.layout import PoolSpec, scatter_rows
+from kvjax.cache.layout import PoolSpec, _heads, scatter_rows
 from kvjax.config import CacheConfig, ModelConfig, layer_formats
 
 NULL_PAGE = 0
@@ -341,7 +341,10 @@ def _write_window(ring: jax.Array, layer: jax.Array, x: jax.Array, slot: jax.Arr
     b, t, h, d = x.shape
     words = jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)
     s, i, words = scatter_rows(slot.reshape(-1), idx.reshape(-1), words.reshape(b * t, h, d))
-    return ring.at[layer, :, s, i].set(words, mode="promise_in_bounds")
+    # The KV head is a scatter index (one token's d values per window), as in the pool writes
+    # (kvjax/cache/layout.py `_heads`): a [heads, d] window made XLA:TPU carry the ring with
+    # heads on sublanes and copy it in and out of the layer loop on every step.
+    return ring.at[layer, _heads(h), s[:, None], i[:, None]].set(words, mode="promise_in_bounds")
 
 
 def _seal_pages(spec: PoolSpec, pool: tuple[jax.Array, ...], layer: jax.Array, x: jax.Array,

@@ -1,0 +1,113 @@
+"""Device-local layouts for the KV cache's page pools on TPU (`pool_formats`).
+
+Why: a jit parameter gets XLA's *default* device layout unless told otherwise, and on TPU the
+default for an array whose last dim is under 128 lanes puts the pages on lanes (an int8 SmolLM2
+code leaf s8[L, Hkv, pages, 16, 64] is stored `{2,4,3,1,0:T(32,128)}`), while the model's layer
+loop carries the pool, and the Mosaic kernels read it, row-major (`{4,3,2,1,0:T(8,128)(4,1)}`).
+So every step relayouted the whole pool into the loop at its entry and back at its exit (about
+2x the pool's bytes of traffic per step, and a padded copy of the pool in temporaries). Storing
+the pool in the layout the loop wants, and pinning it as every step's input and output layout
+(so the donated buffer aliases), removes both copies.
+
+The layouts are a fixed rule (not `Layout.AUTO` per executable: every step executable of a
+Runner, and the jits that touch the cache between steps, must agree on one layout, or a step
+would meet a cache in another layout). For a pool leaf [layers, kv_heads, pages, rows, n]:
+* n > 1 (codes, KIVI's metadata): row-major, (8, 128) tiles, narrow types packed (4, 1) / (2, 1)
+  as XLA tiles them; a size-1 `rows` dim goes major, so the tiles span (pages, n).
+  This is the layout of the loop carry `Layout.AUTO` picks for these leaves (v5e, SmolLM2
+  int8 / turbo3.5 / kivi4 one-layer decode steps, /work/notes/tpu6.md).
+* n == 1 (per-token scales and norms): XLA's default (pages on lanes), what the kernels' rowed
+  gather reads (kvjax/pallas_kernels/_rowed.py) and what AUTO keeps.
+The bf16 window rings [layers, kv_heads, slots + 1, window, head_dim] follow the same rule
+(written per (token, head) like the pools, kvjax/cache/paged.py `_write_window`, the loop carries
+them row-major); the one-token sinks, tags and H2O mass keep the default layout (the sinks are
+[.., slots + 1, 1, head_dim]: a few KB, and the loop carries them heads-minor).
+
+Lane padding: a row-major leaf whose n is under 128 lanes takes 128 / n of its logical bytes
+(int8 d64: 2x; KIVI's [32, 2] scales: 64x). The loop carried the pool in that form before too,
+as a temporary beside the dense pool, so the step's peak memory does not grow (it shrinks by
+the dense copy); the memory planner's bytes per token stay the logical figure on every backend.
+
+CPU and GPU: no formats (their default layout is already row-major).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental.layout import Format, Layout
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+
+# XLA TPU's sub-tiling of narrow types inside an (8, 128) tile: k rows per 32-bit word.
+_PACK = {1: (4, 1), 2: (2, 1)}
+
+
+def pool_leaf_layout(shape: tuple[int, ...], dtype: Any) -> Layout | None:
+    """The TPU layout for a pool leaf [layers, kv_heads, pages, rows, n] (or a ring [layers,
+    kv_heads, slots, entries, head_dim]); None: the default."""
+    if len(shape) != 5 or shape[4] == 1:
+        return None
+    itemsize = np.dtype(dtype).itemsize
+    tiling = ((8, 128), _PACK[itemsize]) if itemsize in _PACK else ((8, 128),)
+    order = (0, 3, 1, 2, 4) if shape[3] == 1 else (0, 1, 2, 3, 4)
+    return Layout(major_to_minor=order, tiling=tiling)
+
+
+def pool_formats(cache: Any, shardings: Any, platform: str) -> Any | None:
+    """Per-leaf `Format`s (pool leaves) or shardings (the rest) for a cache pytree (a KVCache
+    of arrays or ShapeDtypeStructs) placed on `shardings` (a matching pytree), for the step
+    jits' cache output and the cache's placement on `platform`; None where the default layout
+    is already right (every platform but TPU)."""
+    if platform != "tpu":
+        return None
+
+    def pools(seg, seg_sh):
+        def one(leaf, sh):
+            layout = pool_leaf_layout(tuple(leaf.shape), leaf.dtype)
+            return sh if layout is None else Format(layout, sh)
+        rings = {n: one(getattr(seg, n), getattr(seg_sh, n)) for n in ("wk", "wv")
+                 if getattr(seg, n) is not None}
+        return seg_sh.replace(k=tuple(map(one, seg.k, seg_sh.k)),
+                              v=tuple(map(one, seg.v, seg_sh.v)), **rings)
+
+    return shardings.replace(segments=tuple(
+        pools(seg, sh) for seg, sh in zip(cache.segments, shardings.segments, strict=True)))
+
+
+def abstract(cache: Any, formats: Any) -> Any:
+    """ShapeDtypeStructs of a cache (arrays or structs) carrying `formats` (from pool_formats)."""
+    return jax.tree.map(lambda a, f: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=f),
+                        cache, formats)
+
+
+def pinned_forward(mesh: Any, formats: Any) -> Callable:
+    """`models.forward` with the cache donated and returned in `formats` (its input layout is
+    the committed cache's own, so input and output agree and the buffers alias); logits
+    replicated over `mesh`, or on the first device without one. Same signature (and `.jitted`
+    for ahead-of-time compiles) as `kvjax.sharding.sharded_forward`."""
+    import models.transformer
+    from kvjax import sharding
+
+    logits = (SingleDeviceSharding(jax.devices()[0]) if mesh is None
+              else NamedSharding(mesh, PartitionSpec()))
+    jitted = jax.jit(models.transformer.forward.__wrapped__, static_argnames=("graphdef",),
+                     donate_argnames=("cache",), out_shardings=(logits, formats))
+    if mesh is None:
+        return jitted
+
+    def put(x):
+        if x is None or (isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding)
+                         and x.sharding.mesh == mesh):
+            return x
+        return sharding.put_batch(mesh, np.asarray(x))
+
+    def forward(graphdef, params, tokens, positions, cache, *rest):
+        with sharding.tracing_mesh(mesh):
+            return jitted(graphdef, params, put(tokens), put(positions), cache,
+                          *(put(x) for x in rest))
+
+    forward.jitted = jitted
+    return forward

@@ -1,0 +1,90 @@
+"""kvjax/pool_formats.py: the TPU layouts of the pool leaves (the rule, without compiling), and
+the Runner's pinned-format path (run here on CPU with CPU layouts: the TPU path's plumbing,
+ahead-of-time executables, slot resets and outside cache assignments) giving the tokens of the
+plain path. That the TPU step then has no pool copy is tests/test_compile.py's
+(`pool_copy_count` of the compiled SmolLM2 steps)."""
+
+import jax
+import numpy as np
+import pytest
+from jax.experimental.layout import Format, Layout
+
+import kvjax.runner
+import models
+from kvjax.cache import init_cache
+from kvjax.config import load_config
+from kvjax.engine.request import SamplingParams
+from kvjax.generate import Decoder, warm_decode
+from kvjax.pool_formats import pool_formats
+from kvjax.runner import Runner
+
+
+def _formats(dtype: str, platform: str):
+    cfg = load_config("smollm2").replace_cache(dtype=dtype, page_size=0)
+    cache = jax.eval_shape(lambda: init_cache(cfg.model, cfg.cache, 65, num_slots=2))
+    dev = jax.devices()[0]
+    shards = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(dev), cache)
+    return cache, pool_formats(cache, shards, platform)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "int8", "turbo3.5", "kivi4"])
+def test_tpu_pool_layouts(dtype):
+    assert _formats(dtype, "cpu")[1] is None and _formats(dtype, "gpu")[1] is None
+    cache, fmts = _formats(dtype, "tpu")
+    seg, fseg = cache.segments[0], fmts.segments[0]
+    pinned = 0
+    for leaf, f in zip((*seg.k, *seg.v), (*fseg.k, *fseg.v), strict=True):
+        rows, n = leaf.shape[3:]
+        if n == 1:  # per-token scales / norms keep XLA's default (what the rowed gather reads)
+            assert not isinstance(f, Format)
+            continue
+        pinned += 1
+        item = np.dtype(leaf.dtype).itemsize
+        assert f.layout.tiling == ((8, 128), {1: (4, 1), 2: (2, 1)}[item])
+        # row-major; a size-1 rows dim (KIVI's per-group key metadata [1, 64]) goes major
+        assert f.layout.major_to_minor == ((0, 3, 1, 2, 4) if rows == 1 else (0, 1, 2, 3, 4))
+    assert pinned >= 2  # at least the K and V codes
+    # bf16 rings [.., slots, window, d] row-major; sinks and tags default
+    for name in ("wk", "wv"):
+        if getattr(seg, name) is not None:
+            assert getattr(fseg, name).layout.major_to_minor == (0, 1, 2, 3, 4)
+    for name in ("wpos", "sk", "sv", "spos"):
+        assert not isinstance(getattr(fseg, name), Format)
+
+
+CFG = load_config("tiny_llama").replace_cache(dtype="int8")  # a window ring: slot resets run
+
+
+def _cpu_pinned(cache, shards, platform):
+    """pool_formats' structure with CPU layouts (row-major, untiled), so the pinned path runs
+    on this machine."""
+    fmts = pool_formats(cache, shards, "tpu")
+    return jax.tree.map(
+        lambda f: Format(Layout(f.layout.major_to_minor), f.sharding)
+        if isinstance(f, Format) else f, fmts, is_leaf=lambda x: isinstance(x, Format))
+
+
+def _greedy(runner: Runner, prompt: list[int], n: int) -> list[int]:
+    sp = SamplingParams(temperature=0.0)
+    warm_decode(runner, len(prompt), len(prompt) + n, sp, seed=0)  # the ahead-of-time path
+    dec = Decoder(runner, sp, seed=0)
+    out = [dec.prefill(prompt)]
+    while len(out) < n:
+        out.append(dec.step(out[-1]))
+    return out
+
+
+def test_runner_pinned_formats_give_the_plain_tokens(monkeypatch):
+    params = models.random_params(CFG.model, seed=3)
+    prompt = list(np.random.default_rng(1).integers(0, 256, 21))
+    want = _greedy(Runner(CFG, params, max_seq_len=64), prompt, 12)
+    monkeypatch.setattr(kvjax.runner, "pool_formats", _cpu_pinned)
+    r = Runner(CFG, params, max_seq_len=64)
+    assert r._formats is not None and r.forward is not kvjax.runner.models.forward
+    assert _greedy(r, prompt, 12) == want
+    # a cache assigned from outside (eviction's compaction) is placed in the formats; after
+    # a reset the runner serves the same tokens again
+    r.cache = jax.tree.map(lambda x: x + 0, r.cache)
+    r.free(0)
+    r.reset_cache()
+    assert _greedy(r, prompt, 12) == want

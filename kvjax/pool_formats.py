@@ -16,6 +16,10 @@ would meet a cache in another layout). For a pool leaf [layers, kv_heads, pages,
   as XLA tiles them; a size-1 `rows` dim goes major, so the tiles span (pages, n).
   This is the layout of the loop carry `Layout.AUTO` picks for these leaves (v5e, SmolLM2
   int8 / turbo3.5 / kivi4 one-layer decode steps, /work/notes/tpu6.md).
+  KIVI keys sealed per page whose codes are narrower than the page (kivi2: [32, 16]) are
+  stored transposed, n on sublanes and the page's 32 rows on lanes, as AUTO picks (their page
+  write, `PoolSpec.write_pages`, produces that; kivi2 32K one layer: 3 pool copies -> 1, the
+  per-layer relayout for the Mosaic operand that AUTO keeps too).
 * n == 1 (per-token scales and norms): XLA's default (pages on lanes), what the kernels' rowed
   gather reads (kvjax/pallas_kernels/_rowed.py) and what AUTO keeps.
 The bf16 window rings [layers, kv_heads, slots + 1, window, head_dim] follow the same rule
@@ -65,12 +69,16 @@ def pool_formats(cache: Any, shardings: Any, platform: str) -> Any | None:
         return None
 
     def pools(seg, seg_sh):
-        def one(leaf, sh):
+        def one(leaf, sh, sealed=False):  # sealed: KIVI keys (quantized per page)
             layout = pool_leaf_layout(tuple(leaf.shape), leaf.dtype)
+            if layout is not None and sealed and 1 < leaf.shape[4] < leaf.shape[3]:
+                layout = layout.update(major_to_minor=(0, 1, 2, 4, 3))
             return sh if layout is None else Format(layout, sh)
+        sealed = seg.k_spec.group > 1
         rings = {n: one(getattr(seg, n), getattr(seg_sh, n)) for n in ("wk", "wv")
                  if getattr(seg, n) is not None}
-        return seg_sh.replace(k=tuple(map(one, seg.k, seg_sh.k)),
+        keys = zip(seg.k, seg_sh.k, strict=True)
+        return seg_sh.replace(k=tuple(one(a, b, sealed) for a, b in keys),
                               v=tuple(map(one, seg.v, seg_sh.v)), **rings)
 
     return shardings.replace(segments=tuple(

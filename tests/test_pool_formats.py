@@ -27,13 +27,14 @@ def _formats(dtype: str, platform: str):
     return cache, pool_formats(cache, shards, platform)
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "int8", "turbo3.5", "kivi4"])
+@pytest.mark.parametrize("dtype", ["bf16", "int8", "turbo3.5", "kivi4", "kivi2"])
 def test_tpu_pool_layouts(dtype):
     assert _formats(dtype, "cpu")[1] is None and _formats(dtype, "gpu")[1] is None
     cache, fmts = _formats(dtype, "tpu")
     seg, fseg = cache.segments[0], fmts.segments[0]
     pinned = 0
-    for leaf, f in zip((*seg.k, *seg.v), (*fseg.k, *fseg.v), strict=True):
+    keys = [True] * len(seg.k) + [False] * len(seg.v)
+    for leaf, f, key in zip((*seg.k, *seg.v), (*fseg.k, *fseg.v), keys, strict=True):
         rows, n = leaf.shape[3:]
         if n == 1:  # per-token scales / norms keep XLA's default (what the rowed gather reads)
             assert not isinstance(f, Format)
@@ -41,8 +42,14 @@ def test_tpu_pool_layouts(dtype):
         pinned += 1
         item = np.dtype(leaf.dtype).itemsize
         assert f.layout.tiling == ((8, 128), {1: (4, 1), 2: (2, 1)}[item])
-        # row-major; a size-1 rows dim (KIVI's per-group key metadata [1, 64]) goes major
-        assert f.layout.major_to_minor == ((0, 3, 1, 2, 4) if rows == 1 else (0, 1, 2, 3, 4))
+        # row-major; a size-1 rows dim (KIVI's per-group key metadata [1, 64]) goes major;
+        # kivi2's page-sealed key codes [32, 16] transposed
+        want = ((0, 3, 1, 2, 4) if rows == 1 else
+                (0, 1, 2, 4, 3) if key and seg.k_spec.group > 1 and n < rows else
+                (0, 1, 2, 3, 4))
+        assert f.layout.major_to_minor == want
+        if dtype == "kivi2" and key and rows == 32:
+            assert want == (0, 1, 2, 4, 3)
     assert pinned >= 2  # at least the K and V codes
     # bf16 rings [.., slots, window, d] row-major; sinks and tags default
     for name in ("wk", "wv"):

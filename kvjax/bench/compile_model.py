@@ -72,8 +72,6 @@ def run_model(name: str, target: str) -> dict:
     import jax
     import jax.numpy as jnp
     from flax import nnx
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
     import models
     import models.transformer
@@ -83,7 +81,7 @@ def run_model(name: str, target: str) -> dict:
     from kvjax.cache import init_cache
     from kvjax.cache.paged import bytes_per_token, window_bytes_per_sequence
     from kvjax.config import MeshConfig, load_config
-    from kvjax.pool_formats import abstract, pool_formats, pool_leaf_layout
+    from kvjax.pool_formats import abstract, pinned_forward, pool_formats, pool_leaf_layout
 
     mc_ = parse(name)
     devices = target_devices(target, mc_.tensor)
@@ -113,14 +111,11 @@ def run_model(name: str, target: str) -> dict:
 
     # tokens, positions [b, t] (the chunk ends at the context), cache, page table, lengths,
     # window slots, logits_index (the one row sampled, as the engine asks)
-    args = (state, rows(batch, t), rows(batch, t), cache, rows(batch, max_pages), rows(batch),
-            rows(batch), rows(batch))
-    fwd = models.transformer.forward.__wrapped__
-
-    def step(state, *rest):
-        return fwd(graphdef, state, *rest)
-
-    out_shardings = (NamedSharding(mesh, P()), formats)
+    args = (graphdef, state, rows(batch, t), rows(batch, t), cache, rows(batch, max_pages),
+            rows(batch), rows(batch), rows(batch))
+    # The Runner's step jit (kvjax/pool_formats.py pinned_forward): the cache donated, as
+    # served, and returned in its formats; logits replicated.
+    step = pinned_forward(mesh, formats).jitted
     # HLO types of the pool (and ring) leaves pool_formats pins, and of one layer of them: a
     # copy of one is the whole-pool relayout those layouts exist to avoid (`pool_copy_count`).
     leaves = [leaf for seg in cache.segments
@@ -133,9 +128,7 @@ def run_model(name: str, target: str) -> dict:
     models.transformer.COMPUTE_DTYPE = jnp.bfloat16
     try:
         with sharding.tracing_mesh(mesh):
-            out = compile_fn(step, args, target, pool_types=pool_types,
-                             donate_argnums=(3,),  # the cache, as served
-                             out_shardings=out_shardings)
+            out = compile_fn(step, args, target, pool_types=pool_types)
     finally:
         models.transformer.COMPUTE_DTYPE = saved
     # What the attention kernels read per step on one device: every token's pages (and the

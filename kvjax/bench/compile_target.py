@@ -102,7 +102,9 @@ def compile_fn(fn, args, target: str, marker_required: bool = True,
     import jax
 
     t0, c0 = time.perf_counter(), time.process_time()
-    lowered = jax.jit(fn, **jit_kw).trace(*args).lower()
+    # fn may be jitted already (with its own shardings and donation): traced as it is
+    jitted = fn if hasattr(fn, "trace") and not jit_kw else jax.jit(fn, **jit_kw)
+    lowered = jitted.trace(*args).lower()
     hlo = lowered.as_text()
     compiled = lowered.compile()
     # CPU seconds (all threads) beside the wall time: on a loaded machine the wall time says

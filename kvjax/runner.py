@@ -161,7 +161,10 @@ class Runner:
             shards = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(dev), cache)
         else:
             dev = self.mesh.devices.flat[0]
-            shards = sharding.cache_shardings(cache, self.cfg.model, self.mesh)
+            if isinstance(jax.tree.leaves(cache)[0], jax.Array):  # placed: keep where it is
+                shards = jax.tree.map(lambda a: a.sharding, cache)  # (H2O mass: replicated)
+            else:
+                shards = sharding.cache_shardings(cache, self.cfg.model, self.mesh)
         return pool_formats(cache, shards, dev.platform)
 
     def _new_cache(self):

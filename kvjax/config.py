@@ -131,8 +131,8 @@ FULL_PRECISION = ("bf16", "f32")
 # The fractional TurboQuant widths are averages: with a KV calibration that carries measured layer
 # sensitivities (smollm2 ships one) `turbo3.5` / `turbo2.5` mean per-layer formats within the
 # bytes of the uniform layout (auto:turbo3.5 / auto:turbo2.5 in at most 6 segments,
-# kvjax.calibrate.per_layer_or_uniform); without a calibration they mean the uniform layout, and a
-# calibration that has no sensitivities falls back to it with a one-line warning.
+# kvjax.layer_budget.per_layer_or_uniform); without a calibration they mean the uniform layout,
+# and a calibration that has no sensitivities falls back to it with a one-line warning.
 # `uniform:turbo3.5` is always uniform.
 PER_LAYER_DTYPES = ("turbo2.5", "turbo3.5")
 UNIFORM = "uniform:"
@@ -236,11 +236,12 @@ def layer_formats(num_layers: int, cc: CacheConfig) -> list[str]:
     if cc.dtype.startswith(UNIFORM):
         chosen = [cc.dtype[len(UNIFORM):]] * num_layers
     elif cc.dtype in PER_LAYER_DTYPES:  # per-layer when the calibration has sensitivities
-        from kvjax.calibrate import per_layer_or_uniform
+        from kvjax.layer_budget import per_layer_or_uniform
 
         chosen = list(per_layer_or_uniform(cc.calibration, cc.dtype, num_layers))
     elif cc.dtype.startswith("auto:"):  # edge / listed bf16 layers still apply on top
-        from kvjax.calibrate import auto_formats, resolve
+        from kvjax.calibrate import resolve
+        from kvjax.layer_budget import auto_formats
 
         try:
             chosen = list(auto_formats(str(resolve(cc.calibration).resolve()),

@@ -13,7 +13,7 @@ Cost: the layers before L are shared with the exact forward (their outputs are k
 measurement runs layers L..end: |F| * L(L+1)/2 layer passes in all (30 layers, 8 formats,
 768 tokens: ~4-8 minutes on 2 CPU cores).
 
-Layer KLs are summed to predict a whole assignment's KL (``kvjax.calibrate.choose_formats``); the
+Layer KLs are summed to predict a whole assignment's KL (``kvjax.layer_budget.choose_formats``); the
 sum is checked against a forward with every layer quantized (``evaluate``; printed by
 ``python -m kvjax.sensitivity``).
 
@@ -195,8 +195,9 @@ def with_sensitivity(cal: KVCalibration, mc, params: dict, ids: np.ndarray, pref
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from kvjax.calibrate import budget_bytes, cached_calibration, choose_formats, count_segments
+    from kvjax.calibrate import cached_calibration
     from kvjax.config import KV_CACHE_DTYPES
+    from kvjax.layer_budget import budget_bytes, choose_formats, count_segments
 
     ap = argparse.ArgumentParser(prog="python -m kvjax.sensitivity", description=__doc__.split(
         "\n")[0])
@@ -208,9 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-calibration", default=None, help="default: the config's")
     ap.add_argument("--dtypes", required=True, help="comma list: dtypes and auto:BYTES|DTYPE")
     ap.add_argument("--shrink", default=None, help="auto: comma list of shrink values to try "
-                    "(default: kvjax.calibrate.AUTO_SHRINK)")
+                    "(default: kvjax.layer_budget.AUTO_SHRINK)")
     ap.add_argument("--max-segments", default=None, help="auto: comma list of segment caps to "
-                    "try (0 = none; default: kvjax.calibrate.AUTO_MAX_SEGMENTS)")
+                    "try (0 = none; default: kvjax.layer_budget.AUTO_MAX_SEGMENTS)")
     args = ap.parse_args(argv)
     shrinks = [None] if args.shrink is None else [float(x) for x in args.shrink.split(",")]
     caps = [None] if args.max_segments is None else [int(x) for x in args.max_segments.split(",")]

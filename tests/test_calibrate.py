@@ -196,7 +196,7 @@ def test_choose_formats_is_the_brute_force_optimum(rng):
     every budget between the smallest and the largest."""
     import itertools
 
-    from kvjax.calibrate import budget_bytes, choose_formats
+    from kvjax.layer_budget import budget_bytes, choose_formats
 
     mc = _tiny_mc(5)
     k = rng.standard_normal((5, 2, 32, 16))
@@ -229,7 +229,7 @@ def test_choose_formats_shrink_and_segment_cap_are_the_brute_force_optimum(rng):
     DP's pick equals exhaustive search over every assignment with at most that many runs."""
     import itertools
 
-    from kvjax.calibrate import choose_formats, count_segments
+    from kvjax.layer_budget import choose_formats, count_segments
 
     mc = _tiny_mc(6)
     base = from_samples(rng.standard_normal((6, 2, 32, 16)), rng.standard_normal((6, 2, 32, 16)))
@@ -275,8 +275,8 @@ def test_auto_dtype_segments_and_bytes(rng, tmp_path):
     """auto:BYTES lays layers out in the chosen formats (segments of mixed dtypes), within the
     budget; bytes per token equal the pools' stored bytes; auto without a calibration fails."""
     from kvjax.cache.paged import bytes_per_token, init_cache
-    from kvjax.calibrate import choose_formats
     from kvjax.config import KV_CACHE_DTYPES, CacheConfig, ConfigError, layer_formats
+    from kvjax.layer_budget import choose_formats
 
     mc = _tiny_mc(4)
     base = from_samples(rng.standard_normal((4, 2, 32, 16)) + 2.0,
@@ -328,7 +328,7 @@ def test_fractional_dtypes_are_per_layer_with_sensitivities(rng, tmp_path, capfd
         assert layer_formats(4, CacheConfig(f"uniform:{d}", calibration=str(tmp_path / "c"))
                              ) == [d] * 4
     # Many layers whose best formats alternate: the plain name stays within the segment cap.
-    from kvjax.calibrate import PLAIN_MAX_SEGMENTS, count_segments
+    from kvjax.layer_budget import PLAIN_MAX_SEGMENTS, count_segments
 
     many = dataclasses.replace(mc, num_layers=16)
     wide = from_samples(rng.standard_normal((16, 2, 32, 64)), rng.standard_normal((16, 2, 32, 64)))

@@ -21,35 +21,9 @@ import pytest
 from kvjax.attention import gather_kv
 from kvjax.attention import paged_attention as xla_attention
 from kvjax.cache.paged import init_cache, write_layer
-from kvjax.calibrate import KVCalibration
 from kvjax.config import CacheConfig, ModelConfig
 from kvjax.pallas_kernels import ragged_attention
-
-
-def _poison(x: jax.Array) -> jax.Array:
-    if jnp.issubdtype(x.dtype, jnp.floating):
-        return jnp.full(x.shape, jnp.nan, x.dtype)
-    return jnp.full(x.shape, -1, jnp.int32).astype(x.dtype)  # all bits set
-
-
-def calibration_dir(path: str, *, layers: int, hkv: int, d: int, seed: int = 0,
-                    rope: bool = False) -> str:
-    """A KV calibration (kvjax/calibrate.py) with random channel orders per (layer, head) and a
-    key mean near the test keys' (outlier channel 3 at +4), saved under path."""
-    rng = np.random.default_rng(seed)
-    k_mean = 0.3 * rng.standard_normal((layers, hkv, d)).astype(np.float32)
-    k_mean[..., 3] += 4.0
-    order = np.argsort(rng.random((2, layers, hkv, d)), axis=-1)
-    extra = {}
-    if rope:  # RoPE-centred keys (format 2): the same mean, taken as the pre-RoPE one
-        from models.layers import rope_inv_freq
-
-        theta = rope_inv_freq(ModelConfig(num_layers=layers, num_heads=hkv, num_kv_heads=hkv,
-                                          head_dim=d, hidden_size=64, intermediate_size=64,
-                                          vocab_size=32))
-        extra = dict(k_mean_rope=k_mean, rope_inv_freq=theta)
-    KVCalibration(k_mean=k_mean, k_order=order[0], v_order=order[1], **extra).save(path)
-    return path
+from tests.test_kernels import _poison, calibration_dir
 
 
 def make_step(dtype: str, *, d: int, g: int, page_size: int, window: int, t: int = 16,

@@ -14,9 +14,11 @@ import pytest
 import models
 from configs.tiny import CONFIGS
 from kvjax.eval import passkey as pk
+from kvjax.eval import sweep_plot
 from kvjax.eval.kl import compare, kl_divergence
 from kvjax.eval.ppl import perplexity
 from kvjax.eval.sweep import cache_for, run_sweep, shared_params
+from kvjax.eval.sweep_plot import pareto_frontier
 from kvjax.loaders.tokenizer import byte_tokenizer
 from kvjax.runner import Runner
 
@@ -168,6 +170,26 @@ def test_sweep_writes_table_json_and_png(tiny, tmp_path):
     assert again[2].kl > 0 and list(again[2].passkey) == [300]
     assert sum(line.startswith("int4 passkey 300") for line in logs) == 1
     assert not any(line.startswith(("bf16 passkey", "int8 passkey")) for line in logs)
+
+
+def test_pareto_frontier_keeps_only_undominated_points():
+    pts = [(100.0, 5.0, "a"), (50.0, 9.0, "b"), (80.0, 9.5, "c"), (80.0, 4.0, "d"),
+           (200.0, 0.0, "ref"), (120.0, 4.0, "e"), (60.0, -1.0, "f")]
+    # f (60 B, -1.0) beats every dearer point but the reference's 0 is not below -1: f ends it
+    assert pareto_frontier(pts) == [(50.0, 9.0, "b"), (60.0, -1.0, "f")]
+    assert [n for _, _, n in pareto_frontier([p for p in pts if p[2] != "f"])] == \
+        ["b", "d", "ref"]  # c and a are dominated by d; e ties d's loss at more bytes
+
+
+def test_sweep_plot_redraws_saved_results_and_rejects_bad_files(tiny, tmp_path):
+    cfg, params, _, ids = tiny
+    run_sweep(cfg, params, byte_tokenizer(), ids, dtypes=["bf16", "int8", "int4"],
+              results_dir=tmp_path, prefix=16, chunk=4, passkey_lengths=[], log=lambda s: None)
+    out = tmp_path / "two.png"
+    assert sweep_plot.main([str(tmp_path / "sweep.json")] * 2 + ["--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "bad.json").write_text("{}")
+    assert sweep_plot.main([str(tmp_path / "bad.json"), "--out", str(out)]) == 2
 
 
 def _cli(*args):

@@ -191,61 +191,9 @@ def write_results(out: Path, rows: list[Row], meta: dict, with_plot: bool = True
     (out / "sweep.json").write_text(json.dumps(
         {"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1) + "\n")
     if with_plot:
+        from kvjax.eval.sweep_plot import plot  # matplotlib loads only here
+
         plot(rows, out / "sweep.png", meta)
-
-
-# Peer figures drawn (hollow, grey) on the Δppl panel at their compression vs bf16, for scale
-# (issue 13; /work/shared/reference/quality-baselines.md). vLLM's TurboQuant presets are measured
-# on other models; HF quanto int4 and llama.cpp q4_0 on SmolLM2-135M with the same protocol (both
-# 4.5 bits a value with their per-group fp16 scales: 3.56x).
-PEERS = (("vLLM k8v4 (other model)", 2.6, 1.17), ("vLLM 4bit_nc (other model)", 3.8, 2.71),
-         ("vLLM k3v4_nc (other model)", 3.5, 10.6), ("vLLM 3bit_nc (other model)", 4.9, 20.6),
-         ("HF quanto int4", 16 / 4.5, 2.7), ("llama.cpp q4_0", 16 / 4.5, 4.6))
-
-
-def plot(rows: list[Row], path: Path, meta: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [("Δ perplexity vs " + meta.get("reference", "bf16") + " (%)", "symlog",
-               lambda r: r.dppl_pct),
-              ("KL(p_ref || p), nats per token", "symlog", lambda r: r.kl),
-              ("top-1 agreement", "linear", lambda r: r.top1),
-              ("passkey accuracy, all lengths", "linear",
-               lambda r: (sum(c for c, _ in r.passkey.values())
-                          / max(1, sum(n for _, n in r.passkey.values())))
-               if r.passkey else None)]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    for ax, (title, yscale, get) in zip(axes.flat, panels, strict=True):
-        pts = [(r.bytes_per_token, get(r), r.dtype) for r in rows if get(r) is not None]
-        for x, y, name in pts:
-            ax.scatter([x], [y], s=18)
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=8)
-        if ax is axes.flat[0] and meta.get("reference", "bf16") == "bf16" and rows:
-            bf16_bytes = rows[0].bytes_per_token * rows[0].ratio
-            for i, (name, ratio, dppl) in enumerate(PEERS):
-                ax.scatter([bf16_bytes / ratio], [dppl], s=22, facecolors="none",
-                           edgecolors="grey")
-                ax.annotate(name, (bf16_bytes / ratio, dppl), textcoords="offset points",
-                            xytext=(4, -9 if i % 2 else 3), fontsize=7, color="grey")
-            pts = pts + [(bf16_bytes / r, d, n) for n, r, d in PEERS]
-        ax.set_xscale("log")
-        if yscale == "symlog":
-            ys = [abs(y) for _, y, _ in pts if y]
-            ax.set_yscale("symlog", linthresh=min(ys) if ys else 1.0)
-            if all(y >= 0 for _, y, _ in pts):  # KL: nothing below zero to show
-                ax.set_ylim(bottom=0)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("KV bytes per token (all layers, K+V)")
-        ax.grid(True, which="both", alpha=0.3)
-    fig.suptitle(f"{meta.get('config', '')}: quality against KV cache size "
-                 f"(prefix {meta.get('prefix')}, {meta.get('tokens_scored', '?')} scored tokens, "
-                 f"chunk {meta.get('chunk')})", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # --- command line -------------------------------------------------------------------------------

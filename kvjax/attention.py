@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from kvjax.cache.layout import from_storage
 from kvjax.cache.paged import Segment, absolute_positions, sink_page_lo
+from kvjax.rope import rotate_half
 
 
 def _window_values(ring: jax.Array, layer: jax.Array, window_slots: jax.Array,
@@ -81,11 +82,7 @@ def rerotate_keys(k: jax.Array, page_pos: jax.Array, q_positions: jax.Array,
     evicted = (absolute_positions(page_pos, q_positions[:, :1], ps) - q_positions[:, :1])  # [b,1]
     page_shift = evicted - (page_pos - jnp.arange(page_pos.shape[1]) * ps)  # [b, max_pages]
     shift = jnp.repeat(page_shift, ps, axis=1)  # [b, max_len]
-    # models.layers.apply_rope's rotation (rotate-half layout), on [kv_heads, b, max_len, d].
-    angles = shift.astype(jnp.float32)[..., None] * inv_freq  # [b, max_len, d / 2]
-    cos, sin = jnp.cos(angles)[None], jnp.sin(angles)[None]
-    k1, k2 = jnp.split(k, 2, axis=-1)
-    return jnp.concatenate([k1 * cos - k2 * sin, k2 * cos + k1 * sin], axis=-1)
+    return rotate_half(k, shift[None], inv_freq)  # k: [kv_heads, b, max_len, d]
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,

@@ -15,6 +15,7 @@ import numpy as np
 
 from kvjax.config import ModelConfig
 from kvjax.quant.weights import Int4Weight, Int8Weight, is_quantized
+from kvjax.rope import rotate_half
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -79,14 +80,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
                scale: float = 1.0) -> jax.Array:
     """x: [batch, tokens, heads, head_dim]; positions: [batch, tokens]; inv_freq: [head_dim/2];
     scale: multiplies cos and sin (YaRN's attention factor, `rope_attention_factor`)."""
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, tokens, head_dim // 2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
-    if scale != 1.0:
-        cos, sin = cos * scale, sin * scale
-    x32 = x.astype(jnp.float32)
-    x1, x2 = jnp.split(x32, 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    out = rotate_half(x.astype(jnp.float32), positions[:, :, None], inv_freq, scale)
     return out.astype(x.dtype)
 
 

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from kvjax.calibrate import KVCalibration
 from kvjax.quant import ChannelSplit, Quantizer, make_quantizer
 from kvjax.quant.plain import PlainQuantizer
+from kvjax.rope import rotate_half
 
 _RAW = {"bf16": jnp.bfloat16, "f32": jnp.float32}
 
@@ -145,7 +146,7 @@ class PoolSpec:
 
     def _mean(self, layer: jax.Array, positions: jax.Array | None) -> jax.Array:
         """The mean keys are centred on: k_mean [h, d], or R(p) k_mean_rope [h, *positions, d]
-        (rotate-half RoPE at the f32 angles models.layers.apply_rope computes)."""
+        (kvjax.rope.rotate_half, as the model turns its keys)."""
         cal = self.calibration
         if not self.rope_centred:
             return jnp.asarray(cal.k_mean)[layer + self.first_layer]
@@ -153,10 +154,7 @@ class PoolSpec:
             raise ValueError("RoPE-centred keys need their absolute positions")
         mu = jnp.asarray(cal.k_mean_rope)[layer + self.first_layer]  # [h, d]
         mu = mu.reshape((mu.shape[0],) + (1,) * positions.ndim + (mu.shape[1],))
-        ang = positions.astype(jnp.float32)[..., None] * jnp.asarray(cal.rope_inv_freq)
-        cos, sin = jnp.cos(ang)[None], jnp.sin(ang)[None]
-        m1, m2 = jnp.split(mu, 2, axis=-1)
-        return jnp.concatenate([m1 * cos - m2 * sin, m2 * cos + m1 * sin], axis=-1)
+        return rotate_half(mu, positions[None], jnp.asarray(cal.rope_inv_freq))
 
     @property
     def reordered(self) -> bool:

@@ -137,7 +137,8 @@ def plot_texts(paths: Sequence[str | Path], out: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = [load(p) for p in paths]
-    fig, axes = plt.subplots(2, len(runs), figsize=(6.5 * len(runs), 8.5), squeeze=False)
+    width = max(8.0, 6.5 * len(runs))
+    fig, axes = plt.subplots(2, len(runs), figsize=(width, 8.5), squeeze=False)
     for col, (rows, meta) in enumerate(runs):
         ref = meta.get("reference", "bf16")
         _scatter_panel(axes[0][col], rows, _dppl,

@@ -138,15 +138,17 @@ def decode_step(case: Case, dev) -> tuple[Callable, tuple]:
     return step, case_args(case, dev)
 
 
-def ragged_step(case: Case, dev) -> tuple[Callable, tuple]:
+def ragged_step(case: Case, dev, decode_args: tuple | None = None
+                ) -> tuple[Callable, tuple]:
     """The ragged prefill+decode kernel (kvjax/pallas_kernels/ragged_attention.py): a 4-row
-    step of 64 tokens (prefill chunks and decode rows, chunk K/V passed in) over 4K of pages."""
+    step of 64 tokens (prefill chunks and decode rows, chunk K/V passed in) over 4K of pages.
+    decode_args: case_args' tuple to build on (default: case_args(case, dev))."""
     import jax
     import jax.numpy as jnp
 
     from kvjax.pallas_kernels import ragged_attention
 
-    q1, seg, pt, lens, slots = case_args(case, dev)
+    q1, seg, pt, lens, slots = decode_args or case_args(case, dev)
     b, _, nh, d = q1.shape
     t, sh = 64, q1.sharding
     q = jax.ShapeDtypeStruct((b, t, nh, d), jnp.bfloat16, sharding=sh)
@@ -168,9 +170,10 @@ KERNEL_KINDS: dict[str, Callable[[Case, object], tuple[Callable, tuple]]] = {
 # Kinds whose rotation (every dtype at head_dim 64 and 128) is in the default table
 # (`--cases default`) and whose product is `--cases all`.
 DEFAULT_KINDS: list[str] = ["decode", "ragged"]
-# Also in the driver's default table: one case per family of kvjax/bench/compile_kinds.py's
-# kinds (calibrated TurboQuant pools, the H2O mass output).
+# Also in the driver's default table: cases of kvjax/bench/compile_kinds.py's kinds (calibrated
+# TurboQuant pools under the decode and the ragged kernel, the H2O mass output).
 EXTRA_DEFAULT: list[str] = ["cal:turbo3.5-d64-g3-p16", "cal:turbo2.5-d128-g3-p32",
+                            "calragged:turbo3.5-d64-g3-p16", "calragged:turbo2.5-d128-g3-p32",
                             "mass:int4-d128-g8-p16", "mass:kivi4-d64-g3-p64"]
 
 

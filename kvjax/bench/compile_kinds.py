@@ -1,7 +1,9 @@
 """Kernel kinds for ``python -m kvjax.bench.compile`` beyond the plain decode kernel:
 
     cal:CASE    the decode kernel over calibrated TurboQuant pools (kvjax/calibrate.py: keys
-                centred per token, channels reordered per layer and KV head; smollm2's default)
+                centred per token, channels reordered per layer and KV head; a format-1 file)
+    calragged:CASE  the ragged prefill+decode kernel over calibrated TurboQuant pools with a
+                format-2 file (keys centred on R(p) k_mean_rope: smollm2's shipped calibration)
     mass:CASE   the decode kernel with the H2O attention-mass side output (with_mass=True)
 
 ``KINDS`` has the same shape as compile_case.KERNEL_KINDS (``build(case, dev) -> (step, args)``);
@@ -22,24 +24,40 @@ from collections.abc import Callable
 from kvjax.bench import compile_case
 from kvjax.bench.compile_case import Case
 
-_CAL_DIRS: dict[tuple[int, int, int], str] = {}
+_CAL_DIRS: dict[tuple[int, int, int, bool], str] = {}
 
 
-def calibration_dir(layers: int, kv_heads: int, head_dim: int) -> str:
+def calibration_dir(layers: int, kv_heads: int, head_dim: int, rope: bool = False) -> str:
     """A KV calibration with random channel orders and a key mean, in a temporary directory
-    (compiling needs its shapes only; the values change no code)."""
+    (compiling needs its shapes only; the values change no code). rope: format 2, the mean
+    also as a pre-RoPE mean with the inverse frequencies of _args' model config (keys centred
+    on R(p) mu, as the shipped smollm2 file)."""
     import numpy as np
 
     from kvjax.calibrate import KVCalibration
 
-    key = (layers, kv_heads, head_dim)
+    key = (layers, kv_heads, head_dim, rope)
     if key not in _CAL_DIRS:
         rng = np.random.default_rng(0)
-        order = np.argsort(rng.random((2, *key)), axis=-1)
-        cal = KVCalibration(k_mean=rng.standard_normal(key).astype(np.float32),
-                            k_order=order[0], v_order=order[1], source="compile_kinds")
+        shape = key[:3]
+        order = np.argsort(rng.random((2, *shape)), axis=-1)
+        mu = rng.standard_normal(shape).astype(np.float32)
+        extra = {}
+        if rope:
+            from models.layers import rope_inv_freq
+
+            extra = {"k_mean_rope": mu, "rope_inv_freq": rope_inv_freq(_model(head_dim, 1))}
+        cal = KVCalibration(k_mean=mu, k_order=order[0], v_order=order[1],
+                            source="compile_kinds", **extra)
         _CAL_DIRS[key] = str(cal.save(tempfile.mkdtemp(prefix="kvjax_cal_")))
     return _CAL_DIRS[key]
+
+
+def _model(head_dim: int, gqa: int, hkv: int = 2):
+    from kvjax.config import ModelConfig
+
+    return ModelConfig(num_layers=2, num_heads=gqa * hkv, num_kv_heads=hkv, head_dim=head_dim,
+                       hidden_size=64, intermediate_size=64, vocab_size=32)
 
 
 def _args(case: Case, dev, calibration: str = "", batch: int = 4, context: int = 4096):
@@ -49,11 +67,10 @@ def _args(case: Case, dev, calibration: str = "", batch: int = 4, context: int =
     from jax.sharding import SingleDeviceSharding
 
     from kvjax.cache.paged import init_cache
-    from kvjax.config import CacheConfig, ModelConfig
+    from kvjax.config import CacheConfig
 
     hkv = 2
-    mc = ModelConfig(num_layers=2, num_heads=case.gqa * hkv, num_kv_heads=hkv,
-                     head_dim=case.head_dim, hidden_size=64, intermediate_size=64, vocab_size=32)
+    mc = _model(case.head_dim, case.gqa, hkv)
     cc = CacheConfig(dtype=case.dtype, page_size=case.page_size, window=case.window,
                      calibration=calibration)
     max_pages = context // case.page_size
@@ -91,13 +108,21 @@ def calibrated_step(case: Case, dev) -> tuple[Callable, tuple]:
     return _step(False), _args(case, dev, calibration_dir(2, 2, case.head_dim))
 
 
+def calibrated_ragged_step(case: Case, dev) -> tuple[Callable, tuple]:
+    """compile_case.ragged_step over calibrated TurboQuant pools, RoPE-centred (format 2)."""
+    if not case.dtype.startswith("turbo"):
+        raise ValueError(f"calragged: needs a turbo dtype, got {case.dtype!r}")
+    return compile_case.ragged_step(
+        case, dev, _args(case, dev, calibration_dir(2, 2, case.head_dim, rope=True)))
+
+
 def mass_step(case: Case, dev) -> tuple[Callable, tuple]:
     """Decode with the H2O attention-mass side output."""
     return _step(True), _args(case, dev)
 
 
 KINDS: dict[str, Callable[[Case, object], tuple[Callable, tuple]]] = {
-    "cal": calibrated_step, "mass": mass_step}
+    "cal": calibrated_step, "calragged": calibrated_ragged_step, "mass": mass_step}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -88,9 +88,13 @@ def _kernel(*refs, plan: RaggedPlan, kfmt: KeyFormat, vfmt: ValueFormat, n_q: in
 def warps_for(kfmt, warps: int, rows: int, d: int) -> int:
     """Warps for the Triton ragged kernel: 8 where a program's tile is >= 4096 elements, and for
     KIVI at head_dim >= 128, whose whole-scale-row key phases spilled 8 bytes at 168 registers
-    over 4 warps on h100 (ragged kivi2/kivi4-d128-g1-p32; 8 warps: 166 registers, no spill)."""
+    over 4 warps on h100 (ragged kivi2/kivi4-d128-g1-p32; 8 warps: 166 registers, no spill),
+    and for RoPE-centred TurboQuant keys at head_dim >= 128, whose in-kernel cos / sin
+    (libdevice, with the large-angle path) spilled 48 bytes at 168 registers over 4 warps
+    (calibrated ragged turbo2.5-d128-g3-p32; 8 warps: 197 registers, no spill)."""
     kivi_wide = "Kivi" in type(kfmt).__name__ and d >= 128
-    return max(warps, 8 if rows * d >= 4096 or kivi_wide else 4)
+    rope_wide = getattr(getattr(kfmt, "calib", None), "rope", False) and d >= 128
+    return max(warps, 8 if rows * d >= 4096 or kivi_wide or rope_wide else 4)
 
 
 def launch(plan: RaggedPlan, kfmt, vfmt, qs, qw, kc, vc, k_leaves, v_leaves, ring, layer,

@@ -351,6 +351,18 @@ def shard_attention(fn: Callable, mesh: Mesh, mc: ModelConfig, batch: int) -> Ca
     return wrapped
 
 
+def local_kv_heads(x: jax.Array, n_local: int) -> jax.Array:
+    """x [kv_heads, ...], a per-KV-head constant (a KV calibration's key mean or channel order),
+    cut to the n_local KV heads this device reads inside `shard_attention`: its block when the
+    KV heads are split on "tensor", or the one KV head its query heads share when they are
+    replicated. Both start at axis_index * kv_heads // tensor. x as is when n_local covers it."""
+    h = x.shape[0]
+    if n_local == h:
+        return x
+    first = jax.lax.axis_index(TENSOR) * h // jax.lax.axis_size(TENSOR)
+    return jax.lax.dynamic_slice_in_dim(x, first, n_local, axis=0)
+
+
 def per_device_bytes(tree: Any) -> int:
     """Bytes one device holds of a pytree of ShapeDtypeStructs/arrays with NamedShardings."""
     total = 0
@@ -361,8 +373,7 @@ def per_device_bytes(tree: Any) -> int:
 
 
 __all__ = ["CACHE_AXES", "DATA", "LOGICAL_RULES", "PARAM_AXES", "TENSOR", "abstract_params",
-           "active_mesh",
-           "axis_rules", "batch_sharding", "cache_leaf_spec", "cache_shardings", "init_sharded",
-           "jit_forward", "load_sharded", "make_mesh", "mesh_for_run", "per_device_bytes",
-           "put_batch", "put_global", "shard_attention", "shard_params", "sharded_forward",
-           "tracing_mesh"]
+           "active_mesh", "axis_rules", "batch_sharding", "cache_leaf_spec", "cache_shardings",
+           "init_sharded", "jit_forward", "load_sharded", "local_kv_heads", "make_mesh",
+           "mesh_for_run", "per_device_bytes", "put_batch", "put_global", "shard_attention",
+           "shard_params", "sharded_forward", "tracing_mesh"]

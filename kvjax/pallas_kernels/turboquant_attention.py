@@ -242,7 +242,7 @@ class TurboValue(ValueFormat):
         if self.calib is None or not self.calib.reordered:
             return out
         inv = self.calib.at(np.argsort(self.calib.cal.v_order, axis=-1).astype(np.int32),
-                            layer)  # [Hkv, D]: out[..., e] = stored[..., inv[e]]
+                            layer, out.shape[1])  # [Hkv, D]: out[..., e] = stored[..., inv[e]]
         d = out.shape[-1]
         onehot = (jnp.arange(d, dtype=jnp.int32)[None, :, None] == inv[:, None, :])
         rows = out.reshape(out.shape[0], out.shape[1], -1, d)

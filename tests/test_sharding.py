@@ -114,6 +114,24 @@ def run_group(group: str) -> list[dict]:
     return out
 
 
+def _calibration(mc, path: str) -> str:
+    """A format-2 KV calibration for mc (kvjax/calibrate.py): a different key mean and channel
+    orders per layer and KV head (an outlier channel at +4), the model's own RoPE frequencies."""
+    import numpy as np
+
+    from kvjax.calibrate import KVCalibration
+    from models.layers import rope_inv_freq
+
+    rng = np.random.default_rng(0)
+    shape = (mc.num_layers, mc.num_kv_heads, mc.head_dim)
+    k_mean = 0.3 * rng.standard_normal(shape).astype(np.float32)
+    k_mean[..., 3] += 4.0
+    order = np.argsort(rng.random((2, *shape)), axis=-1)
+    KVCalibration(k_mean=k_mean, k_order=order[0], v_order=order[1], k_mean_rope=k_mean,
+                  rope_inv_freq=rope_inv_freq(mc)).save(path)
+    return path
+
+
 def run_extras() -> dict:
     """Placement checks, shard_map attention (XLA and Pallas) and the orbax restore into
     shardings."""
@@ -177,6 +195,23 @@ def run_extras() -> dict:
     tokens, got = _generate(cfg, params, sharding.make_mesh(MeshConfig(1, 4)), prompts, 3, True)
     res["pallas"] = {"same_tokens": tokens == ref_tokens,
                      "max_rel_err": float(np.abs(got - ref).max() / np.abs(ref).max())}
+
+    # ... with a KV calibration (RoPE-centred key mean, channel orders per KV head): each device
+    # must read its own KV heads' rows of it. turbo3.5 over 4 KV heads split 4 ways (reordered
+    # channels, keys and values), turbo4 over 2 KV heads replicated on tensor 4.
+    res["pallas_calibrated"] = {}
+    for name, dtype in (("tiny_llama_kv4", "turbo3.5"), ("tiny_llama", "turbo4")):
+        base = load_config(name)
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = dataclasses.replace(_cache_config(base, dtype).replace_cache(
+                calibration=_calibration(base.model, tmp)), attention_impl="pallas")
+            params = {k: np.asarray(v) for k, v in models.random_params(cfg.model, 3).items()}
+            ref_tokens, ref = _generate(cfg, params, None, prompts, 3, True)
+            tokens, got = _generate(cfg, params, sharding.make_mesh(MeshConfig(1, 4)), prompts,
+                                    3, True)
+        res["pallas_calibrated"][f"{name}-{dtype}"] = {
+            "same_tokens": tokens == ref_tokens,
+            "max_rel_err": float(np.abs(got - ref).max() / np.abs(ref).max())}
 
     # orbax: restored straight into the shardings, equal to the saved values.
     cfg = load_config("tiny_llama_kv4")
@@ -289,6 +324,15 @@ def test_70b_plan_prints_per_device_memory():
 
 def test_pallas_decode_under_shard_map_matches_one_device(results):
     r = results["extras"]["pallas"]
+    assert r["same_tokens"], r
+    assert r["max_rel_err"] <= tolerance("turbo4"), r
+
+
+@pytest.mark.parametrize("case", ["tiny_llama_kv4-turbo3.5", "tiny_llama-turbo4"])
+def test_calibrated_pallas_under_shard_map_matches_one_device(results, case):
+    """Per-KV-head calibration arrays are cut to each device's KV heads (split or replicated):
+    before, the kernels met the whole model's arrays and failed to trace."""
+    r = results["extras"]["pallas_calibrated"][case]
     assert r["same_tokens"], r
     assert r["max_rel_err"] <= tolerance("turbo4"), r
 

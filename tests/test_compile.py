@@ -147,6 +147,11 @@ def test_model_steps_hold_the_kernel_on_tpu(results):
         # the Runner stores it): no copy of a pool code leaf, or of one layer of it, is left.
         # With XLA's default (pages-on-lanes) layout every step relayouted the pool in and out.
         assert r["pool_copy_count"] == 0, (key, r["pool_copy_bytes"])
+        # No float buffer shaped like one KV head's whole context or more, besides the cache's
+        # own leaves: the kernels read the pages compressed and the chunk is quantized as it is
+        # written, so no step materializes a dequantized (bf16 / f32) copy of K/V
+        # (compile_target.hlo_float_kv_buffers; an XLA-path gather_kv step has two per layer).
+        assert r["dequant_count"] == 0, (key, r["dequant_bytes"], r["dequant_largest"])
 
 
 @needs_cuda
@@ -222,7 +227,11 @@ def test_bytes_table_flags_excess_over_bf16():
     rows[0].update(copy_bytes=20, copy_tiled_bytes=30)
     rows[2].update(copy_bytes=50, copy_tiled_bytes=120)
     line = next(ln for ln in driver.model_table(rows).splitlines() if "int4-32768" in ln)
-    assert line.endswith("| -3.00 | 170 | -4.20 |")  # (300 - 600) / 100, then - (170 - 50) / 100
+    # (300 - 600) / 100, then - (170 - 50) / 100; kv floats not reported
+    assert line.endswith("| -3.00 | 170 | -4.20 | - |")
+    rows[2].update(dequant_count=2, dequant_bytes=3 << 20)
+    line = next(ln for ln in driver.model_table(rows).splitlines() if "int4-32768" in ln)
+    assert line.endswith("| -4.20 | **2: 3.0M** |")
 
 
 def test_hlo_copy_bytes():
@@ -249,6 +258,33 @@ ENTRY %main (a: u16[1,2,1025,16,1], b: u8[2,1025,16,12]) -> u16[1,2,1025,16,1] {
                    "copy_bytes": 2 * 2 * 1025 * 16 + 2 * 1025 * 16 * 12 + 60,
                    "copy_tiled_bytes": 2 * 2 * 1032 * 128 + 2 * 1025 * 16 * 128 + 60,
                    "pool_copy_count": 1, "pool_copy_bytes": 2 * 1025 * 16 * 12}
+
+
+def test_hlo_float_kv_buffers():
+    """Float buffers with a head_dim dimension and >= min_elements elements, outside fused
+    computations and other than the cache's own leaves, are dequantized K/V copies."""
+    from kvjax.bench.compile_target import hlo_float_kv_buffers
+
+    hlo = """%fused_computation.7 (p: u8[8,16,32]) -> bf16[8,16,64] {
+  %convert.1 = bf16[8,16,64]{2,1,0} convert(%p)
+}
+
+%body (a: (s32[], u16[4,8,16,64])) -> (s32[], u16[4,8,16,64]) {
+  %deq = bf16[8,16,64]{2,1,0} fusion(%x), kind=kLoop, calls=%fused_computation.7
+  %pair = (f32[2,8,16,64]{3,2,1,0}, u8[8,16,32]{2,1,0}) fusion(%y), kind=kLoop, calls=%f2
+  %small = f32[1,16,64]{2,1,0} fusion(%z), kind=kLoop, calls=%f3
+  %upd = bf16[4,8,16,64]{3,2,1,0} fusion(%w), kind=kLoop, calls=%f4
+  %view = bf16[8,16,64]{2,1,0} bitcast(%deq)
+  %gte = f32[2,8,16,64]{3,2,1,0} get-tuple-element(%pair), index=0
+  %wide = f32[8,16,128]{2,1,0} fusion(%v), kind=kLoop, calls=%f5
+}
+"""
+    got = hlo_float_kv_buffers(hlo, 64, 8 * 16 * 64, frozenset({("bf16", 4 * 8 * 16 * 64)}))
+    # counted: the dequantizing fusion's result and the tuple fusion's f32 member; not: the
+    # convert inside the fused computation, the small one, the cache leaf's update (excluded),
+    # the bitcast and get-tuple-element views, a buffer without a head_dim dimension
+    assert got == {"dequant_count": 2, "dequant_bytes": 8 * 16 * 64 * (2 + 2 * 4),
+                   "dequant_largest": "f32[2,8,16,64]"}
 
 
 def test_tpu_log_parsing(tmp_path):

@@ -187,6 +187,13 @@ def _ratio(x, y) -> str:
     return f"{x / y:.2f}" if x and y else "-"
 
 
+def _kv_floats(r: dict) -> str:
+    n = r.get("dequant_count")
+    if n is None:
+        return "-"
+    return f"**{n}: {_fmt_bytes(r['dequant_bytes'])}**" if n else "0"
+
+
 def model_table(results: list[dict]) -> str:
     """Whole model steps: compiled memory per device and (TPU) bytes per step, against bf16's
     step of the same group (config, context, chunk, layers, devices):
@@ -207,7 +214,10 @@ def model_table(results: list[dict]) -> str:
                     such as pool leaves narrower than 128 lanes copied into the row-major
                     128-lane layout a Mosaic operand must have
       rest/cache    (dxla - copies' difference from bf16's) / cache: what the format adds
-                    beyond the copies; ~0 when the relayouts are the whole excess"""
+                    beyond the copies; ~0 when the relayouts are the whole excess
+      kv floats     float buffers shaped like one KV head's whole context or more, besides the
+                    cache's own leaves (compile_target.hlo_float_kv_buffers): a dequantized
+                    copy of K/V; 0 when the kernels read the pages and the write quantizes"""
     from kvjax.bench.compile_model import parse
 
     base = {}
@@ -221,7 +231,7 @@ def model_table(results: list[dict]) -> str:
             base[r["group"]] = r
     rows = ["| model step | status | s | calls | cache | weights | args | temp | vmem "
             "| xla bytes | kernel reads | total | x bf16 | kv ratio | /(bf16 x kv) "
-            "| xla-w/cache | dxla/cache | copies | rest/cache |", "|" + "---|" * 19]
+            "| xla-w/cache | dxla/cache | copies | rest/cache | kv floats |", "|" + "---|" * 20]
     flagged = []
     for r in results:
         if r.get("copy_tiled_bytes") is not None:
@@ -255,7 +265,7 @@ def model_table(results: list[dict]) -> str:
                     f"{_fmt_bytes(r.get('bytes_accessed'))} | "
                     f"{_fmt_bytes(r.get('kernel_read_bytes'))} | {_fmt_bytes(tot)} | "
                     f"{_ratio(tot, b_tot)} | {kv} | {norm} | {extra} | {dxla} | "
-                    f"{_fmt_bytes(r.get('copy_traffic'))} | {rest} |")
+                    f"{_fmt_bytes(r.get('copy_traffic'))} | {rest} | {_kv_floats(r)} |")
     n_ok = sum(bool(r.get("ok")) for r in results)
     rows.append(f"\n{n_ok}/{len(results)} model steps compiled with the kernel call")
     if flagged:

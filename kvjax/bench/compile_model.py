@@ -124,11 +124,20 @@ def run_model(name: str, target: str) -> dict:
         hlo_type(shape[i:], leaf.dtype) for leaf in leaves
         if pool_leaf_layout(tuple(leaf.shape), leaf.dtype) is not None
         for shape in [tuple(leaf.sharding.shard_shape(leaf.shape))] for i in (0, 1))
+    # Float buffers shaped like one KV head's whole context or more, other than the cache's
+    # own leaves (and one layer of them, and their in-place updates): a dequantized copy of
+    # the pool (`dequant_count`; compile_target.hlo_float_kv_buffers).
+    cache_leaves = frozenset(
+        (hlo_type((), leaf.dtype)[:-2], math.prod(shape) // div)
+        for leaf in jax.tree.leaves(cache)
+        for shape in [tuple(leaf.sharding.shard_shape(leaf.shape))]
+        for div in {1, max(shape[0], 1) if shape else 1})
+    kv_check = (mc.head_dim, mc_.context * mc.head_dim, cache_leaves)
     saved = models.transformer.COMPUTE_DTYPE
     models.transformer.COMPUTE_DTYPE = jnp.bfloat16
     try:
         with sharding.tracing_mesh(mesh):
-            out = compile_fn(step, args, target, pool_types=pool_types)
+            out = compile_fn(step, args, target, pool_types=pool_types, kv_check=kv_check)
     finally:
         models.transformer.COMPUTE_DTYPE = saved
     # What the attention kernels read per step on one device: every token's pages (and the

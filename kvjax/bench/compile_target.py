@@ -93,12 +93,14 @@ def kernel_marker(target: str) -> str:
 
 
 def compile_fn(fn, args, target: str, marker_required: bool = True,
-               pool_types: frozenset[str] = frozenset(), **jit_kw) -> dict:
+               pool_types: frozenset[str] = frozenset(), kv_check: tuple | None = None,
+               **jit_kw) -> dict:
     """jit(fn, **jit_kw).trace(*args).lower().compile() with timing and what the target
     reports: kernel custom calls in the lowered step, memory_analysis (argument / output / alias
     / temp / code bytes), on TPU the HLO's copies (`hlo_copy_bytes`; pool_types: the HLO types
     of pool leaves, whose copies are also counted apart) and, where the backend gives one,
-    cost_analysis bytes accessed."""
+    cost_analysis bytes accessed. kv_check: (head_dim, min_elements, cache_leaves) to count
+    float buffers shaped like context-sized K/V (`hlo_float_kv_buffers`)."""
     import jax
 
     t0, c0 = time.perf_counter(), time.process_time()
@@ -122,8 +124,11 @@ def compile_fn(fn, args, target: str, marker_required: bool = True,
         out["out_bytes"] = int(mem.output_size_in_bytes)
         out["alias_bytes"] = int(mem.alias_size_in_bytes)
         out["code_bytes"] = int(getattr(mem, "generated_code_size_in_bytes", 0))
+    text = compiled.as_text() if target.startswith("tpu") or kv_check else ""
     if target.startswith("tpu"):
-        out.update(hlo_copy_bytes(compiled.as_text(), pool_types))
+        out.update(hlo_copy_bytes(text, pool_types))
+    if kv_check:
+        out.update(hlo_float_kv_buffers(text, *kv_check))
     try:
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
@@ -176,6 +181,53 @@ def hlo_copy_bytes(hlo: str, pool_types: frozenset[str] = frozenset()) -> dict:
         tiled += _ITEM[m[1]] * math.prod(dims)
     return {"copy_count": n, "copy_bytes": logical, "copy_tiled_bytes": tiled,
             "pool_copy_count": pool_n, "pool_copy_bytes": pool_bytes}
+
+
+_FLOATS = frozenset({"bf16", "f16", "f32", "f64", "f8e4m3fn", "f8e5m2"})
+# Ops whose result is not a buffer of its own: views, aliases of a loop / call's result.
+_NO_BUFFER = frozenset({"parameter", "get-tuple-element", "tuple", "bitcast", "constant",
+                        "while", "conditional", "call", "opt-barrier", "copy-done",
+                        "async-done", "slice-done"})
+_VALUE = re.compile(r"^\s*(?:ROOT )?%?[\w.-]+ = (.+?) ([a-z][\w-]*)\(")
+_ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
+
+
+def hlo_float_kv_buffers(hlo: str, head_dim: int, min_elements: int,
+                         cache_leaves: frozenset[tuple[str, int]] = frozenset()) -> dict:
+    """Float buffers of a compiled step shaped like context-sized keys or values: results of
+    instructions outside fused computations (a fusion's own result counts; what happens inside
+    a fusion is not written to memory; parameters, tuples, bitcasts and loop results are not
+    buffers of their own) in a float type, with a head_dim-sized dimension and at least
+    min_elements elements (a model step passes one KV head's whole context), other than the
+    cache's own leaves and their in-place updates (cache_leaves: (type, elements) of every
+    leaf and of one layer of it). A dequantized copy of the pool or of a gathered context
+    ([pages, page, heads, D] or [batch, context, heads, D] in bf16 / f32) is one; the chunk's
+    own keys, queries and the kernels' outputs are far smaller.
+    -> dequant_count, dequant_bytes, dequant_largest (its HLO type, "" when none)."""
+    import math
+
+    fusion_bodies = set(re.findall(r" fusion\(.*?calls=%?([\w.-]+)", hlo))
+    n = total = big = 0
+    largest, fused = "", False
+    for line in hlo.splitlines():
+        if line and not line[0].isspace():  # a computation header: "[ENTRY ]%name (..."
+            name = line.removeprefix("ENTRY ").lstrip("%").split(" ", 1)[0]
+            fused = name in fusion_bodies
+            continue
+        m = _VALUE.match(line)
+        if fused or not m or m[2] in _NO_BUFFER:
+            continue
+        for dtype, dims_text in _ARRAY.findall(m[1]):
+            dims = [int(d) for d in dims_text.split(",") if d]
+            elems = math.prod(dims)
+            if (dtype not in _FLOATS or head_dim not in dims or elems < min_elements
+                    or (dtype, elems) in cache_leaves):
+                continue
+            size = elems * _ITEM.get(dtype, 4)
+            n, total = n + 1, total + size
+            if size > big:
+                big, largest = size, f"{dtype}[{dims_text}]"
+    return {"dequant_count": n, "dequant_bytes": total, "dequant_largest": largest}
 
 
 def ptxas_report(dump: str, prefix: str = "kvjax") -> dict:

@@ -85,6 +85,27 @@ def pool_formats(cache: Any, shardings: Any, platform: str) -> Any | None:
         pools(seg, sh) for seg, sh in zip(cache.segments, shardings.segments, strict=True)))
 
 
+def resident_bytes(cfg: Any, device: Any) -> tuple[float, float]:
+    """(bytes per page, bytes per sequence slot) of cfg's KV cache as stored on `device` in the
+    layouts above (all KV heads; a mesh splits them): pool leaves with their lane and sublane
+    padding, window rings, sinks and tags. Off TPU the layouts are the default ones and this
+    equals the logical figure. Measured, not modelled: an identity over abstract caches of two
+    page counts and two slot counts is compiled (not run) and the compiler's argument bytes are
+    differenced, so the figure is the one the device allocates (3 small compiles)."""
+    from kvjax.cache import init_cache
+
+    def size(pages: int, slots: int) -> int:
+        cache = jax.eval_shape(lambda: init_cache(cfg.model, cfg.cache, pages, num_slots=slots))
+        shards = jax.tree.map(lambda _: SingleDeviceSharding(device), cache)
+        fmts = pool_formats(cache, shards, device.platform) or shards
+        compiled = jax.jit(lambda c: c).lower(abstract(cache, fmts)).compile()
+        return compiled.memory_analysis().argument_size_in_bytes
+
+    # 128 pages apart: the per-token leaves keep pages on lanes, padded to 128 on TPU
+    base = size(129, 1)
+    return (size(257, 1) - base) / 128, float(size(129, 9) - base) / 8
+
+
 def abstract(cache: Any, formats: Any) -> Any:
     """ShapeDtypeStructs of a cache (arrays or structs) carrying `formats` (from pool_formats)."""
     return jax.tree.map(lambda a, f: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=f),

@@ -4,6 +4,13 @@ ahead-of-time executables, slot resets and outside cache assignments) giving the
 plain path. That the TPU step then has no pool copy is tests/test_compile.py's
 (`pool_copy_count` of the compiled SmolLM2 steps)."""
 
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -11,12 +18,14 @@ from jax.experimental.layout import Format, Layout
 
 import kvjax.runner
 import models
-from kvjax.cache import init_cache
+from kvjax.cache import bytes_per_token, init_cache, window_bytes_per_sequence
 from kvjax.config import load_config
 from kvjax.engine.request import SamplingParams
 from kvjax.generate import Decoder, warm_decode
-from kvjax.pool_formats import pool_formats
+from kvjax.pool_formats import pool_formats, resident_bytes
 from kvjax.runner import Runner
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _formats(dtype: str, platform: str):
@@ -95,3 +104,45 @@ def test_runner_pinned_formats_give_the_plain_tokens(monkeypatch):
     r.free(0)
     r.reset_cache()
     assert _greedy(r, prompt, 12) == want
+
+
+_RESIDENT = """
+import json, jax
+from jax.experimental import topologies
+from kvjax.config import load_config
+from kvjax.pool_formats import resident_bytes
+dev = topologies.get_topology_desc("v5e:2x2", "tpu").devices[0]
+out = {}
+for d in ("bf16", "int8", "kivi4", "turbo3.5"):
+    out[d] = resident_bytes(load_config("smollm2").replace_cache(dtype=d, page_size=0), dev)
+cfg = load_config("tiny_llama").replace_cache(dtype="bf16", page_size=16, window=0)
+out["d128"] = resident_bytes(cfg.replace_model(head_dim=128), dev)
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason='libtpu is not importable: pip install -e ".[compile-tpu]"')
+def test_resident_bytes_count_tpu_padding():
+    """The memory planner's TPU page size (`resident_bytes`, compiled for v5e without a TPU):
+    head_dim 64 leaves are lane-padded to 128, head_dim 128 bf16 is not; the CPU figure is the
+    logical one. Run in a subprocess: libtpu stays out of the test process."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", _RESIDENT], env=env, capture_output=True,
+                       text=True, timeout=600, cwd=ROOT)
+    line = next((s for s in r.stdout.splitlines() if s.startswith("RESULT ")), None)
+    assert r.returncode == 0 and line, r.stderr[-3000:]
+    tpu = json.loads(line[len("RESULT "):])
+    for d in ("bf16", "int8", "kivi4", "turbo3.5"):
+        cfg = load_config("smollm2").replace_cache(dtype=d, page_size=0)
+        logical = bytes_per_token(cfg.model, cfg.cache) * cfg.cache.page_size
+        page, slot = resident_bytes(cfg, jax.devices()[0])  # CPU: default layouts
+        assert page == logical
+        assert slot >= window_bytes_per_sequence(cfg.model, cfg.cache)
+        assert tpu[d][0] >= 1.9 * logical, (d, tpu[d][0], logical)  # d64: 64 of 128 lanes
+    bf16 = load_config("smollm2").replace_cache(dtype="bf16", page_size=0)
+    assert tpu["bf16"][0] == 2 * bytes_per_token(bf16.model, bf16.cache) * bf16.cache.page_size
+    assert tpu["kivi4"][0] > 2 * tpu["bf16"][0]  # KIVI's narrow per-page leaves: ~10x
+    d128 = load_config("tiny_llama").replace_model(head_dim=128)
+    d128 = d128.replace_cache(dtype="bf16", page_size=16, window=0)
+    assert tpu["d128"][0] == bytes_per_token(d128.model, d128.cache) * 16  # lanes full

@@ -10,6 +10,7 @@ import jax
 from kvjax import sharding
 from kvjax.cache import bytes_per_token, window_bytes_per_sequence
 from kvjax.config import Config
+from kvjax.pool_formats import resident_bytes
 
 if TYPE_CHECKING:
     from kvjax.engine.engine import EngineConfig
@@ -34,6 +35,8 @@ def size_pool(cfg: Config, ecfg: EngineConfig, max_model_len: int, weight_bytes:
     what max_num_seqs requests of max_model_len tokens need, capped at 4 GiB and by free RAM. On
     a mesh every byte figure is one device's (weight_bytes: its shards; a page: its KV-head
     share), and the pool is one data-parallel replica's (each holds the whole pool, sharding.py).
+    On TPU a page counts the bytes it takes in the stored layout (`resident_bytes`: 2x-15x the
+    logical figure for head_dim-64 leaves), so the pool fits the memory it was sized from.
     """
     mc = cfg.model
     split = kv_split(cfg, mesh)
@@ -43,6 +46,10 @@ def size_pool(cfg: Config, ecfg: EngineConfig, max_model_len: int, weight_bytes:
     if ecfg.num_pages:
         return ecfg.num_pages, f"KV cache pages: {ecfg.num_pages} (set by --num-kv-pages)"
     dev = jax.local_devices()[0]
+    if dev.platform == "tpu":  # lane-padded there (kvjax/pool_formats.py): what it allocates
+        page, slot = resident_bytes(cfg, dev)
+        page_bytes = int(page) // split
+        window_bytes = int(slot) * ecfg.max_num_seqs // split
     stats = dev.memory_stats() if dev.platform != "cpu" else None
     # Activations: the sampled rows' logits in f32 (x2 for the sampler's sort) plus 1 GiB.
     reserve = ecfg.max_num_seqs * mc.vocab_size * 4 * 2 + GIB

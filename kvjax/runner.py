@@ -23,7 +23,7 @@ from flax import nnx
 
 import models
 from kvjax import sharding
-from kvjax.cache import PageAllocator, bytes_per_token, init_cache, window_bytes_per_sequence
+from kvjax.cache import BlockManager, bytes_per_token, init_cache, window_bytes_per_sequence
 from kvjax.cache.paged import reset_window_slot, with_attention_mass
 from kvjax.config import Config
 from kvjax.pool_formats import pinned_forward, pool_formats
@@ -133,7 +133,7 @@ class Runner:
         self._formats = self._cache_formats(jax.eval_shape(self._init_cache))
         self._cache = self._new_cache()
         self._set_forward()
-        self.allocator = PageAllocator(num_pages, page_size)
+        self.allocator = BlockManager(num_pages, page_size)  # prefix caching off: a free list
         # (batch, t, width) -> executable, least recently used first (see EVICT_SHARE)
         self._compiled: collections.OrderedDict[tuple[int, int, int], object] = \
             collections.OrderedDict()

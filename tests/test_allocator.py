@@ -1,11 +1,12 @@
-"""The host-side page allocator: random grow/free sequences keep the free list consistent."""
+"""The page allocator as the Runner uses it (BlockManager, prefix caching off): random grow/free
+sequences keep the free list consistent."""
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvjax.cache import NULL_PAGE, OutOfPages, PageAllocator
+from kvjax.cache import NULL_PAGE, BlockManager, OutOfPages
 
 ops = st.lists(st.tuples(st.sampled_from(["grow", "free"]), st.integers(0, 4),
                          st.integers(1, 40)), max_size=60)
@@ -14,7 +15,7 @@ ops = st.lists(st.tuples(st.sampled_from(["grow", "free"]), st.integers(0, 4),
 @settings(max_examples=200, deadline=None)
 @given(num_pages=st.integers(2, 24), page_size=st.sampled_from([1, 4, 16]), script=ops)
 def test_no_page_leaked_or_owned_twice(num_pages, page_size, script):
-    alloc = PageAllocator(num_pages, page_size)
+    alloc = BlockManager(num_pages, page_size)
     tokens: dict[int, int] = {}
     for op, sid, n in script:
         if op == "grow":
@@ -37,7 +38,7 @@ def test_no_page_leaked_or_owned_twice(num_pages, page_size, script):
 
 
 def test_page_table_rows_point_unowned_entries_at_null_page():
-    alloc = PageAllocator(10, 4)
+    alloc = BlockManager(10, 4)
     alloc.ensure(7, 9)  # 3 pages
     alloc.ensure(3, 1)  # 1 page
     table = alloc.page_table([3, 7], max_pages=5)

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvjax.engine.block_manager import NULL_PAGE, BlockManager, OutOfPages, root_hash
+from kvjax.cache.block_manager import NULL_PAGE, BlockManager, OutOfPages, root_hash
 from kvjax.engine.eviction import EvictionConfig, H2OScores, pages_to_drop
 
 ops = st.lists(st.tuples(st.sampled_from(["admit", "grow", "preempt", "finish", "share"]),

@@ -12,10 +12,10 @@ import pytest
 import models
 from kvjax.attention import paged_attention_step
 from kvjax.cache import init_cache, write_layer
+from kvjax.cache.block_manager import BlockManager
 from kvjax.cache.layout import to_storage
 from kvjax.cache.paged import with_attention_mass
 from kvjax.config import CacheConfig, ModelConfig, load_config
-from kvjax.engine.block_manager import BlockManager
 from kvjax.engine.eviction import page_scores
 from kvjax.runner import Runner
 from models.layers import apply_rope, rope_inv_freq

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from kvjax.cache import init_cache
+from kvjax.cache.block_manager import BlockManager
 from kvjax.cache.compact import compact, eviction_unit
 from kvjax.cache.paged import absolute_positions, with_attention_mass
 from kvjax.config import load_config
-from kvjax.engine.block_manager import BlockManager
 from kvjax.engine.eviction import EvictionConfig, tokens_to_drop
 from tests.test_eviction import DenseEvictingModel, generate_against_reference
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import jax
 
+from kvjax.cache.block_manager import BlockManager
 from kvjax.config import Config
-from kvjax.engine.block_manager import BlockManager
 from kvjax.engine.eviction import EvictionConfig
 from kvjax.engine.request import Request
 from kvjax.runner import Runner

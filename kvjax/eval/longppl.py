@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax.cache.block_manager import BlockManager
 from kvjax.config import Config
-from kvjax.engine.block_manager import BlockManager
 from kvjax.engine.eviction import EvictionConfig, evict_sequence
 from kvjax.runner import Runner
 

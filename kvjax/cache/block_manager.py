@@ -1,4 +1,5 @@
-"""Reference-counted pages and the prefix cache: the engine's view of one page pool.
+"""Reference-counted pages and the prefix cache: the one page allocator, for the engine and for
+the Runner (generate, eval: prefix caching off, where it is a plain free list).
 
 The device cache is an opaque pytree; what the engine manages are page ids. Every page except the
 null page 0 is in exactly one of three states:
@@ -26,10 +27,10 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Callable
 
 import numpy as np
 
-from kvjax.cache.allocator import page_table
 from kvjax.cache.paged import NULL_PAGE
 
 
@@ -356,3 +357,16 @@ class BlockManager:
         assert cached <= set(self._page_hash), "a cached page has no hash"
         assert not free & set(self._page_hash), "a free page still has a hash"
         assert {p: h for h, p in self._hash_to_page.items()} == self._page_hash
+
+
+def page_table(pages_of: Callable[[int], list[int]], seq_ids: list[int],
+               max_pages: int) -> np.ndarray:
+    """[len(seq_ids), max_pages] int32 rows of each sequence's pages (`pages_of(seq_id)`), padded
+    with the null page (unowned entries point at it)."""
+    table = np.full((len(seq_ids), max_pages), NULL_PAGE, np.int32)
+    for row, sid in enumerate(seq_ids):
+        pages = pages_of(sid)
+        if len(pages) > max_pages:
+            raise ValueError(f"sequence {sid} has {len(pages)} pages > max_pages {max_pages}")
+        table[row, : len(pages)] = pages
+    return table

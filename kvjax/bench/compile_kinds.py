@@ -17,6 +17,8 @@ them like any other kind (``--cases cal:turbo3.5-d64-g3-p16``). One case also co
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable
@@ -49,7 +51,9 @@ def calibration_dir(layers: int, kv_heads: int, head_dim: int, rope: bool = Fals
             extra = {"k_mean_rope": mu, "rope_inv_freq": rope_inv_freq(_model(head_dim, 1))}
         cal = KVCalibration(k_mean=mu, k_order=order[0], v_order=order[1],
                             source="compile_kinds", **extra)
-        _CAL_DIRS[key] = str(cal.save(tempfile.mkdtemp(prefix="kvjax_cal_")))
+        path = tempfile.mkdtemp(prefix="kvjax_cal_")
+        atexit.register(shutil.rmtree, path, True)  # one per case process: leave no /tmp trail
+        _CAL_DIRS[key] = str(cal.save(path))
     return _CAL_DIRS[key]
 
 

@@ -35,9 +35,13 @@ class Plan:
 
 
 def plan(cfg: Config, context: int, batch: int, device_memory_gib: float, devices: int,
-         utilization: float = 0.9, activation_reserve_gib: float = 1.0) -> Plan:
+         utilization: float = 0.9, activation_reserve_gib: float = 1.0,
+         stored: tuple[float, float] | None = None) -> Plan:
+    """stored: (bytes per token, bytes per sequence's window) as a device stores them
+    (`stored_bytes`); default the logical figures, what GPU and CPU store."""
     mc = cfg.model
-    per_token = bytes_per_token(mc, cfg.cache)
+    per_token = stored[0] if stored else bytes_per_token(mc, cfg.cache)
+    window = stored[1] if stored else window_bytes_per_sequence(mc, cfg.cache)
     # Projections at --weight-dtype (int8 / int4 + their scales), the rest at param_dtype.
     weights = qweights.weight_bytes(mc, _PARAM_BYTES[cfg.param_dtype])
     usable = int(device_memory_gib * GIB * devices * utilization)
@@ -46,8 +50,19 @@ def plan(cfg: Config, context: int, batch: int, device_memory_gib: float, device
     tokens = int(pool // per_token) // cfg.cache.page_size * cfg.cache.page_size
     # A request holds whole pages, plus its full-precision window where the dtype keeps one.
     per_request = int(per_token * math.ceil(context / cfg.cache.page_size) * cfg.cache.page_size
-                      + window_bytes_per_sequence(mc, cfg.cache))
+                      + window)
     return Plan(per_token, per_request, weights, usable, pool, tokens, pool / per_request)
+
+
+def stored_bytes(cfg: Config, target: str) -> tuple[float, float]:
+    """(KV bytes per token, window bytes per sequence) as a TPU target stores the pool: lane
+    padding included (kvjax/pool_formats.py `resident_bytes`, compiled for the target without
+    one; needs the compile extra)."""
+    from kvjax.bench.compile_target import target_device
+    from kvjax.pool_formats import resident_bytes
+
+    page, slot = resident_bytes(cfg, target_device(target))
+    return page / cfg.cache.page_size, slot
 
 
 def fmt_num(x: float) -> str:
@@ -56,14 +71,17 @@ def fmt_num(x: float) -> str:
 
 
 def format_plan(cfg: Config, p: Plan, context: int, batch: int, device_memory_gib: float,
-                devices: int) -> str:
+                devices: int, target: str | None = None) -> str:
     mc = cfg.model
     bf16 = bytes_per_token(mc, dataclasses.replace(cfg.cache, dtype="bf16"))
+    logical = bytes_per_token(mc, cfg.cache)
     lines = [
         f"config {cfg.name}: {mc.num_layers} layers, {mc.num_kv_heads} KV heads x head_dim "
         f"{mc.head_dim}, kv cache dtype {cfg.cache.dtype}, page size {cfg.cache.page_size}",
         f"KV bytes per token: {fmt_num(p.kv_bytes_per_token)} "
-        f"({p.kv_bytes_per_token / bf16:.2f}x of bf16's {fmt_num(bf16)})",
+        f"({p.kv_bytes_per_token / bf16:.2f}x of bf16's {fmt_num(bf16)})"
+        + (f" as {target} stores it ({p.kv_bytes_per_token / logical:.2f}x the logical "
+           f"{fmt_num(logical)}: lane padding)" if target else ""),
         f"KV bytes per request at {context:,} tokens: {p.bytes_per_request:,} "
         f"({p.bytes_per_request / 1e9:.2f} GB)",
         f"KV bytes for batch {batch} at {context:,} tokens: {batch * p.bytes_per_request:,} "
@@ -88,8 +106,9 @@ def main(argv: list[str]) -> int:
     cfg = cli.config_from_flags()
     context = FLAGS.context or cfg.model.max_position
     devices = FLAGS.devices or cfg.mesh.data * cfg.mesh.tensor
-    p = plan(cfg, context, FLAGS.batch, FLAGS.device_memory, devices)
-    print(format_plan(cfg, p, context, FLAGS.batch, FLAGS.device_memory, devices))
+    stored = stored_bytes(cfg, FLAGS.target) if FLAGS.target else None
+    p = plan(cfg, context, FLAGS.batch, FLAGS.device_memory, devices, stored=stored)
+    print(format_plan(cfg, p, context, FLAGS.batch, FLAGS.device_memory, devices, FLAGS.target))
     return 0
 
 
@@ -104,4 +123,8 @@ if __name__ == "__main__":
                        lower_bound=0.0)
     flags.DEFINE_integer("devices", None, "Number of devices (default: the config's mesh, "
                          "data x tensor).", lower_bound=1)
+    flags.DEFINE_enum("target", None, ["tpu-v5e", "tpu-v6e", "tpu-v5p"],
+                      "Count the KV pool as this TPU stores it (lane padding of narrow leaves; "
+                      "compiled here without a TPU, needs the compile extra). Default: logical "
+                      "bytes, what GPUs and CPUs store.")
     cli.run(main)

@@ -8,6 +8,7 @@ The subprocesses are started together from one module fixture (a few at a time) 
 time is about that of its slowest run, not the sum of ~16 interpreter start-ups.
 """
 
+import importlib.util
 import os
 import random
 import re
@@ -52,6 +53,8 @@ def runs(tmp_path_factory) -> dict[str, Future]:
                          "--cache-dtypes", "turbo3.5"],
         "memory_70b_int4": ["-m", "kvjax.memory", "--config", "llama70b_turbo", "--weight-dtype",
                             "int4", "--context", "131072"],
+        "memory_70b_tpu": ["-m", "kvjax.memory", "--config", "llama70b_turbo", "--context",
+                           "131072", "--target", "tpu-v5e", "--device-memory", "16"],
         "unknown_config": [*GEN, "--config", "nope", "--prompt", "hi"],
         "missing_weights": [*GEN, "--config", "tiny_llama", "--weights",
                             str(tmp / "no-such-file.gguf"), "--prompt", "hi"],
@@ -152,6 +155,26 @@ def test_memory_plan_llama70b_int4_weights(runs):
     pool = 80 * 2**30 * 8 * 0.9 - weights - 8 * 2**30
     assert f"Maximum concurrency for 131,072 tokens per request: {pool / per_request:.2f}x" in (
         r.stdout)
+
+
+def test_memory_plan_counts_what_a_tpu_stores(runs):
+    """--target tpu-v5e: the pool as the TPU lays it out (pool_formats.resident_bytes, compiled
+    without a TPU): turbo3.5's narrow code leaves take 4.3x their logical bytes there, a little
+    more than bf16's own. Without libtpu: a one-line error naming the extra."""
+    r = runs["memory_70b_tpu"].result()
+    if importlib.util.find_spec("libtpu") is None:
+        assert r.returncode != 0 and "compile extra" in r.stderr, r.stderr
+        return
+    assert r.returncode == 0, r.stderr
+    line = next(s for s in r.stdout.splitlines() if s.startswith("KV bytes per token"))
+    stored = int(line.split(": ")[1].split()[0].replace(",", ""))
+    logical = 76_800  # turbo3.5 at head_dim 128, 80 layers x 8 KV heads (test above)
+    assert f"as tpu-v5e stores it ({stored / logical:.2f}x the logical 76,800" in line, line
+    assert 4.0 * logical < stored < 4.6 * logical
+    per_request = int(next(s for s in r.stdout.splitlines()
+                           if s.startswith("KV bytes per request")).split(": ")[1].split()[0]
+                      .replace(",", ""))
+    assert per_request >= stored * 131_072  # the stored bytes carry into the capacity lines
 
 
 def test_plan70b_int4_compiled_weights_equal_planner(runs):

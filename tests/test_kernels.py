@@ -33,9 +33,10 @@ def _poison(x: jax.Array) -> jax.Array:
 
 
 def calibration_dir(tmp: str, *, layers: int, hkv: int, d: int, seed: int = 0,
-                    rope: bool = False) -> str:
+                    rope: bool = False, mc: ModelConfig | None = None) -> str:
     """A KV calibration (kvjax/calibrate.py) with random channel orders per (layer, head) and a
-    key mean near the test keys' (outlier channel 3 at +4), saved under tmp."""
+    key mean near the test keys' (outlier channel 3 at +4), saved under tmp. rope: format 2,
+    with the RoPE frequencies of mc (default: the kernel cases' model config)."""
     rng = np.random.default_rng(seed)
     k_mean = 0.3 * rng.standard_normal((layers, hkv, d)).astype(np.float32)
     k_mean[..., 3] += 4.0
@@ -44,9 +45,9 @@ def calibration_dir(tmp: str, *, layers: int, hkv: int, d: int, seed: int = 0,
     if rope:  # RoPE-centred keys (format 2): the same mean, taken as the pre-RoPE one
         from models.layers import rope_inv_freq
 
-        theta = rope_inv_freq(ModelConfig(num_layers=layers, num_heads=hkv, num_kv_heads=hkv,
-                                          head_dim=d, hidden_size=64, intermediate_size=64,
-                                          vocab_size=32))
+        theta = rope_inv_freq(mc or ModelConfig(num_layers=layers, num_heads=hkv,
+                                                num_kv_heads=hkv, head_dim=d, hidden_size=64,
+                                                intermediate_size=64, vocab_size=32))
         extra = dict(k_mean_rope=k_mean, rope_inv_freq=theta)
     KVCalibration(k_mean=k_mean, k_order=order[0], v_order=order[1], **extra).save(tmp)
     return tmp

@@ -114,24 +114,6 @@ def run_group(group: str) -> list[dict]:
     return out
 
 
-def _calibration(mc, path: str) -> str:
-    """A format-2 KV calibration for mc (kvjax/calibrate.py): a different key mean and channel
-    orders per layer and KV head (an outlier channel at +4), the model's own RoPE frequencies."""
-    import numpy as np
-
-    from kvjax.calibrate import KVCalibration
-    from models.layers import rope_inv_freq
-
-    rng = np.random.default_rng(0)
-    shape = (mc.num_layers, mc.num_kv_heads, mc.head_dim)
-    k_mean = 0.3 * rng.standard_normal(shape).astype(np.float32)
-    k_mean[..., 3] += 4.0
-    order = np.argsort(rng.random((2, *shape)), axis=-1)
-    KVCalibration(k_mean=k_mean, k_order=order[0], v_order=order[1], k_mean_rope=k_mean,
-                  rope_inv_freq=rope_inv_freq(mc)).save(path)
-    return path
-
-
 def run_extras() -> dict:
     """Placement checks, shard_map attention (XLA and Pallas) and the orbax restore into
     shardings."""
@@ -148,6 +130,7 @@ def run_extras() -> dict:
     from kvjax.cache.paged import init_cache
     from kvjax.config import MeshConfig, load_config
     from kvjax.loaders import orbax_ckpt
+    from tests.test_kernels import calibration_dir  # format 2 at the model's RoPE frequencies
 
     res = {}
     # Where things land: Megatron columns/rows, KV heads on tensor or replicated.
@@ -203,8 +186,11 @@ def run_extras() -> dict:
     for name, dtype in (("tiny_llama_kv4", "turbo3.5"), ("tiny_llama", "turbo4")):
         base = load_config(name)
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = dataclasses.replace(_cache_config(base, dtype).replace_cache(
-                calibration=_calibration(base.model, tmp)), attention_impl="pallas")
+            mc = base.model
+            cal = calibration_dir(tmp, layers=mc.num_layers, hkv=mc.num_kv_heads,
+                                  d=mc.head_dim, rope=True, mc=mc)
+            cfg = dataclasses.replace(_cache_config(base, dtype).replace_cache(calibration=cal),
+                                      attention_impl="pallas")
             params = {k: np.asarray(v) for k, v in models.random_params(cfg.model, 3).items()}
             ref_tokens, ref = _generate(cfg, params, None, prompts, 3, True)
             tokens, got = _generate(cfg, params, sharding.make_mesh(MeshConfig(1, 4)), prompts,

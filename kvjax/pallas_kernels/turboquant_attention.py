@@ -109,12 +109,11 @@ class Calibrated:
     flag_leaf: int = -1
     rope: bool = False  # keys centred on R(p) k_mean_rope (format-2 calibration), not k_mean
 
-    def at(self, arr, layer: jax.Array, n_local: int | None = None) -> jax.Array:
-        """arr[layer + first_layer]: [kv_heads, ...]. n_local: how many KV heads the caller
-        holds; under kvjax.sharding.shard_attention that is this device's share, whose rows
-        local_kv_heads cuts out (the arrays are per model KV head)."""
-        x = jnp.asarray(arr)[layer + self.first_layer]
-        return x if n_local is None else local_kv_heads(x, n_local)
+    def at(self, arr, layer: jax.Array, n_local: int) -> jax.Array:
+        """arr[layer + first_layer] for the caller's n_local KV heads: [n_local, ...]. Under
+        kvjax.sharding.shard_attention that is this device's share, whose rows local_kv_heads
+        cuts out (the arrays are per model KV head); elsewhere all of them."""
+        return local_kv_heads(jnp.asarray(arr)[layer + self.first_layer], n_local)
 
     def per_head(self, arr, layer: jax.Array, like: jax.Array) -> jax.Array:
         """arr[L] [kv_heads, D] shaped to broadcast against `like` [B, kv_heads, ..., D]."""

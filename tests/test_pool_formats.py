@@ -107,11 +107,11 @@ def test_runner_pinned_formats_give_the_plain_tokens(monkeypatch):
 
 
 _RESIDENT = """
-import json, jax
-from jax.experimental import topologies
+import json
+from kvjax.bench.compile_target import target_device
 from kvjax.config import load_config
 from kvjax.pool_formats import resident_bytes
-dev = topologies.get_topology_desc("v5e:2x2", "tpu").devices[0]
+dev = target_device("tpu-v5e")
 out = {}
 for d in ("bf16", "int8", "kivi4", "turbo3.5"):
     out[d] = resident_bytes(load_config("smollm2").replace_cache(dtype=d, page_size=0), dev)

@@ -50,7 +50,8 @@ def _scatter_panel(ax, rows, get: Callable, title: str, yscale: str, peers_at: f
     for x, y, name in pts:
         ax.scatter([x], [y], s=18)
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
-    if frontier and len(pts) > 1:
+    drawn = frontier and len(pts) > 1  # kvjax's own points (before the peers join pts)
+    if drawn:
         front = pareto_frontier(pts)
         xs = [x for x, _, _ in front] + [max(x for x, _, _ in pts)]
         ys = [y for _, y, _ in front] + [front[-1][1]]
@@ -74,7 +75,7 @@ def _scatter_panel(ax, rows, get: Callable, title: str, yscale: str, peers_at: f
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("KV bytes per token (all layers, K+V)")
     ax.grid(True, which="both", alpha=0.3)
-    if frontier and len(pts) > 1:
+    if drawn:
         ax.legend(fontsize=7, loc="upper right")
 
 

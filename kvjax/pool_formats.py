@@ -60,6 +60,39 @@ def pool_leaf_layout(shape: tuple[int, ...], dtype: Any) -> Layout | None:
     return Layout(major_to_minor=order, tiling=tiling)
 
 
+def pin(cache: Any, platform: str) -> Any:
+    """The cache (arrays or ShapeDtypeStructs) with every segment marked `pinned` where this
+    module's formats apply (TPU; as is elsewhere). Mark it before building its formats: the
+    mark is static pytree data, so formats and cache must agree on it."""
+    if platform != "tpu":
+        return cache
+    return cache.replace(segments=tuple(s.replace(pinned=True) for s in cache.segments))
+
+
+def whole_operand(seg: Any, leaf: Any, sealed: bool = False) -> bool:
+    """Whether a Mosaic kernel takes this pool leaf [layers, kv_heads, pages, rows, n] of `seg`
+    whole, the layer in its index map, rather than as its layer's slice (window rings: always
+    sliced, see kvjax/pallas_kernels/_core.py).
+
+    A slice of the layer loop's carry is a copy of that layer's every page (not just the
+    batch's), made in every layer of every step: for bf16 SmolLM2 at 128K, 50 MB written and
+    read again per layer. The whole leaf is no copy at all, but only where the loop carries the
+    leaf in the layout it is stored in, which is the Mosaic operand's: pinned pools (`pin`) whose
+    rows fill half a 128-lane tile or more (bf16 / int8 / fp8 codes at head_dim 64 and up; v5e
+    whole-model decode, SmolLM2 32K: bf16 1041 -> 783 MB a step, int8 750 -> 486). XLA carries
+    narrower code leaves (u8[.., 16, 32]: int4, turbo4, kivi4 at head_dim 64) with pages on
+    lanes, so a whole operand is relayouted in every layer (v5e whole-model decode, turbo4 32K:
+    2.25 -> 3.00 GB a step whole). Those stay sliced, and so do KIVI keys stored transposed
+    (`sealed` and n < rows) and n == 1 leaves (per-token scales: kvjax/pallas_kernels/_rowed.py,
+    or KIVI's per-group ones)."""
+    shape = tuple(leaf.shape)
+    if not seg.pinned or len(shape) != 5 or shape[3] == 1 or shape[4] == 1:
+        return False
+    if sealed and shape[4] < shape[3]:
+        return False
+    return shape[4] * np.dtype(leaf.dtype).itemsize >= 64
+
+
 def pool_formats(cache: Any, shardings: Any, platform: str) -> Any | None:
     """Per-leaf `Format`s (pool leaves) or shardings (the rest) for a cache pytree (a KVCache
     of arrays or ShapeDtypeStructs) placed on `shardings` (a matching pytree), for the step

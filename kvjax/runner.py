@@ -26,7 +26,7 @@ from kvjax import sharding
 from kvjax.cache import BlockManager, bytes_per_token, init_cache, window_bytes_per_sequence
 from kvjax.cache.paged import reset_window_slot, with_attention_mass
 from kvjax.config import Config
-from kvjax.pool_formats import pinned_forward, pool_formats
+from kvjax.pool_formats import pin, pinned_forward, pool_formats
 from kvjax.quant import weights
 
 # Chunk lengths a forward pads to. The 32 and 128 rungs keep the engine's budget-cut pieces and a
@@ -125,7 +125,11 @@ class Runner:
         self.max_seq_len = max_seq_len
         self.max_pages = math.ceil(max_seq_len / page_size)
         num_pages = cfg.cache.num_pages or max_batch * self.max_pages + 1
-        self._init_cache = lambda: init_cache(mc, cfg.cache, num_pages, num_slots=max_batch)
+        # On TPU the cache is marked as stored in the pinned layouts below (`pin`): the kernels
+        # then take the pool leaves the layer loop carries in them whole, with no per-layer copy.
+        platform = (jax.devices()[0] if mesh is None else mesh.devices.flat[0]).platform
+        self._init_cache = lambda: pin(init_cache(mc, cfg.cache, num_pages, num_slots=max_batch),
+                                       platform)
         self.mesh = mesh
         # On TPU the pool lives in the layout the step's layer loop and kernels use, pinned as
         # every step's cache output (kvjax/pool_formats.py: else each step relayouts the whole

@@ -24,6 +24,7 @@ from kvjax.cache.paged import init_cache, write_layer
 from kvjax.calibrate import KVCalibration
 from kvjax.config import CacheConfig, ModelConfig
 from kvjax.pallas_kernels import kivi_attention, paged_decode, turboquant_attention
+from kvjax.pool_formats import whole_operand
 
 
 def _poison(x: jax.Array) -> jax.Array:
@@ -113,11 +114,13 @@ CASES = [
 ]
 
 
-def _check(case, backend: str, k_splits: int = 2, tol: float = 0.0, calibration: str = ""):
+def _check(case, backend: str, k_splits: int = 2, tol: float = 0.0, calibration: str = "",
+           pinned: bool = False):
     dtype, d, g, ps, w = case
     q, seg, pt, lens, slots = make_case(dtype, d=d, g=g, page_size=ps, window=w,
                                         seed=zlib.crc32(repr(case).encode()),
                                         calibration=calibration)
+    seg = seg.replace(pinned=pinned)
     if calibration:
         assert seg.k_spec.centred and pallas_kernels.supports(seg)
         assert seg.k_spec.rope_centred == seg.k_spec.calibration.rope_centred
@@ -143,6 +146,18 @@ def test_gather_kernel_matches_xla(case):
 def test_tpu_kernel_matches_xla(case):
     """The TPU (scalar prefetch, one page per grid step) kernel, run by the interpreter."""
     _check(case, "interpret_tpu", k_splits=3)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[6]], ids=lambda c: f"{c[0]}-d{c[1]}-g{c[2]}")
+def test_tpu_kernel_whole_pinned_pool(case):
+    """A pinned pool (the Runner's on TPU) goes to the kernel whole where its layout allows
+    (fp8 d64 codes; kivi4 d128's codes, its per-group scales sliced; rings sliced): the index
+    maps then address layer 1 of the whole pool, whose layer 0 is NaN."""
+    dtype, d = case[0], case[1]
+    seg = make_case(dtype, d=d, g=case[2], page_size=case[3], window=case[4])[1]
+    whole = [whole_operand(seg.replace(pinned=True), x) for x in (*seg.k, *seg.v)]
+    assert any(whole) and not any(whole_operand(seg, x) for x in seg.k)
+    _check(case, "interpret_tpu", k_splits=3, pinned=True)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu",

@@ -139,12 +139,15 @@ GPU_CASES = [
 _ids = lambda c: f"{c[0]}-d{c[1]}-g{c[2]}-p{c[3]}-w{c[4]}"  # noqa: E731
 
 
-def _assert_matches_xla(case: tuple, backend: str, q_block: int = 0, tol: float = 0.0) -> None:
+def _assert_matches_xla(case: tuple, backend: str, q_block: int = 0, tol: float = 0.0,
+                        pinned: bool = False) -> None:
     """One CASES step through the ragged kernel with `backend` == the XLA oracle on every
-    valid query row (tol: atol and rtol for a GPU's TF32 dots; default 2e-5 / 1e-5)."""
+    valid query row (tol: atol and rtol for a GPU's TF32 dots; default 2e-5 / 1e-5); pinned:
+    the segment marked as stored in the TPU's pinned layouts (whole-pool kernel operands)."""
     dtype, d, g, ps, w = case
     q, kn, vn, seg, pt, lens, pos, slots = make_step(
         dtype, d=d, g=g, page_size=ps, window=w, seed=zlib.crc32(repr(case).encode()))
+    seg = seg.replace(pinned=pinned)
     layer = jnp.int32(1)
     slots = slots if seg.window or seg.sinks else None
     ref = np.asarray(xla_attention(q, seg, layer, pt, lens, pos, slots, chunk_kv=(kn, vn)))
@@ -179,6 +182,13 @@ def test_ragged_triton_kernel_matches_xla_on_gpu(case):
                          if isinstance(c, tuple) else f"qb{c}")
 def test_ragged_tpu_launcher_matches_xla(case, q_block):
     _assert_matches_xla(case, "interpret_tpu", q_block)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[5]], ids=_ids)
+def test_ragged_tpu_launcher_whole_pinned_pool(case):
+    """A pinned pool goes whole where its layout allows (fp8 d64 codes; kivi4 d128 codes, its
+    per-group scales sliced; rings sliced): the index maps address layer 1 of it."""
+    _assert_matches_xla(case, "interpret_tpu", 4, pinned=True)
 
 
 @pytest.mark.parametrize("rope", [False, True], ids=["post", "rope"])

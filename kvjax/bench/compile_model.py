@@ -81,7 +81,13 @@ def run_model(name: str, target: str) -> dict:
     from kvjax.cache import init_cache
     from kvjax.cache.paged import bytes_per_token, window_bytes_per_sequence
     from kvjax.config import MeshConfig, load_config
-    from kvjax.pool_formats import abstract, pinned_forward, pool_formats, pool_leaf_layout
+    from kvjax.pool_formats import (
+        abstract,
+        pin,
+        pinned_forward,
+        pool_formats,
+        pool_leaf_layout,
+    )
 
     mc_ = parse(name)
     devices = target_devices(target, mc_.tensor)
@@ -97,8 +103,8 @@ def run_model(name: str, target: str) -> dict:
     graphdef, state = nnx.split(models.Transformer(mc, params, attention_impl="pallas"))
     batch, t = 1, mc_.chunk
     max_pages = math.ceil(mc_.context / cfg.cache.page_size)
-    cache = jax.eval_shape(lambda: init_cache(mc, cfg.cache, batch * max_pages + 1,
-                                              num_slots=batch))
+    cache = jax.eval_shape(lambda: pin(init_cache(mc, cfg.cache, batch * max_pages + 1,
+                                                  num_slots=batch), devices[0].platform))
     # The pool in the device-local layout the Runner stores it in (kvjax/pool_formats.py: on
     # TPU the layer loop's row-major layout, so the step does not relayout the pool).
     shards = sharding.cache_shardings(cache, mc, mesh)

@@ -76,6 +76,10 @@ class Segment:
     sk: jax.Array | None = None  # exact sink [num_layers, kv_heads, num_slots + 1, sinks, d] bf16
     sv: jax.Array | None = None  # bits
     spos: jax.Array | None = None  # sink tags [num_layers, num_slots + 1, sinks] int32 (-1: none)
+    # Stored in kvjax.pool_formats' pinned layouts (the Runner on TPU, `pool_formats.pin`): a
+    # Mosaic kernel may then take a whole [layers, ...] leaf as its operand, the layer in its
+    # index map, without XLA copying the layer's slice first (`pool_formats.whole_operand`).
+    pinned: bool = struct.field(pytree_node=False, default=False)
 
     @property
     def window(self) -> int:

@@ -95,6 +95,7 @@ from kvjax.pallas_kernels._launch import (  # noqa: F401
     scratch_page_step,
 )
 from kvjax.pallas_kernels._pallas_call import _out_map, launch  # noqa: F401
+from kvjax.pool_formats import whole_operand
 
 BACKENDS = ("auto", "triton", "tpu", "interpret", "interpret_tpu", "mosaic_gpu")
 
@@ -323,7 +324,7 @@ def decode(q: jax.Array, seg, layer: jax.Array, page_table: jax.Array, lengths: 
                          f"{q.shape}; multi-token chunks go through the XLA path")
     bsz, _, nh, d = q.shape
     leaf = seg.k[0]
-    n_layers, hkv, n_pages, s = leaf.shape[0], leaf.shape[1], leaf.shape[2], seg.k_spec.page_size
+    hkv, n_pages, s = leaf.shape[1], leaf.shape[2], seg.k_spec.page_size
     if d != seg.k_spec.head_dim:
         raise ValueError(f"q head_dim {d} != the cache's {seg.k_spec.head_dim}")
     if nh % hkv:
@@ -380,14 +381,17 @@ def decode(q: jax.Array, seg, layer: jax.Array, page_table: jax.Array, lengths: 
     # per-token scales: pages become the lane dim), so XLA relayouts every operand before the
     # call. Passing the whole [layers, ...] pool made that a copy of every layer's pages in
     # every layer (temp 16 GB for SmolLM2 bf16 at 128K); the layer's slice bounds it to one
-    # layer's pages. (No copy at all needs lane-dense pages: see BENCHMARKS, compiled steps.)
-    per_layer = backend in ("tpu", "interpret_tpu")
-    n_flat = 1 if per_layer else n_layers
+    # layer's pages. Pools pinned in the Mosaic layout (the Runner's, kvjax/pool_formats.py) go
+    # whole where the layer loop carries them in it: no copy (`whole_operand`). (No copy for
+    # the narrow leaves needs lane-dense pages: see BENCHMARKS, compiled steps.) The rings are
+    # always sliced: a layer's ring is a few KB a sequence, and whole they cost more (v5e int8
+    # 32K decode: 486 MB a step with sliced rings, 564 MB whole).
+    tpu = backend in ("tpu", "interpret_tpu")
 
-    def flat(x):
-        if per_layer:
+    def flat(x, whole=False):
+        if tpu and not whole:
             x = jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=True)
-        return x.reshape(n_flat * hkv * x.shape[2], *x.shape[3:])
+        return x.reshape(x.shape[0] * hkv * x.shape[2], *x.shape[3:])
 
     ring = None
     lengths = lengths.astype(jnp.int32)
@@ -400,13 +404,13 @@ def decode(q: jax.Array, seg, layer: jax.Array, page_table: jax.Array, lengths: 
         ring_lo = lengths
     page_lo = (sink_page_lo(seg, layer, slots) if seg.sinks
                else jnp.zeros((bsz,), jnp.int32))
-    def leaves(pool):  # TPU: per-token scalar leaves as gathered rows (see _rowed.py)
-        return tuple(_rowed.gather_rows(x, layer, pt) if r else flat(x)
+    def leaves(pool, sealed=False):  # TPU: per-token scalar leaves as gathered rows (_rowed)
+        return tuple(_rowed.gather_rows(x, layer, pt) if r
+                     else flat(x, whole_operand(seg, x, sealed))
                      for x, r in zip(pool, rowed_of(pool), strict=True))
 
-    accs, m, den, win, scores = launch(plan, kfmt, vfmt, qs, leaves(seg.k), leaves(seg.v), ring,
-                             jnp.zeros((), jnp.int32) if per_layer else layer, lengths,
-                             ring_lo, slots, pt, page_lo,
+    accs, m, den, win, scores = launch(plan, kfmt, vfmt, qs, leaves(seg.k, seg.k_spec.group > 1),
+                             leaves(seg.v), ring, layer, lengths, ring_lo, slots, pt, page_lo,
                              backend=backend, num_warps=num_warps, num_stages=num_stages)
     sink = None
     if seg.sinks:  # the exact sink serves [0, min(page_lo, ring_lo)); merged with the window's
@@ -419,5 +423,4 @@ def decode(q: jax.Array, seg, layer: jax.Array, page_table: jax.Array, lengths: 
     if not with_mass:
         return out
     big, denom = softmax_stats(m, den, win)
-    tpu = backend in ("tpu", "interpret_tpu")
     return out, mass_from_scores(plan, scores, big, denom, lengths, ring_lo, g, mp, tpu, sink)

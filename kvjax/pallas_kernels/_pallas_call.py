@@ -109,21 +109,30 @@ def launch(plan: Plan, kfmt: KeyFormat, vfmt: ValueFormat, qs: tuple[jax.Array, 
     elif tpu:
         mp, w = page_table.shape[1], plan.window
 
-        def page_map(bi, h, k, i, layer_r, len_r, lo_r, slot_r, pt_r, plo_r):
+        # A leaf is either its layer's slice [Hkv * pages, ...] (layer 0 of it) or the whole
+        # pool [layers * Hkv * pages, ...] (kvjax/pool_formats.py whole_operand).
+        def page_map(bi, h, k, i, layer_r, len_r, lo_r, slot_r, pt_r, plo_r, whole=True):
             limit = lo_r[bi] if w else len_r[bi]
             last = jnp.maximum(_cdiv(limit, s) - 1, 0)
             jj = jnp.minimum(k * plan.pages_per_split + i, last)
-            return ((layer_r[0] * hkv + h) * plan.num_pages + pt_r[bi * mp + jj], 0, 0)
+            lay = layer_r[0] if whole else 0
+            return ((lay * hkv + h) * plan.num_pages + pt_r[bi * mp + jj], 0, 0)
 
-        def ring_map(bi, h, k, i, layer_r, len_r, lo_r, slot_r, pt_r, plo_r):
-            return ((layer_r[0] * hkv + h) * plan.ring_slots + slot_r[bi], 0, 0)
+        def ring_map(bi, h, k, i, layer_r, len_r, lo_r, slot_r, pt_r, plo_r, whole=True):
+            lay = layer_r[0] if whole else 0
+            return ((lay * hkv + h) * plan.ring_slots + slot_r[bi], 0, 0)
 
         def per_head(x):
             return pl.BlockSpec((None, None, *x.shape[2:]),
                                 lambda bi, h, k, i, *_, n=x.ndim: (bi, h) + (0,) * (n - 2))
 
         def page_spec(x):
-            return pl.BlockSpec((None, *x.shape[1:]), page_map)
+            whole = x.shape[0] > hkv * plan.num_pages
+            return pl.BlockSpec((None, *x.shape[1:]), functools.partial(page_map, whole=whole))
+
+        def ring_spec(x):
+            whole = x.shape[0] > hkv * plan.ring_slots
+            return pl.BlockSpec((None, *x.shape[1:]), functools.partial(ring_map, whole=whole))
 
         def page_index(bi, h, k, i, layer_r, len_r, lo_r, *_):  # page_map's clamped jj
             limit = lo_r[bi] if w else len_r[bi]
@@ -136,9 +145,7 @@ def launch(plan: Plan, kfmt: KeyFormat, vfmt: ValueFormat, qs: tuple[jax.Array, 
         in_specs += [_rowed.row_spec(s, page_index) if r else page_spec(x)
                      for x, r in zip(leaves, rowed, strict=True)]
         if plan.window:
-            in_specs += [per_head(ring[0]),
-                         pl.BlockSpec((None, *ring[1].shape[1:]), ring_map),
-                         pl.BlockSpec((None, *ring[2].shape[1:]), ring_map)]
+            in_specs += [per_head(ring[0]), ring_spec(ring[1]), ring_spec(ring[2])]
         out_specs = [pl.BlockSpec((None, None, None, *sh),
                                   _out_map(len(sh)))
                      for sh in (*acc_shapes, (gp, 1), (gp, 1))]

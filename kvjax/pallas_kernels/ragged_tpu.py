@@ -104,8 +104,9 @@ def launch(plan: RaggedPlan, kfmt: KeyFormat, vfmt: ValueFormat, qs: tuple[jax.A
            ) -> list[jax.Array]:
     """Run the kernel on a TPU (or the TPU interpreter). qs: the key format's prepared queries,
     each [B, Hkv, n_qb, rows, n]; qw [B, Hkv, n_qb, rows, D] f32 scaled queries; kc, vc [B,
-    Hkv, Tp, D] f32 the chunk; k_leaves / v_leaves flat pools [layers * Hkv * pages, page, n];
-    ring (wk, wv) flat [layers * Hkv * slots', W, D] uint16 or (); scalars: [B] int32 lengths,
+    Hkv, Tp, D] f32 the chunk; k_leaves / v_leaves flat pools [layers * Hkv * pages, page, n]
+    or one layer's [Hkv * pages, page, n]; ring (wk, wv) flat [layers * Hkv * slots', W, D]
+    uint16 (or one layer's) or (); scalars: [B] int32 lengths,
     ring_lo, chunk lengths, window slots, page_lo; page_table [B, max_pages] int32. Returns the page
     part's accumulators, m, l and the ring+chunk part's acc, m, l, each [B, Hkv, n_qb, ...]
     (the Triton launcher's outputs)."""
@@ -116,15 +117,23 @@ def launch(plan: RaggedPlan, kfmt: KeyFormat, vfmt: ValueFormat, qs: tuple[jax.A
     out_shape = [jax.ShapeDtypeStruct((b, hkv, n_qb, *sh), jnp.float32)
                  for sh in (*acc_shapes, (rows, 1), (rows, 1), (rows, d), (rows, 1), (rows, 1))]
 
-    def page_map(bi, h, qb, i, layer_r, len_r, lo_r, clen_r, slot_r, plo_r, pt_r):
+    # A leaf is either its layer's slice [Hkv * pages, ...] (layer 0 of it) or the whole pool
+    # [layers * Hkv * pages, ...] (kvjax/pool_formats.py whole_operand).
+    def page_map(bi, h, qb, i, layer_r, len_r, lo_r, clen_r, slot_r, plo_r, pt_r, whole=True):
         # Past the row's last context page, or in a query block with no work: the last page
         # again (same block index: no new fetch).
         last = jnp.maximum(_cdiv(lo_r[bi], s) - 1, 0)
         jj = jnp.where(qb * plan.q_block < clen_r[bi], jnp.minimum(i, last), last)
-        return ((layer_r[0] * hkv + h) * plan.num_pages + pt_r[bi * mp + jj], 0, 0)
+        lay = layer_r[0] if whole else 0
+        return ((lay * hkv + h) * plan.num_pages + pt_r[bi * mp + jj], 0, 0)
 
-    def ring_map(bi, h, qb, i, layer_r, len_r, lo_r, clen_r, slot_r, plo_r, pt_r):
-        return ((layer_r[0] * hkv + h) * plan.ring_slots + slot_r[bi], 0, 0)
+    def ring_map(bi, h, qb, i, layer_r, len_r, lo_r, clen_r, slot_r, plo_r, pt_r, whole=True):
+        lay = layer_r[0] if whole else 0
+        return ((lay * hkv + h) * plan.ring_slots + slot_r[bi], 0, 0)
+
+    def spec(x, index_map, per_layer):
+        whole = x.shape[0] > hkv * per_layer
+        return pl.BlockSpec((None, *x.shape[1:]), functools.partial(index_map, whole=whole))
 
     def per_block(x):  # [B, Hkv, n_qb, ...] -> this program's block
         return pl.BlockSpec((None, None, None, *x.shape[3:]),
@@ -135,8 +144,8 @@ def launch(plan: RaggedPlan, kfmt: KeyFormat, vfmt: ValueFormat, qs: tuple[jax.A
                             lambda bi, h, qb, i, *_, n=x.ndim: (bi, h) + (0,) * (n - 2))
 
     in_specs = [per_block(x) for x in (*qs, qw)] + [per_head(kc), per_head(vc)]
-    in_specs += [pl.BlockSpec((None, *x.shape[1:]), page_map) for x in (*k_leaves, *v_leaves)]
-    in_specs += [pl.BlockSpec((None, *x.shape[1:]), ring_map) for x in ring]
+    in_specs += [spec(x, page_map, plan.num_pages) for x in (*k_leaves, *v_leaves)]
+    in_specs += [spec(x, ring_map, plan.ring_slots) for x in ring]
     vmem = compat.pltpu.VMEM
     scratch = [vmem((rows, 1), jnp.float32), vmem((rows, 1), jnp.float32)]
     scratch += [vmem(sh, jnp.float32) for sh in acc_shapes]

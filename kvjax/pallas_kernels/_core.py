@@ -249,10 +249,12 @@ def triton_tuning(kfmt: KeyFormat, vfmt: ValueFormat, head_dim: int) -> tuple[in
     32 tokens over 4 warps cost 220-253 warp-instructions a token at d128 (turbo4 / 3.5 / 2.5:
     123 / 168 / 128 registers) against 342-638 at 16 tokens over 4 or 8 warps. Phase-tile
     forms (the ragged kernel's) keep the old rule: 16 tokens, 8 warps for channel splits
-    (turbo2.5/3.5) and d64, else 4."""
+    (turbo2.5/3.5) and d64, else 4. Calibrated (channel-ordered) TurboQuant at d64 takes 64
+    tokens like the other formats: SmolLM2's calibrated turbo3 decode at 32 tokens over 4 warps
+    spilled 24 bytes (96 registers); at 64, 168 registers and none (turbo3.5: 128 -> 168)."""
     if "Turbo" in type(kfmt).__name__ or "Turbo" in type(vfmt).__name__:
         if getattr(kfmt, "channel_order", False):
-            return 32, 4
+            return (64 if head_dim <= 64 else 32), 4
         split = any(len(getattr(f, "parts", ())) > 1 for f in (kfmt, vfmt))
         return 16, 8 if split or head_dim <= 64 else 4
     if getattr(kfmt, "channel_order", False) and "Kivi" in type(kfmt).__name__:

@@ -2,12 +2,11 @@
 scored at their positions within the cache after pages are dropped (StreamingLLM), and a prefix
 hit never reads ring entries its sequence did not write (NaN-poisoned rings, two tenants)."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_cache_quantized import roundtrip_fn
 
 import models
 from kvjax.attention import paged_attention_step
@@ -238,15 +237,9 @@ def _codes_roundtrip(spec, raw: np.ndarray) -> np.ndarray:
     if spec.group > 1:
         g = jnp.asarray(_bf16(raw).transpose(1, 0, 2))
         g = g.reshape(g.shape[0], len(raw) // spec.group, spec.group, -1)
-        return np.asarray(_roundtrip_fn(spec)(g)).reshape(-1, len(raw), raw.shape[-1]).transpose(
+        return np.asarray(roundtrip_fn(spec)(g)).reshape(-1, len(raw), raw.shape[-1]).transpose(
             1, 0, 2)
-    return np.asarray(_roundtrip_fn(spec)(jnp.asarray(raw)))
-
-
-@functools.lru_cache
-def _roundtrip_fn(spec):
-    qz = spec.quantizer
-    return jax.jit(lambda x: qz.dequantize(qz.quantize(x)))
+    return np.asarray(roundtrip_fn(spec)(jnp.asarray(raw)))
 
 
 class DenseEvictingModel:

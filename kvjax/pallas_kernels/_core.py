@@ -240,7 +240,8 @@ def ring_lower_bound(seg, layer: jax.Array, lengths: jax.Array, slots: jax.Array
     return jnp.minimum(jnp.maximum(jnp.maximum(lo, 0), last_bad), lengths).astype(jnp.int32)
 
 
-def triton_tuning(kfmt: KeyFormat, vfmt: ValueFormat, head_dim: int) -> tuple[int, int]:
+def triton_tuning(kfmt: KeyFormat, vfmt: ValueFormat, head_dim: int,
+                  ragged: bool = False) -> tuple[int, int]:
     """(tokens per block, num_warps) for the Triton kernel, from compiling for h100 (ptxas
     registers and spills, 255 the cap; PTX instructions per loop iteration x warps / tokens as
     the issue cost per token): head_dim 128 takes 32 tokens, 64 takes 64, over 4 warps.
@@ -249,12 +250,14 @@ def triton_tuning(kfmt: KeyFormat, vfmt: ValueFormat, head_dim: int) -> tuple[in
     32 tokens over 4 warps cost 220-253 warp-instructions a token at d128 (turbo4 / 3.5 / 2.5:
     123 / 168 / 128 registers) against 342-638 at 16 tokens over 4 or 8 warps. Phase-tile
     forms (the ragged kernel's) keep the old rule: 16 tokens, 8 warps for channel splits
-    (turbo2.5/3.5) and d64, else 4. Calibrated (channel-ordered) TurboQuant at d64 takes 64
-    tokens like the other formats: SmolLM2's calibrated turbo3 decode at 32 tokens over 4 warps
-    spilled 24 bytes (96 registers); at 64, 168 registers and none (turbo3.5: 128 -> 168)."""
+    (turbo2.5/3.5) and d64, else 4. Calibrated (channel-ordered) TurboQuant decode at d64 takes
+    64 tokens like the other formats: SmolLM2's calibrated turbo3 decode at 32 tokens over 4 warps
+    spilled 24 bytes (96 registers); at 64, 168 registers and none (turbo3.5: 128 -> 168). The
+    ragged kernel (`ragged`: its query block is a tile of rows, not one) keeps 32: at 64 its
+    calibrated turbo3.5 d64 spilled 64-80 bytes."""
     if "Turbo" in type(kfmt).__name__ or "Turbo" in type(vfmt).__name__:
         if getattr(kfmt, "channel_order", False):
-            return (64 if head_dim <= 64 else 32), 4
+            return (64 if head_dim <= 64 and not ragged else 32), 4
         split = any(len(getattr(f, "parts", ())) > 1 for f in (kfmt, vfmt))
         return 16, 8 if split or head_dim <= 64 else 4
     if getattr(kfmt, "channel_order", False) and "Kivi" in type(kfmt).__name__:

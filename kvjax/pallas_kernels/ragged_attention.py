@@ -259,7 +259,7 @@ def ragged_paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, seg
     tpu = backend in ("tpu", "interpret_tpu")
     if not tpu:  # Triton / interpret: channel-order tiles where phases would be <= 16 columns
         kfmt, vfmt = kfmt.gather_form(), vfmt.gather_form()
-    tokens, warps = triton_tuning(kfmt, vfmt, d)
+    tokens, warps = triton_tuning(kfmt, vfmt, d, ragged=True)
     # Query rows per program: Triton 32, 16 for KIVI / TurboQuant (their unpacked phases and
     # centroid selects already fill the registers: 32 rows spilled on H100), >= 16 for the dots;
     # TPU one 128-row MXU tile (VMEM holds the tiles, not registers), >= 8 tokens so the chunk's

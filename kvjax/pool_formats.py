@@ -79,7 +79,7 @@ def whole_operand(seg: Any, leaf: Any, sealed: bool = False) -> bool:
     read again per layer. The whole leaf is no copy at all, but only where the loop carries the
     leaf in the layout it is stored in, which is the Mosaic operand's: pinned pools (`pin`) whose
     rows fill half a 128-lane tile or more (bf16 / int8 / fp8 codes at head_dim 64 and up; v5e
-    whole-model decode, SmolLM2 32K: bf16 1041 -> 783 MB a step, int8 750 -> 486). XLA carries
+    whole-model decode, SmolLM2 32K: bf16 1,091 -> 821 MB a step, int8 786 -> 509). XLA carries
     narrower code leaves (u8[.., 16, 32]: int4, turbo4, kivi4 at head_dim 64) with pages on
     lanes, so a whole operand is relayouted in every layer (v5e whole-model decode, turbo4 32K:
     2.25 -> 3.00 GB a step whole). Those stay sliced, and so do KIVI keys stored transposed

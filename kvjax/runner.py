@@ -127,10 +127,10 @@ class Runner:
         num_pages = cfg.cache.num_pages or max_batch * self.max_pages + 1
         # On TPU the cache is marked as stored in the pinned layouts below (`pin`): the kernels
         # then take the pool leaves the layer loop carries in them whole, with no per-layer copy.
-        platform = (jax.devices()[0] if mesh is None else mesh.devices.flat[0]).platform
-        self._init_cache = lambda: pin(init_cache(mc, cfg.cache, num_pages, num_slots=max_batch),
-                                       platform)
         self.mesh = mesh
+        self._device = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
+        self._init_cache = lambda: pin(init_cache(mc, cfg.cache, num_pages, num_slots=max_batch),
+                                       self._device.platform)
         # On TPU the pool lives in the layout the step's layer loop and kernels use, pinned as
         # every step's cache output (kvjax/pool_formats.py: else each step relayouts the whole
         # pool in and out); None elsewhere, where the default layout is that one already.
@@ -160,15 +160,13 @@ class Runner:
 
     def _cache_formats(self, cache):
         """Per-leaf formats of the cache on this runner's devices (`pool_formats`)."""
+        dev = self._device
         if self.mesh is None:
-            dev = jax.devices()[0]
             shards = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(dev), cache)
+        elif isinstance(jax.tree.leaves(cache)[0], jax.Array):  # placed: keep where it is
+            shards = jax.tree.map(lambda a: a.sharding, cache)  # (H2O mass: replicated)
         else:
-            dev = self.mesh.devices.flat[0]
-            if isinstance(jax.tree.leaves(cache)[0], jax.Array):  # placed: keep where it is
-                shards = jax.tree.map(lambda a: a.sharding, cache)  # (H2O mass: replicated)
-            else:
-                shards = sharding.cache_shardings(cache, self.cfg.model, self.mesh)
+            shards = sharding.cache_shardings(cache, self.cfg.model, self.mesh)
         return pool_formats(cache, shards, dev.platform)
 
     def _new_cache(self):

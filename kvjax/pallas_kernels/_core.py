@@ -240,6 +240,28 @@ def ring_lower_bound(seg, layer: jax.Array, lengths: jax.Array, slots: jax.Array
     return jnp.minimum(jnp.maximum(jnp.maximum(lo, 0), last_bad), lengths).astype(jnp.int32)
 
 
+def kernel_leaf(seg, x: jax.Array, layer: jax.Array, tpu: bool, key: bool = False,
+                ring: bool = False) -> jax.Array:
+    """A pool leaf (or a window ring) of `seg`, [layers, Hkv, pages, rows, n], as a kernel
+    operand [n_layers * Hkv * pages, rows, n]: the whole leaf (the kernel's index map adds the
+    layer) for the gather launchers, and on TPU for pinned leaves the layer loop carries in the
+    Mosaic layout (`whole_operand`; key: a key leaf, sealed for KIVI); otherwise the layer's
+    slice (the index map takes layer 0).
+
+    Why the slice on TPU: the Mosaic call takes its operands row-major with (8|16|32, 128)
+    tiles, which is not the layout XLA gives a leaf whose last dim is under 128 lanes (head_dim
+    64, packed codes, per-token scales: pages become the lane dim), so XLA relayouts every
+    operand before the call; a whole [layers, ...] pool made that a copy of every layer's pages
+    in every layer (temp 16 GB for SmolLM2 bf16 at 128K). A pinned whole leaf is no copy at
+    all. Rings are always sliced: a layer's ring is a few KB a sequence, and whole they cost
+    more (v5e int8 32K decode: 486 MB a step with sliced rings, 564 MB whole). (No copy for the
+    narrow leaves needs lane-dense pages: see BENCHMARKS, compiled steps.)"""
+    sealed = key and seg.k_spec.group > 1
+    if tpu and (ring or not whole_operand(seg, x, sealed)):
+        x = jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=True)
+    return x.reshape(x.shape[0] * x.shape[1] * x.shape[2], *x.shape[3:])
+
+
 def triton_tuning(kfmt: KeyFormat, vfmt: ValueFormat, head_dim: int,
                   ragged: bool = False) -> tuple[int, int]:
     """(tokens per block, num_warps) for the Triton kernel, from compiling for h100 (ptxas
@@ -381,40 +403,25 @@ def decode(q: jax.Array, seg, layer: jax.Array, page_table: jax.Array, lengths: 
     layer = jnp.asarray(layer, jnp.int32)
     qs = kfmt.prepare_q_layer(qg, layer)
 
-    # TPU: the Mosaic call takes its operands row-major with (8|16|32, 128) tiles, which is not
-    # the layout XLA gives a leaf whose last dim is under 128 lanes (head_dim 64, packed codes,
-    # per-token scales: pages become the lane dim), so XLA relayouts every operand before the
-    # call. Passing the whole [layers, ...] pool made that a copy of every layer's pages in
-    # every layer (temp 16 GB for SmolLM2 bf16 at 128K); the layer's slice bounds it to one
-    # layer's pages. Pools pinned in the Mosaic layout (the Runner's, kvjax/pool_formats.py) go
-    # whole where the layer loop carries them in it: no copy (`whole_operand`). (No copy for
-    # the narrow leaves needs lane-dense pages: see BENCHMARKS, compiled steps.) The rings are
-    # always sliced: a layer's ring is a few KB a sequence, and whole they cost more (v5e int8
-    # 32K decode: 486 MB a step with sliced rings, 564 MB whole).
     tpu = backend in ("tpu", "interpret_tpu")
-
-    def flat(x, whole=False):
-        if tpu and not whole:
-            x = jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=True)
-        return x.reshape(x.shape[0] * hkv * x.shape[2], *x.shape[3:])
 
     ring = None
     lengths = lengths.astype(jnp.int32)
     slots = (jnp.zeros((bsz,), jnp.int32) if window_slots is None
              else window_slots.astype(jnp.int32))
     if window:
-        ring = (qg, flat(seg.wk), flat(seg.wv))
+        ring = (qg, kernel_leaf(seg, seg.wk, layer, tpu, ring=True),
+                kernel_leaf(seg, seg.wv, layer, tpu, ring=True))
         ring_lo = ring_lower_bound(seg, layer, lengths, slots)
     else:
         ring_lo = lengths
     page_lo = (sink_page_lo(seg, layer, slots) if seg.sinks
                else jnp.zeros((bsz,), jnp.int32))
-    def leaves(pool, sealed=False):  # TPU: per-token scalar leaves as gathered rows (_rowed)
-        return tuple(_rowed.gather_rows(x, layer, pt) if r
-                     else flat(x, whole_operand(seg, x, sealed))
+    def leaves(pool, key=False):  # TPU: per-token scalar leaves as gathered rows (_rowed)
+        return tuple(_rowed.gather_rows(x, layer, pt) if r else kernel_leaf(seg, x, layer, tpu, key)
                      for x, r in zip(pool, rowed_of(pool), strict=True))
 
-    accs, m, den, win, scores = launch(plan, kfmt, vfmt, qs, leaves(seg.k, seg.k_spec.group > 1),
+    accs, m, den, win, scores = launch(plan, kfmt, vfmt, qs, leaves(seg.k, key=True),
                              leaves(seg.v), ring, layer, lengths, ring_lo, slots, pt, page_lo,
                              backend=backend, num_warps=num_warps, num_stages=num_stages)
     sink = None

@@ -58,11 +58,11 @@ from kvjax.pallas_kernels._core import (
     _online,
     dot_nn,
     dot_nt,
+    kernel_leaf,
     merge_parts,
     sink_part,
     triton_tuning,
 )
-from kvjax.pool_formats import whole_operand
 
 BACKENDS = ("auto", "triton", "interpret", "tpu", "interpret_tpu")
 AUTO = {"cuda": "triton", "rocm": "triton", "cpu": "interpret", "tpu": "tpu"}
@@ -309,18 +309,9 @@ def ragged_paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, seg
     def chunk(x):  # [B, T, Hkv, D] -> [B, Hkv, Tp, D], as computed (bf16 on accelerators)
         return jnp.pad(jnp.moveaxis(x, 2, 1), ((0, 0), (0, 0), (0, tp - t), (0, 0)))
 
-    def flat(x, whole=False):
-        if tpu and not whole:  # the layer's slice: XLA relayouts Mosaic operands with under
-            # 128 lanes, and a whole [layers, ...] pool would copy every layer's pages in every
-            # layer, unless the pool is pinned in the operand's layout (`whole_operand`; rings
-            # always sliced, as in _core.decode); the kernel then addresses layer 0 of the slice
-            x = jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=True)
-        return x.reshape(x.shape[0] * hkv * x.shape[2], *x.shape[3:])
-
-    ring = (flat(seg.wk), flat(seg.wv)) if w else ()
-    sealed = seg.k_spec.group > 1
-    k_leaves = tuple(flat(x, whole_operand(seg, x, sealed)) for x in seg.k)
-    v_leaves = tuple(flat(x, whole_operand(seg, x)) for x in seg.v)
+    ring = tuple(kernel_leaf(seg, x, layer, tpu, ring=True) for x in (seg.wk, seg.wv)) if w else ()
+    k_leaves = tuple(kernel_leaf(seg, x, layer, tpu, key=True) for x in seg.k)
+    v_leaves = tuple(kernel_leaf(seg, x, layer, tpu) for x in seg.v)
     scalars = (lengths, ring_lo, clen, slots, page_lo)
     if tpu:
         from kvjax.pallas_kernels import ragged_tpu
